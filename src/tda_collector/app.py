@@ -1,0 +1,332 @@
+"""Mode dispatcher: builds the components from the config, runs one mode, shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config import Config, ExchangeConfig
+from .errors import ExchangeFault, TransientFault, UsageError
+from .events import EventLog
+from .exchange import CcxtExchange
+from .fetcher import Fetcher
+from .history import COMPLETED, HistoryBackfill, JobResult
+from .models import JobKey
+from .protocols import CandleSource, CandleStore
+from .ratelimit import RateLimiter, burst_for
+from .retry import RetryPolicy
+from .state import StateStore
+from .store_duckdb import DuckDBStore
+from .universe import check_symbols, check_timeframes, filter_markets, merge_symbols, top_by_volume
+
+EXIT_OK, EXIT_JOBS_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asked for; empty tuples mean "as configured"."""
+
+    mode: Literal["history", "live"]
+    start_ms: int | None = None
+    end_ms: int | None = None
+    exchanges: tuple[str, ...] = ()
+    symbols: tuple[str, ...] = ()
+    timeframes: tuple[str, ...] = ()
+
+
+@dataclass
+class ExchangeRuntime:
+    """Everything one exchange's jobs share: its source, its one limiter, its fetcher."""
+
+    config: ExchangeConfig
+    source: CandleSource
+    limiter: RateLimiter
+    fetcher: Fetcher
+    keys: list[JobKey] = field(default_factory=list)
+
+
+SourceFactory = Callable[[ExchangeConfig], CandleSource]
+
+
+def default_source_factory(config: ExchangeConfig) -> CandleSource:
+    return CcxtExchange(config.id, config.ccxt)
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    r = config.retry
+    return RetryPolicy(r.base_seconds, r.factor, r.cap_seconds, r.attempts)
+
+
+def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig]:
+    configured = {e.id: e for e in config.exchanges}
+    unknown = [e for e in request.exchanges if e not in configured]
+    if unknown:
+        raise UsageError(
+            f"--exchange {', '.join(unknown)}: not configured (configured: {', '.join(configured)})"
+        )
+    wanted = request.exchanges or tuple(configured)
+    return [configured[e] for e in wanted]
+
+
+async def _open_source(source: CandleSource, limiter: RateLimiter, policy: RetryPolicy) -> None:
+    """Load markets and the clock, retrying transient faults like any other request."""
+    attempt = 0
+    while True:
+        attempt += 1
+        await limiter.acquire(2)  # markets + server time
+        try:
+            await source.open()
+            return
+        except TransientFault:
+            if policy.gives_up_after(attempt):
+                raise
+            await asyncio.sleep(policy.delay(attempt, random.Random()))
+
+
+async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunRequest) -> list[JobKey]:
+    timeframes = list(request.timeframes or cfg.timeframes)
+    check_timeframes(cfg.id, timeframes, source.timeframes)
+    markets = source.markets()
+    if request.symbols:
+        symbols = list(request.symbols)
+    else:
+        resolved: list[str] = []
+        if cfg.markets is not None:
+            candidates = filter_markets(markets, cfg.markets)
+            volumes = await source.quote_volumes(candidates) if cfg.markets.limit else {}
+            resolved = top_by_volume(candidates, volumes, cfg.markets.limit)
+        symbols = merge_symbols(cfg.symbols, resolved)
+    check_symbols(cfg.id, symbols, markets)
+    return [JobKey(cfg.id, s, tf) for s in symbols for tf in timeframes]
+
+
+async def open_exchange(
+    cfg: ExchangeConfig,
+    request: RunRequest,
+    events: EventLog,
+    policy: RetryPolicy,
+    factory: SourceFactory,
+) -> ExchangeRuntime:
+    source = factory(cfg)
+    budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
+    limiter = RateLimiter(budget * cfg.rate_limit.safety, burst_for(budget, cfg.rate_limit.safety))
+    exchange_events = events.bind(exchange=cfg.id)
+    runtime = ExchangeRuntime(
+        cfg, source, limiter, Fetcher(source, limiter, policy, exchange_events)
+    )
+    try:
+        await _open_source(source, limiter, policy)
+        runtime.keys = await _job_keys(cfg, source, request)
+    except BaseException:
+        await source.close()
+        raise
+    return runtime
+
+
+def build_store(config: Config, events: EventLog) -> CandleStore:
+    if config.storage.backend == "duckdb":
+        return DuckDBStore(config.storage.duckdb.path, events)
+    raise UsageError("storage.backend: bigquery is not available in this build yet")
+
+
+async def _run_exchange_history(
+    runtime: ExchangeRuntime, backfill: HistoryBackfill, request: RunRequest, concurrency: int
+) -> list[JobResult]:
+    """Jobs of one exchange through a bounded worker pool. Jobs that failed on a transient
+    fault go to a retry queue that runs once more at the end, resuming from the ledger."""
+    assert request.start_ms is not None and request.end_ms is not None
+    start_ms, end_ms = request.start_ms, request.end_ms
+
+    async def run_all(keys: list[JobKey]) -> list[JobResult]:
+        queue: asyncio.Queue[JobKey] = asyncio.Queue()
+        for key in keys:
+            queue.put_nowait(key)
+        done: list[JobResult] = []
+
+        async def worker() -> None:
+            while not queue.empty():
+                done.append(await backfill.run_job(queue.get_nowait(), start_ms, end_ms))
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(keys)))))
+        return done
+
+    first = await run_all(runtime.keys)
+    retry_keys = [r.key for r in first if r.status != COMPLETED and r.retryable]
+    final = {r.key: r for r in first}
+    for again in await run_all(retry_keys):
+        earlier = final[again.key]
+        again.rows += earlier.rows
+        again.pages += earlier.pages
+        again.rejected.update(earlier.rejected)
+        final[again.key] = again
+    return list(final.values())
+
+
+def _summarise(
+    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
+) -> int:
+    duration = time.monotonic() - started
+    failed = [r for r in results if r.status != COMPLETED]
+    for r in failed:
+        events.error(
+            "job_failed",
+            f"{r.key} failed: {r.error}",
+            exchange=r.key.exchange,
+            symbol=r.key.symbol,
+            timeframe=r.key.timeframe,
+            error=r.error,
+        )
+    rows = sum(r.rows for r in results)
+    requests = sum(rt.fetcher.requests for rt in runtimes)
+    rejected = sum(sum(r.rejected.values()) for r in results)
+    log = events.error if failed else events.info
+    log(
+        "history_complete",
+        f"{len(results) - len(failed)}/{len(results)} jobs complete, {rows} candles stored"
+        + (f"; failed: {', '.join(str(r.key) for r in failed)}" if failed else ""),
+        jobs=len(results),
+        completed=len(results) - len(failed),
+        failed=len(failed),
+        failed_jobs=[str(r.key) for r in failed] or None,
+        rows=rows,
+        rejected=rejected,
+        requests=requests,
+        duration_ms=round(duration * 1000),
+        candles_per_s=round(rows / duration, 1) if duration > 0 else None,
+        requests_per_s=round(requests / duration, 2) if duration > 0 else None,
+    )
+    return EXIT_JOBS_FAILED if failed else EXIT_OK
+
+
+async def _discard_orphan_ledgers(
+    store: CandleStore, state: StateStore, keys: list[JobKey], events: EventLog
+) -> None:
+    """A ledger whose store has no rows at all (file deleted, new dataset) would skip data
+    forever; forget it so the range is fetched again."""
+    newest = await store.newest(keys, closed_only=False)
+    for key in keys:
+        if key not in newest and await state.coverage(key):
+            events.warning(
+                "state_reset",
+                f"{key}: the ledger covers ranges but the store has no rows; refetching",
+                exchange=key.exchange,
+                symbol=key.symbol,
+                timeframe=key.timeframe,
+            )
+            await state.forget(key)
+
+
+async def run_history(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+) -> int:
+    started = time.monotonic()
+    keys = [k for rt in runtimes for k in rt.keys]
+    await _discard_orphan_ledgers(store, state, keys, events)
+    per_exchange = [
+        _run_exchange_history(
+            rt,
+            HistoryBackfill(
+                rt.fetcher,
+                store,
+                state,
+                events.bind(exchange=rt.config.id),
+                config.history_page_limit,
+                retry_policy(config),
+            ),
+            request,
+            config.history_concurrency,
+        )
+        for rt in runtimes
+    ]
+    results = [r for group in await asyncio.gather(*per_exchange) for r in group]
+    return _summarise(events, results, runtimes, started)
+
+
+async def _run_mode(
+    config: Config, request: RunRequest, events: EventLog, factory: SourceFactory
+) -> int:
+    policy = retry_policy(config)
+    selected = select_exchanges(config, request)
+    runtimes: list[ExchangeRuntime] = []
+    store = build_store(config, events)
+    state = StateStore(config.state_path)
+    try:
+        opened = await asyncio.gather(
+            *(open_exchange(cfg, request, events, policy, factory) for cfg in selected),
+            return_exceptions=True,
+        )
+        runtimes = [r for r in opened if isinstance(r, ExchangeRuntime)]
+        for outcome in opened:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await state.open()
+        await store.ensure()
+        if request.mode == "history":
+            return await run_history(config, request, events, runtimes, store, state)
+        from .live import run_live
+
+        return await run_live(config, events, runtimes, store, state)
+    finally:
+        await asyncio.shield(_close_all(runtimes, store, state))
+
+
+async def _close_all(
+    runtimes: list[ExchangeRuntime], store: CandleStore, state: StateStore
+) -> None:
+    await asyncio.gather(
+        *(rt.source.close() for rt in runtimes),
+        store.close(),
+        state.close(),
+        return_exceptions=True,
+    )
+
+
+async def run(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory = default_source_factory,
+) -> int:
+    """Run one mode to its end, or until SIGTERM/SIGINT (then exit code 0 after a clean stop)."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stopping = False
+
+    def request_stop(signame: str) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            events.info("shutdown_requested", f"{signame} received; stopping", signal=signame)
+            main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    started = time.monotonic()
+    try:
+        return await _run_mode(config, request, events, factory)
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        events.info(
+            "shutdown",
+            "stopped cleanly",
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+        return EXIT_OK
+    except ExchangeFault as exc:
+        events.error("startup_failed", f"could not start: {exc}", error=str(exc))
+        return EXIT_JOBS_FAILED
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

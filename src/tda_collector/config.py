@@ -1,0 +1,236 @@
+"""Configuration: YAML file + `TDA__SECTION__KEY` environment overrides, validated by pydantic.
+
+Built once in `main` and handed down section by section. Every error becomes one readable line
+naming the field, e.g. ``storage.backend: must be one of duckdb, bigquery``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UsageError
+from .timeframes import timeframe_ms
+
+ENV_PREFIX = "TDA__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MarketsFilter(_Section):
+    quote: list[str] = Field(default_factory=list, description="Quote currencies to include.")
+    type: Literal["spot", "swap", "future", "option", "margin"] = Field(
+        "spot", description="Market type to include."
+    )
+    active_only: bool = Field(True, description="Skip markets the exchange marks inactive.")
+    limit: int | None = Field(
+        None, gt=0, description="Keep the top N by 24h quote volume (listing order if unknown)."
+    )
+
+
+class RateLimitConfig(_Section):
+    requests_per_second: float | None = Field(
+        None, gt=0, description="The exchange's budget for this client; default from ccxt."
+    )
+    safety: float = Field(0.9, gt=0, le=1, description="Fraction of the budget the collector uses.")
+
+
+class ExchangeConfig(_Section):
+    id: str = Field(description="A ccxt exchange id, e.g. binance.")
+    symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols.")
+    markets: MarketsFilter | None = Field(None, description="Resolve more symbols from markets.")
+    timeframes: list[str] = Field(default_factory=lambda: ["1m"], min_length=1)
+    ccxt: dict[str, Any] = Field(
+        default_factory=dict, description="Passed verbatim to the ccxt constructor."
+    )
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+    @field_validator("id")
+    @classmethod
+    def _lowercase_id(cls, value: str) -> str:
+        if not value or not value.replace("_", "").isalnum() or value != value.lower():
+            raise ValueError("must be a lowercase ccxt exchange id such as binance")
+        return value
+
+    @field_validator("timeframes")
+    @classmethod
+    def _known_timeframes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            timeframe_ms(value)
+        return list(dict.fromkeys(values))
+
+    @field_validator("ccxt")
+    @classmethod
+    def _no_inline_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        leaked = sorted(k for k in value if k in {"apiKey", "secret", "password", "privateKey"})
+        if leaked:
+            raise ValueError(
+                f"{', '.join(leaked)} must not be in the config file; set it in the environment"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _has_symbols(self) -> ExchangeConfig:
+        if not self.symbols and self.markets is None:
+            raise ValueError("needs symbols or a markets block")
+        return self
+
+
+class DuckDBConfig(_Section):
+    path: str = Field("data/ohlcv.duckdb", description="The DuckDB database file.")
+
+
+class BigQueryConfig(_Section):
+    project: str | None = Field(None, description="GCP project; else GOOGLE_CLOUD_PROJECT.")
+    dataset: str = "market_data"
+    table: str = "market_data_ohlcv"
+    location: str = "US"
+    api_endpoint: str | None = Field(None, description="An emulator URL (anonymous credentials).")
+
+
+class StorageConfig(_Section):
+    backend: Literal["duckdb", "bigquery"] = "duckdb"
+    duckdb: DuckDBConfig = Field(default_factory=DuckDBConfig)
+    bigquery: BigQueryConfig = Field(default_factory=BigQueryConfig)
+
+
+class LokiConfig(_Section):
+    url: str | None = Field(None, description="Loki push URL; null disables Loki.")
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    loki: LokiConfig = Field(default_factory=LokiConfig)
+
+
+class AdminConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 disables the admin server.")
+
+
+class RetryConfig(_Section):
+    """Exponential backoff with jitter for transient exchange faults, per page."""
+
+    base_seconds: float = Field(1.0, gt=0)
+    factor: float = Field(2.0, ge=1)
+    cap_seconds: float = Field(32.0, gt=0)
+    attempts: int = Field(5, ge=1)
+
+
+class Config(_Section):
+    service_name: str = "tda-collector"
+    environment: str = "dev"
+    exchanges: list[ExchangeConfig] = Field(min_length=1)
+    update_interval_seconds: float = Field(60, gt=0)
+    history_page_limit: int = Field(1000, ge=1)
+    history_concurrency: int = Field(
+        16, ge=1, description="Jobs in flight per exchange; enough to fill the budget at latency."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    state_path: str = "data/state.sqlite"
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("exchanges")
+    @classmethod
+    def _unique_ids(cls, values: list[ExchangeConfig]) -> list[ExchangeConfig]:
+        ids = [e.id for e in values]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"exchange listed twice: {', '.join(duplicates)}")
+        return values
+
+
+def _parse_env_value(text: str) -> Any:
+    """Env values are YAML scalars or flow lists, so `[BTC/USDT, ETH/USDT]` and `null` work."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: Any, path: list[str], value: Any, name: str) -> None:
+    node = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UsageError(f"{name}: no list item {part} to override")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise UsageError(f"{name}: {'.'.join(path[:i])} is not a section")
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply `TDA__SECTION__KEY=value` (list items by index: `TDA__EXCHANGES__0__SYMBOLS`)."""
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+            _set_path(raw, path, _parse_env_value(environ[name]), name)
+    return raw
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "config"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return "must be one of " + expected.replace("'", "").replace(" or ", ", ")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """All problems on one line: `field: problem; field: problem`."""
+    parts = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        parts.append(f"{_field_path(loc)}: {_describe(item)}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str]) -> Config:
+    """Read, override from the environment and validate; UsageError with one line on failure."""
+    config_path = Path(path or environ.get("CONFIG_PATH") or "config.yaml")
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config: file not found: {config_path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{config_path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{config_path}: the top level must be a mapping of keys")
+    raw = apply_env_overrides(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from None

@@ -1,0 +1,46 @@
+"""The project's own small set of errors.
+
+Everything that crosses a layer boundary is one of these, so callers decide what to do by type:
+a usage error ends the process with exit code 2; an exchange fault is transient (retry with
+backoff), rate-limited (every task of that exchange waits) or permanent (the job fails at once).
+"""
+
+from __future__ import annotations
+
+
+class CollectorError(Exception):
+    """Base of every error the collector raises on purpose."""
+
+
+class UsageError(CollectorError):
+    """Bad configuration or command line: one readable line, exit code 2, no traceback."""
+
+
+class ExchangeFault(CollectorError):
+    """A request to an exchange did not give usable data."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientFault(ExchangeFault):
+    """Network errors, timeouts, 5xx, unparsable bodies: worth retrying after a backoff."""
+
+
+class RateLimited(ExchangeFault):
+    """HTTP 429/418 or an exchange's own throttling answer: the whole exchange must wait."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentFault(ExchangeFault):
+    """Bad symbol, bad request, authentication: retrying cannot help, the job fails."""
+
+
+class StoreFault(CollectorError):
+    """A store could not make rows durable; the rows are retried, never dropped."""

@@ -1,0 +1,207 @@
+"""The one door to the exchange: the only module that imports ccxt.
+
+It builds the async ccxt client from the config's `ccxt:` options (verbatim, so users can point
+it at testnets, proxies or a local server), loads markets once, measures the exchange's clock,
+keeps per-exchange capabilities as data, and translates ccxt's exception tree into the
+project's three kinds of fault in one place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ccxt.async_support as ccxt_async
+from ccxt.base import errors as ccxt_errors
+
+from .errors import ExchangeFault, PermanentFault, RateLimited, TransientFault, UsageError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Per-exchange facts that change how we page, kept as data rather than subclasses."""
+
+    max_page_size: int = 500
+    ohlcv_request_cost: float = 1.0  # budget units one candle request consumes
+
+
+# Facts checked against each exchange's documentation; everything else falls back to what
+# ccxt declares in `features` (page size) and to the defaults above.
+KNOWN_CAPABILITIES: dict[str, Capabilities] = {
+    "binance": Capabilities(max_page_size=1000),
+    "binanceus": Capabilities(max_page_size=1000),
+    "bybit": Capabilities(max_page_size=1000),
+    "okx": Capabilities(max_page_size=300),
+    "kraken": Capabilities(max_page_size=720),
+}
+
+
+@dataclass(frozen=True)
+class MarketInfo:
+    symbol: str
+    quote: str
+    type: str
+    active: bool
+
+
+@dataclass
+class _ResponseMeta:
+    status: int | None = None
+    headers: dict[str, str] | None = None
+
+
+# Each asyncio task sees its own response metadata; ccxt's `last_response_headers` is shared
+# by every concurrent request of an instance and would mix answers up.
+_current_response: contextvars.ContextVar[_ResponseMeta | None] = contextvars.ContextVar(
+    "tda_current_response", default=None
+)
+
+
+def known_exchange_ids() -> list[str]:
+    return list(ccxt_async.exchanges)
+
+
+def _retry_after_seconds(headers: dict[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def translate(exc: Exception, meta: _ResponseMeta | None = None) -> ExchangeFault:
+    """Map a ccxt (or parsing) exception to transient / rate-limited / permanent."""
+    status = meta.status if meta else None
+    text = f"{type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, ccxt_errors.DDoSProtection | ccxt_errors.RateLimitExceeded):
+        if status is None:
+            status = 418 if " 418 " in f" {exc} " else 429
+        return RateLimited(
+            text, status=status, retry_after_s=_retry_after_seconds(meta.headers if meta else None)
+        )
+    if isinstance(
+        exc,
+        ccxt_errors.BadRequest
+        | ccxt_errors.AuthenticationError
+        | ccxt_errors.NotSupported
+        | ccxt_errors.ArgumentsRequired,
+    ):
+        return PermanentFault(text, status=status)
+    # Network errors, timeouts, 5xx (ExchangeNotAvailable), bad responses, and unexpected
+    # exchange answers are worth another try; a bounded retry policy stops the hopeless ones.
+    return TransientFault(text, status=status)
+
+
+class CcxtExchange:
+    """An exchange source backed by ccxt.async_support; see `sources.CandleSource`."""
+
+    def __init__(
+        self,
+        exchange_id: str,
+        ccxt_options: dict[str, Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        exchange_class = getattr(ccxt_async, exchange_id, None)
+        if exchange_id not in ccxt_async.exchanges or exchange_class is None:
+            raise UsageError(f"exchanges.id: unknown ccxt exchange id {exchange_id!r}")
+        # Our own limiter spaces every request of this exchange; ccxt's throttle would count
+        # the same requests a second time, so it is off unless the options turn it on.
+        options = {"enableRateLimit": False, **ccxt_options}
+        self.id = exchange_id
+        self._client = exchange_class(options)
+        self._client.on_rest_response = self._record_response
+        self._clock = clock
+        self._clock_offset_ms = 0
+        known = KNOWN_CAPABILITIES.get(exchange_id)
+        self.capabilities = known or Capabilities(max_page_size=self._declared_page_size())
+
+    def _declared_page_size(self) -> int:
+        features = getattr(self._client, "features", None) or {}
+        for market_type in ("spot", "swap", "future"):
+            limit = ((features.get(market_type) or {}).get("fetchOHLCV") or {}).get("limit")
+            if isinstance(limit, int) and limit > 0:
+                return limit
+        return Capabilities().max_page_size
+
+    def _record_response(self, code, reason, url, method, headers, body, req_headers, req_body):
+        meta = _current_response.get()
+        if meta is not None:
+            meta.status, meta.headers = code, dict(headers or {})
+        return body.strip()
+
+    @property
+    def default_requests_per_second(self) -> float:
+        """ccxt's own idea of the budget (`rateLimit` is milliseconds between requests)."""
+        return 1000.0 / float(self._client.rateLimit or 1000)
+
+    @property
+    def timeframes(self) -> set[str]:
+        return set((self._client.timeframes or {}).keys())
+
+    def now_ms(self) -> int:
+        """The exchange's clock, as measured at `open`."""
+        return int(self._clock() * 1000) + self._clock_offset_ms
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        meta = _ResponseMeta()
+        token = _current_response.set(meta)
+        try:
+            return await getattr(self._client, method)(*args, **kwargs)
+        except (ccxt_errors.BaseError, ValueError, TypeError, KeyError, IndexError) as exc:
+            # Non-ccxt exceptions here come from ccxt parsing a garbled body.
+            raise translate(exc, meta) from exc
+        finally:
+            _current_response.reset(token)
+
+    async def open(self) -> None:
+        """Load markets once and measure the exchange's clock offset."""
+        await self._call("load_markets")
+        if self._client.has.get("fetchTime"):
+            sent = self._clock()
+            server_ms = await self._call("fetch_time")
+            midpoint = (sent + self._clock()) / 2
+            if isinstance(server_ms, int | float):
+                self._clock_offset_ms = int(server_ms - midpoint * 1000)
+
+    def markets(self) -> list[MarketInfo]:
+        return [
+            MarketInfo(
+                symbol=m["symbol"],
+                quote=m.get("quote") or "",
+                type=m.get("type") or "",
+                active=m.get("active") is not False,
+            )
+            for m in (self._client.markets or {}).values()
+        ]
+
+    async def quote_volumes(self, symbols: list[str]) -> dict[str, float]:
+        """24h quote volume per symbol, or {} where the exchange cannot say."""
+        if not self._client.has.get("fetchTickers") or not symbols:
+            return {}
+        tickers = await self._call("fetch_tickers", symbols)
+        return {
+            symbol: float(t["quoteVolume"])
+            for symbol, t in tickers.items()
+            if isinstance(t, dict) and isinstance(t.get("quoteVolume"), int | float)
+        }
+
+    async def fetch_ohlcv(
+        self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
+    ) -> list[list[Any]]:
+        """Candles opening in [since_ms, until_ms] (inclusive, as ccxt's `until`), oldest first."""
+        rows = await self._call(
+            "fetch_ohlcv", symbol, timeframe, since_ms, limit, {"until": until_ms}
+        )
+        if not isinstance(rows, list):
+            raise TransientFault(f"unexpected OHLCV payload of type {type(rows).__name__}")
+        return rows
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,116 @@
+"""Turn an exchange's raw OHLCV page into validated rows (pure functions).
+
+A candle is stored only if its open time is aligned to the timeframe, every value is finite,
+low <= open, close <= high, and volume >= 0. Anything else is rejected with a reason, counted
+and logged by the caller, and never stored. Candles outside the requested window are not
+errors (exchanges return neighbours); they are simply not part of this page.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .models import CandleBatch, JobKey
+from .timeframes import alignment_origin
+
+MALFORMED = "malformed"
+MISALIGNED = "misaligned"
+NOT_FINITE = "not_finite"
+OHLC_INCONSISTENT = "ohlc_inconsistent"
+NEGATIVE_VOLUME = "negative_volume"
+DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which candles belong to a page: open time in [start, end); closed if < closed_before."""
+
+    start_ms: int
+    end_ms: int
+    closed_before_ms: int
+    keep_open: bool = False  # live mode keeps the in-progress candle, flagged not closed
+
+
+@dataclass(frozen=True)
+class NormalizedPage:
+    batch: CandleBatch
+    rejected: Counter[str]
+    newest_open_ms: int | None  # newest well-formed open time in the raw page, for pagination
+
+
+def _to_matrix(raw: Sequence[Sequence[object]]) -> tuple[np.ndarray, int]:
+    """An (n, 6) float64 matrix; rows of the wrong shape or type become NaN rows."""
+    try:
+        matrix = np.asarray(raw, dtype=np.float64)
+        if matrix.ndim == 2 and matrix.shape[1] >= 6:
+            return matrix[:, :6], 0
+    except (TypeError, ValueError):
+        pass
+    rows = np.full((len(raw), 6), np.nan)
+    malformed = 0
+    for i, row in enumerate(raw):
+        try:
+            rows[i] = np.asarray(row[:6], dtype=np.float64)
+            if len(row) < 6:
+                raise ValueError
+        except (TypeError, ValueError, IndexError):
+            rows[i] = np.nan
+            malformed += 1
+    return rows, malformed
+
+
+def normalize_page(
+    raw: Sequence[Sequence[object]], key: JobKey, tf_ms: int, window: Window
+) -> NormalizedPage:
+    """Validate one page of `[ts, open, high, low, close, volume]` rows."""
+    matrix, malformed = _to_matrix(raw)
+    rejected: Counter[str] = Counter()
+    if malformed:
+        rejected[MALFORMED] = malformed
+    ts_float = matrix[:, 0]
+    ts_ok = np.isfinite(ts_float)
+    ts = np.where(ts_ok, ts_float, 0).astype(np.int64)
+    newest = int(ts[ts_ok].max()) if ts_ok.any() else None
+
+    end = window.end_ms if window.keep_open else min(window.end_ms, window.closed_before_ms)
+    in_window = ts_ok & (ts >= window.start_ms) & (ts < end)
+    matrix, ts = matrix[in_window], ts[in_window]
+    o, h, lo, c, v = (matrix[:, i] for i in range(1, 6))
+
+    checks = (
+        (MISALIGNED, (ts - alignment_origin(tf_ms)) % tf_ms != 0),
+        (NOT_FINITE, ~np.isfinite(matrix[:, 1:]).all(axis=1)),
+        (OHLC_INCONSISTENT, (lo > np.minimum(o, c)) | (h < np.maximum(o, c)) | (lo > h)),
+        (NEGATIVE_VOLUME, v < 0),
+    )
+    valid = np.ones(len(ts), dtype=bool)
+    for reason, bad in checks:
+        bad_here = bad & valid  # each candle counts once, under its first failed rule
+        if bad_here.any():
+            rejected[reason] += int(bad_here.sum())
+        valid &= ~bad
+    matrix, ts = matrix[valid], ts[valid]
+
+    # Sort by time; for repeated timestamps keep the last version the exchange sent.
+    order = np.argsort(ts, kind="stable")
+    ts, matrix = ts[order], matrix[order]
+    keep = np.append(ts[1:] != ts[:-1], True) if len(ts) else np.zeros(0, dtype=bool)
+    if (~keep).any():
+        rejected[DUPLICATE] += int((~keep).sum())
+    ts, matrix = ts[keep], matrix[keep]
+
+    batch = CandleBatch(
+        key=key,
+        timestamps=ts,
+        open=matrix[:, 1].copy(),
+        high=matrix[:, 2].copy(),
+        low=matrix[:, 3].copy(),
+        close=matrix[:, 4].copy(),
+        volume=matrix[:, 5].copy(),
+        closed=ts < window.closed_before_ms,
+    )
+    return NormalizedPage(batch=batch, rejected=rejected, newest_open_ms=newest)

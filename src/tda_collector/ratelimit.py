@@ -1,0 +1,70 @@
+"""One request budget per exchange, shared by every task that talks to it.
+
+A GCRA token bucket: each request reserves the next free slot synchronously (no lock is needed
+on one event loop), so N concurrent tasks are spaced exactly `cost / rate` apart after an
+initial burst. The burst is sized so that burst + one second of steady rate never exceeds the
+exchange's own per-second budget. `pause_until` is the server-feedback hook: after a 429/418
+every task of the exchange waits until the exchange allows requests again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+
+def burst_for(budget_per_s: float, safety: float) -> int:
+    """Largest burst that keeps any 1-second window within the exchange's budget."""
+    return max(1, math.floor(budget_per_s * (1.0 - safety) + 1e-9))
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("rate must be positive")
+        self.rate_per_s = rate_per_s
+        self._interval = 1.0 / rate_per_s
+        self._tolerance = (max(1, burst) - 1) * self._interval
+        self._clock = clock
+        self._sleep = sleep
+        self._tat = clock()  # theoretical arrival time of the next request
+        self._paused_until = 0.0
+        self.acquired = 0
+        self.waited_s = 0.0
+
+    def pause_until(self, until: float) -> None:
+        """No request may start before `until` (monotonic seconds)."""
+        self._paused_until = max(self._paused_until, until)
+        self._tat = max(self._tat, self._paused_until)
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` requests' weight."""
+        while True:
+            now = self._clock()
+            if now < self._paused_until:
+                await self._wait(self._paused_until - now)
+                continue
+            start = max(now, self._tat - self._tolerance)
+            self._tat = max(self._tat, now) + cost * self._interval
+            if start > now:
+                await self._wait(start - now)
+                if self._clock() < self._paused_until:
+                    continue  # a ban arrived while waiting: queue again behind it
+            self.acquired += 1
+            return
+
+    async def _wait(self, seconds: float) -> None:
+        self.waited_s += seconds
+        await self._sleep(seconds)

@@ -1,0 +1,109 @@
+import textwrap
+
+import pytest
+
+from tda_collector.config import load_config
+from tda_collector.errors import UsageError
+
+MINIMAL = """
+exchanges:
+  - id: binance
+    symbols: [BTC/USDT]
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_line(tmp_path, text, environ=None):
+    with pytest.raises(UsageError) as info:
+        load_config(write(tmp_path, text), environ or {})
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_minimal_config_gets_the_interface_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), {})
+    assert config.storage.backend == "duckdb"
+    assert config.storage.duckdb.path == "data/ohlcv.duckdb"
+    assert config.history_page_limit == 1000
+    assert config.admin.port == 8080
+    assert config.exchanges[0].rate_limit.safety == 0.9
+    assert config.exchanges[0].rate_limit.requests_per_second is None  # ccxt's default
+
+
+def test_the_shipped_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parents[1] / "config.yaml", {})
+    assert config.exchanges[0].id == "binance"
+    assert set(config.exchanges[0].timeframes) == {"1m", "1h"}
+
+
+def test_config_path_comes_from_the_environment(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    assert load_config(None, {"CONFIG_PATH": str(path)}).exchanges[0].id == "binance"
+
+
+def test_bad_backend_names_the_field_and_the_choices(tmp_path):
+    text = MINIMAL + "storage:\n  backend: sqlite\n"
+    assert error_line(tmp_path, text) == "storage.backend: must be one of duckdb, bigquery"
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    assert error_line(tmp_path, MINIMAL + "stroage: {}\n") == "stroage: unknown key"
+
+
+def test_nested_list_errors_name_the_item(tmp_path):
+    text = """
+    exchanges:
+      - id: binance
+        symbols: [BTC/USDT]
+        rate_limit: {safety: 1.5}
+    """
+    assert error_line(tmp_path, text).startswith("exchanges[0].rate_limit.safety:")
+
+
+def test_bad_timeframe_is_named(tmp_path):
+    text = MINIMAL + "    timeframes: [1m, 7x]\n"
+    assert "exchanges[0].timeframes: unsupported timeframe '7x'" in error_line(tmp_path, text)
+
+
+def test_exchange_without_symbols_or_markets(tmp_path):
+    assert "needs symbols or a markets block" in error_line(tmp_path, "exchanges:\n  - id: binance\n")
+
+
+def test_secrets_in_the_file_are_refused(tmp_path):
+    text = MINIMAL + "    ccxt: {apiKey: abc}\n"
+    assert "apiKey must not be in the config file" in error_line(tmp_path, text)
+
+
+def test_environment_overrides_nested_keys_and_list_items(tmp_path):
+    env = {
+        "TDA__STORAGE__BACKEND": "bigquery",
+        "TDA__HISTORY_PAGE_LIMIT": "500",
+        "TDA__EXCHANGES__0__SYMBOLS": "[ETH/USDT, SOL/USDT]",
+        "TDA__LOGGING__LOKI__URL": "http://loki:3100/loki/api/v1/push",
+        "UNRELATED": "x",
+    }
+    config = load_config(write(tmp_path, MINIMAL), env)
+    assert config.storage.backend == "bigquery"
+    assert config.history_page_limit == 500
+    assert config.exchanges[0].symbols == ["ETH/USDT", "SOL/USDT"]
+    assert config.logging.loki.url == "http://loki:3100/loki/api/v1/push"
+
+
+def test_environment_override_errors_name_the_field(tmp_path):
+    message = error_line(tmp_path, MINIMAL, {"TDA__STORAGE__BACKEND": "mysql"})
+    assert message == "storage.backend: must be one of duckdb, bigquery"
+    assert error_line(tmp_path, MINIMAL, {"TDA__NOPE": "1"}) == "nope: unknown key"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UsageError, match="file not found"):
+        load_config(tmp_path / "absent.yaml", {})
+    assert "not valid YAML at line" in error_line(tmp_path, "exchanges: [\n")

@@ -1,0 +1,96 @@
+import math
+
+import numpy as np
+
+from tda_collector.models import JobKey
+from tda_collector.normalize import (
+    DUPLICATE,
+    MALFORMED,
+    MISALIGNED,
+    NEGATIVE_VOLUME,
+    NOT_FINITE,
+    OHLC_INCONSISTENT,
+    Window,
+    normalize_page,
+)
+
+KEY = JobKey("binance", "BTC/USDT", "1m")
+MIN = 60_000
+WINDOW = Window(start_ms=0, end_ms=100 * MIN, closed_before_ms=100 * MIN)
+
+
+def good(i, close=101.0):
+    return [i * MIN, 100.0, 102.0, 99.0, close, 5.0]
+
+
+def test_valid_rows_pass_through_exactly():
+    page = normalize_page([good(1), good(2, 100.5)], KEY, MIN, WINDOW)
+    assert page.batch.timestamps.tolist() == [MIN, 2 * MIN]
+    assert page.batch.close.tolist() == [101.0, 100.5]
+    assert page.batch.closed.all()
+    assert not page.rejected
+
+
+def test_each_invalid_candle_is_rejected_with_its_reason():
+    raw = [
+        good(1),
+        [2 * MIN + 1, 100.0, 102.0, 99.0, 101.0, 5.0],
+        [3 * MIN, 100.0, math.inf, 99.0, 101.0, 5.0],
+        [4 * MIN, 100.0, 102.0, 99.0, None, 5.0],
+        [5 * MIN, 100.0, 99.5, 99.0, 101.0, 5.0],  # close above high
+        [6 * MIN, 98.0, 102.0, 99.0, 101.0, 5.0],  # open below low
+        [7 * MIN, 100.0, 102.0, 99.0, 101.0, -1.0],
+        [8 * MIN, "x", 102.0],
+    ]
+    page = normalize_page(raw, KEY, MIN, WINDOW)
+    assert page.batch.timestamps.tolist() == [MIN]
+    assert page.rejected == {
+        MISALIGNED: 1,
+        NOT_FINITE: 2,
+        OHLC_INCONSISTENT: 2,
+        NEGATIVE_VOLUME: 1,
+        MALFORMED: 1,
+    }
+
+
+def test_duplicates_collapse_to_the_last_version_and_rows_are_sorted():
+    raw = [good(3), good(1, 100.1), good(2), good(1, 100.2)]
+    page = normalize_page(raw, KEY, MIN, WINDOW)
+    assert page.batch.timestamps.tolist() == [MIN, 2 * MIN, 3 * MIN]
+    assert page.batch.close[0] == 100.2
+    assert page.rejected == {DUPLICATE: 1}
+
+
+def test_candles_outside_the_window_or_still_open_are_left_out_silently():
+    window = Window(start_ms=2 * MIN, end_ms=10 * MIN, closed_before_ms=5 * MIN)
+    page = normalize_page([good(i) for i in range(12)], KEY, MIN, window)
+    assert page.batch.timestamps.tolist() == [2 * MIN, 3 * MIN, 4 * MIN]
+    assert not page.rejected
+    assert page.newest_open_ms == 11 * MIN
+
+
+def test_live_window_keeps_the_open_candle_flagged_not_closed():
+    window = Window(start_ms=0, end_ms=10 * MIN, closed_before_ms=5 * MIN, keep_open=True)
+    page = normalize_page([good(4), good(5)], KEY, MIN, window)
+    assert page.batch.closed.tolist() == [True, False]
+    assert page.batch.newest_closed_ms == 4 * MIN
+
+
+def test_empty_page():
+    page = normalize_page([], KEY, MIN, WINDOW)
+    assert len(page.batch) == 0
+    assert page.newest_open_ms is None
+
+
+def test_arrow_rows_follow_the_interface_schema():
+    page = normalize_page([good(1)], KEY, MIN, WINDOW)
+    from datetime import UTC, datetime
+
+    table = page.batch.to_arrow(datetime(2024, 1, 1, tzinfo=UTC))
+    assert table.column_names[:10] == [
+        "timestamp", "exchange", "symbol", "timeframe", "open", "high", "low", "close",
+        "volume", "ingested_at",
+    ]
+    row = table.to_pylist()[0]
+    assert row["symbol"] == "BTC/USDT" and row["close"] == 101.0
+    assert np.int64(row["timestamp"].timestamp() * 1000) == MIN

@@ -1,0 +1,40 @@
+"""A virtual clock for asyncio tests: time moves only when every task is waiting on it."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Coroutine
+from typing import Any
+
+
+class VirtualTime:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), next(self._order), future))
+        await future
+
+    async def run(self, coro: Coroutine[Any, Any, Any], settle_rounds: int = 20) -> Any:
+        """Run `coro` to completion, jumping the clock to the next sleeper whenever all is idle."""
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            for _ in range(settle_rounds):
+                await asyncio.sleep(0)
+                if task.done():
+                    break
+            if task.done() or not self._sleepers:
+                continue
+            wake_at, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake_at)
+            if not future.done():
+                future.set_result(None)
+        return task.result()
