@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import itertools
 import json
 import math
 import random
 import signal
-import struct
 import threading
 import time
-from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
+import numpy as np
 from aiohttp import web
 
 TIMEFRAME_MS = {
@@ -48,7 +46,6 @@ REAL_SYMBOLS = tuple(f'{base}/USDT' for base in _REAL_PRICES)
 _API_PREFIX = '/api/v3/'
 _VOLUME_DECIMALS = 3
 _BLOCK = 1000  # candles per cached text block
-_HASH_FIELDS = struct.Struct('<4H2I')  # a 16-byte digest as four 16-bit and two 32-bit ints
 
 
 # --------------------------------------------------------------------------- symbols
@@ -88,7 +85,7 @@ class SymbolSpec:
     def volume_24h(self) -> float:
         if self.quote_volume is not None:
             return self.quote_volume
-        return round(10 ** (5 + 4 * _unit(self.symbol, 'volume')), 2)
+        return round(10 ** (5 + 4 * _hash64(self.symbol, 'volume') / 2**64), 2)
 
 
 def _merge_gaps(gaps: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -120,28 +117,19 @@ def make_symbols(
 # --------------------------------------------------------------------------- candles
 
 
-def _unit(*parts: str) -> float:
-    """Stable pseudo-random number in [0, 1) (Python's hash() is salted per process)."""
+def _hash64(*parts: str) -> int:
+    """Stable 64-bit hash (Python's hash() is salted per process)."""
     digest = hashlib.blake2b('|'.join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') / 2**64
+    return int.from_bytes(digest, 'little')
 
 
 @cache
 def _price_params(symbol: str) -> tuple[int, int]:
     """(base price in ticks, price decimals): ~7 significant digits, 0.01 to 50000."""
-    price = _REAL_PRICES.get(symbol.split('/')[0]) or 10 ** (-2 + 6.7 * _unit(symbol, 'price'))
+    price = (_REAL_PRICES.get(symbol.split('/')[0])
+             or 10 ** (-2 + 6.7 * _hash64(symbol, 'price') / 2**64))
     decimals = min(8, 6 - math.floor(math.log10(price)))
     return round(price * 10**decimals), decimals
-
-
-@cache
-def _kline_template(symbol: str) -> str:
-    """%-template for Binance's 12-field kline; decimals padded to 8 places like Binance."""
-    decimals = _price_params(symbol)[1]
-    price = f'"%d.%0{decimals}d{"0" * (8 - decimals)}"'
-    volume = f'"%d.%0{_VOLUME_DECIMALS}d{"0" * (8 - _VOLUME_DECIMALS)}"'
-    quote = '"%d.%08d"'
-    return f'[%d,{price},{price},{price},{price},{volume},%d,{quote},%d,{volume},{quote},"0"]'
 
 
 def _tf_ms(timeframe: str) -> int:
@@ -155,61 +143,135 @@ def _offset(timeframe: str) -> int:
     return _WEEK_OFFSET_MS if timeframe == '1w' else 0
 
 
-def _candle_ticks(symbol: str, timeframe: str, open_ms: int) -> tuple[int, ...]:
-    """Final (open, high, low, close, volume, trades) in integer ticks."""
-    key = b'%s|%s|%d' % (symbol.encode(), timeframe.encode(), open_ms)
-    r1, r2, r3, r4, rv, rn = _HASH_FIELDS.unpack(hashlib.blake2b(key, digest_size=16).digest())
+def _block_start(timeframe: str, open_ms: int) -> int:
+    return open_ms - (open_ms - _offset(timeframe)) % (TIMEFRAME_MS[timeframe] * _BLOCK)
+
+
+def _block_times(timeframe: str, block_start: int) -> np.ndarray:
+    tf_ms = TIMEFRAME_MS[timeframe]
+    return np.arange(block_start, block_start + _BLOCK * tf_ms, tf_ms, dtype=np.int64)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit affects every output bit (wraps mod 2**64)."""
+    z = (z ^ (z >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> 27)) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> 31)
+
+
+def _ticks(symbol: str, timeframe: str, times: np.ndarray) -> np.ndarray:
+    """Final open, high, low, close, volume, trades in integer ticks: a (6, len(times)) array."""
+    key = times.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(
+        _hash64(symbol, timeframe))
+    a, b = _mix(key), _mix(~key)
+    r1, r2, r3, r4 = (((a >> shift) & 0xFFFF).astype(np.int64) for shift in (0, 16, 32, 48))
     base = _price_params(symbol)[0]
     o = base + base * (r1 - 32768) // 327_680  # +-10% around the base price
     c = o + o * (r2 - 32768) // 1_638_400  # +-2% move
-    h = max(o, c) + base * r3 // 6_553_600  # wicks up to 1%
-    low = min(o, c) - base * r4 // 6_553_600
-    return o, h, low, c, 1 + (rv & 0xFFFFFF), 1 + rn % 5000
+    h = np.maximum(o, c) + base * r3 // 6_553_600  # wicks up to 1%
+    low = np.minimum(o, c) - base * r4 // 6_553_600
+    volume = 1 + (b & 0xFFFFFF).astype(np.int64)
+    trades = 1 + (b >> 32).astype(np.int64) % 5000
+    return np.stack([o, h, low, c, volume, trades])
 
 
-def _provisional_ticks(ticks: tuple[int, ...], elapsed_ms: int, tf_ms: int) -> tuple[int, ...]:
-    """Values of a candle ``elapsed_ms`` into its interval; final values once elapsed == tf."""
-    o, h, low, c, volume, trades = ticks
-    close = o + (c - o) * elapsed_ms // tf_ms
-    high = max(o, close) + (h - max(o, c)) * elapsed_ms // tf_ms
-    low = min(o, close) - (min(o, c) - low) * elapsed_ms // tf_ms
-    return o, high, low, close, volume * elapsed_ms // tf_ms, trades * elapsed_ms // tf_ms
+def _open_ticks(symbol: str, timeframe: str, open_ms: int, now_ms: int) -> np.ndarray:
+    """The in-progress candle grows linearly towards its final values, reached at close."""
+    tf_ms = _tf_ms(timeframe)
+    elapsed = min(max(now_ms - open_ms, 0), tf_ms)
+    o, h, low, c, volume, trades = _ticks(symbol, timeframe, np.array([open_ms]))
+    close = o + (c - o) * elapsed // tf_ms
+    high = np.maximum(o, close) + (h - np.maximum(o, c)) * elapsed // tf_ms
+    low = np.minimum(o, close) - (np.minimum(o, c) - low) * elapsed // tf_ms
+    return np.stack([o, high, low, close, volume * elapsed // tf_ms, trades * elapsed // tf_ms])
 
 
-def _as_floats(symbol: str, open_ms: int, ticks: tuple[int, ...]) -> tuple:
-    # int / power of ten is correctly rounded, so it equals float() of the decimal string.
-    scale = 10 ** _price_params(symbol)[1]
-    o, h, low, c, volume, _ = ticks
-    return (open_ms, o / scale, h / scale, low / scale, c / scale,
-            volume / 10**_VOLUME_DECIMALS)
+def _as_tuples(symbol: str, times: np.ndarray, ticks: np.ndarray) -> list[tuple]:
+    # Exact int64 -> float64 and a correctly rounded division by a power of ten give the
+    # same float as parsing the decimal string the server sends.
+    prices = (ticks[:4] / 10 ** _price_params(symbol)[1]).tolist()
+    volumes = (ticks[4] / 10**_VOLUME_DECIMALS).tolist()
+    return list(zip(times.tolist(), *prices, volumes, strict=True))
+
+
+@lru_cache(maxsize=64)
+def _closed_block(symbol: str, timeframe: str, block_start: int) -> list[tuple]:
+    times = _block_times(timeframe, block_start)
+    return _as_tuples(symbol, times, _ticks(symbol, timeframe, times))
 
 
 def candle(symbol: str, timeframe: str, open_ms: int) -> tuple[int, float, float, float, float,
                                                                float]:
-    """Final (open_ms, open, high, low, close, volume) of a closed candle, as ccxt parses it."""
-    _tf_ms(timeframe)
-    return _as_floats(symbol, open_ms, _candle_ticks(symbol, timeframe, open_ms))
+    """Final (open_ms, open, high, low, close, volume) of a candle, exactly as ccxt parses it."""
+    tf_ms = _tf_ms(timeframe)
+    if (open_ms - _offset(timeframe)) % tf_ms:
+        raise ValueError(f'{open_ms} is not a {timeframe} candle open time')
+    block_start = _block_start(timeframe, open_ms)
+    return _closed_block(symbol, timeframe, block_start)[(open_ms - block_start) // tf_ms]
 
 
 def provisional_candle(symbol: str, timeframe: str, open_ms: int, now_ms: int) -> tuple:
     """What klines returns for the in-progress candle at ``now_ms`` (open <= now < open+tf)."""
-    tf_ms = _tf_ms(timeframe)
-    ticks = _provisional_ticks(_candle_ticks(symbol, timeframe, open_ms), now_ms - open_ms, tf_ms)
-    return _as_floats(symbol, open_ms, ticks)
+    times = np.array([open_ms])
+    return _as_tuples(symbol, times, _open_ticks(symbol, timeframe, open_ms, now_ms))[0]
 
 
-def _kline_text(symbol: str, open_ms: int, tf_ms: int, ticks: tuple[int, ...]) -> str:
+# ASCII of 0000..9999 packed in uint32s, so four digits render per element gathered
+_QUADS = np.frombuffer(b''.join(b'%04d' % i for i in range(10_000)), np.uint32)
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+# which of the 11 numeric kline fields are quoted 8-decimal strings (the rest are integers)
+_QUOTED = np.array([False, True, True, True, True, True, False, True, False, True, True])
+
+
+def _digits(x: np.ndarray, width: int) -> np.ndarray:
+    """ASCII digits of non-negative ints along a new last axis, zero-padded to ``width``."""
+    count = -(-width // 4)
+    quads = np.empty((*x.shape, count), np.uint32)
+    for i in reversed(range(count)):
+        x, low = np.divmod(x, 10_000)
+        quads[..., i] = _QUADS[low]
+    return quads.view(np.uint8)[..., -width:]
+
+
+def _text(rows: int, text: str) -> np.ndarray:
+    return np.broadcast_to(np.frombuffer(text.encode(), np.uint8), (rows, len(text)))
+
+
+def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> tuple[bytes, int]:
+    """Binance's 12-field klines, comma-joined, and the row stride (all rows are as wide).
+
+    All numbers render at once as digit arrays. A field is as wide as its longest value;
+    shorter values get leading spaces, which JSON ignores.
+    """
     o, h, low, c, volume, trades = ticks
     decimals = _price_params(symbol)[1]
-    price_scale, volume_scale = 10**decimals, 10**_VOLUME_DECIMALS
-    # quote volume ~ volume * mid price, in 8-decimal ticks
-    quote = volume * (o + c) * 10**8 // (2 * price_scale * volume_scale)
-    return _kline_template(symbol) % (
-        open_ms, *divmod(o, price_scale), *divmod(h, price_scale), *divmod(low, price_scale),
-        *divmod(c, price_scale), *divmod(volume, volume_scale), open_ms + tf_ms - 1,
-        *divmod(quote, 10**8), trades, *divmod(volume // 2, volume_scale),
-        *divmod(quote // 2, 10**8),
-    )
+    to8 = 10 ** (8 - decimals)  # Binance sends 8 decimals
+    volume8 = volume * 10 ** (8 - _VOLUME_DECIMALS)
+    # quote volume = volume * mid price, in 8-decimal ticks, ordered to stay within int64
+    quote8 = volume * (o + c) * 10 ** max(0, 5 - decimals) // (2 * 10 ** max(0, decimals - 5))
+    fields = np.stack([times, o * to8, h * to8, low * to8, c * to8, volume8, times + tf_ms - 1,
+                       quote8, trades, volume8 // 2, quote8 // 2], axis=1)
+    whole = np.where(_QUOTED, fields // 10**8, fields)
+    widths = 1 + (whole.max(axis=0)[:, None] >= _POW10[1:]).sum(axis=1)
+    span = int(widths.max())
+    # head: opening quote and the integer digits, right-aligned in span + 1 columns
+    head = np.concatenate([np.full((*whole.shape, 1), ord(' '), np.uint8),
+                           _digits(whole, span)], axis=-1)
+    first = span - (whole[..., None] >= _POW10[1:span]).sum(axis=-1)  # first digit's column
+    position = np.arange(span + 1)
+    head[position < first[..., None]] = ord(' ')
+    head[(position == first[..., None] - 1) & _QUOTED[:, None]] = ord('"')
+    # tail: '.', 8 decimals, closing quote and the separator; integers only take the separator
+    tail = np.empty((*whole.shape, 11), np.uint8)
+    tail[..., 0], tail[..., 9], tail[..., 10] = ord('.'), ord('"'), ord(',')
+    tail[..., 1:9] = _digits(fields % 10**8, 8)
+    rows = len(times)
+    pieces = [_text(rows, '[')]
+    for field, (width, quoted) in enumerate(zip(widths.tolist(), _QUOTED.tolist(), strict=True)):
+        pieces += [head[:, field, span + 1 - width - quoted:], tail[:, field, 10 - 10 * quoted:]]
+    pieces.append(_text(rows, '"0"],'))
+    text = np.hstack(pieces)
+    return text.tobytes()[:-1], text.shape[1]
 
 
 def _align_up(ms: int, tf_ms: int, offset: int) -> int:
@@ -224,7 +286,7 @@ def _runs(spec: SymbolSpec, timeframe: str, lo: int, hi: int) -> list[range]:
     """
     tf_ms, offset = _tf_ms(timeframe), _offset(timeframe)
     first_open = spec.listed_at_ms - (spec.listed_at_ms - offset) % tf_ms
-    start = max(lo, first_open)
+    start = max(lo, first_open, 0)
     runs = []
     for a, b in spec.gaps:
         if a > hi:
@@ -258,41 +320,36 @@ def expected_candles(spec: SymbolSpec, timeframe: str, start_ms: int, end_ms: in
 
 
 class _KlineCache:
-    """LRU of serialized closed klines; a block is one string so a page is a few slices."""
+    """LRU of rendered closed klines, one byte string per block, so a page is a few slices."""
 
     def __init__(self, max_blocks: int) -> None:
-        self._blocks: OrderedDict[tuple, tuple[str, array]] = OrderedDict()
+        self._blocks: OrderedDict[tuple, tuple[bytes, int]] = OrderedDict()
         self._max_blocks = max_blocks
 
-    def _block(self, symbol: str, timeframe: str, block_start: int) -> tuple[str, array]:
+    def _block(self, symbol: str, timeframe: str, block_start: int) -> tuple[bytes, int]:
         key = (symbol, timeframe, block_start)
         block = self._blocks.get(key)
         if block is None:
-            tf_ms = TIMEFRAME_MS[timeframe]
-            texts = [
-                _kline_text(symbol, t, tf_ms, _candle_ticks(symbol, timeframe, t))
-                for t in range(block_start, block_start + _BLOCK * tf_ms, tf_ms)
-            ]
-            offsets = array('L', itertools.accumulate((len(s) + 1 for s in texts), initial=0))
-            block = self._blocks[key] = (','.join(texts), offsets)
+            times = _block_times(timeframe, block_start)
+            block = _render(symbol, TIMEFRAME_MS[timeframe], times,
+                            _ticks(symbol, timeframe, times))
+            self._blocks[key] = block
             if len(self._blocks) > self._max_blocks:
                 self._blocks.popitem(last=False)
         else:
             self._blocks.move_to_end(key)
         return block
 
-    def slices(self, symbol: str, timeframe: str, run: range) -> Iterator[str]:
+    def slices(self, symbol: str, timeframe: str, run: range) -> Iterator[bytes]:
         """Comma-joined klines for the contiguous open times in ``run``."""
-        span = run.step * _BLOCK
-        offset = _offset(timeframe)
         t, last = run.start, run[-1]
         while t <= last:
-            block_start = t - (t - offset) % span
-            text, offsets = self._block(symbol, timeframe, block_start)
+            block_start = _block_start(timeframe, t)
+            text, stride = self._block(symbol, timeframe, block_start)
             i = (t - block_start) // run.step
             j = min(_BLOCK, (last - block_start) // run.step + 1)
-            yield text[offsets[i]:offsets[j] - 1]
-            t = block_start + span
+            yield text[i * stride:j * stride - 1]
+            t = block_start + _BLOCK * run.step
 
 
 # --------------------------------------------------------------------------- server parts
@@ -654,19 +711,18 @@ class FakeExchange:
         runs = _take(_runs(spec, timeframe, -2**62 if start is None else start, hi), limit,
                      newest=start is None)
         parts = []
-        open_text = None
+        open_row = None
         if runs and runs[-1][-1] + tf_ms > now_ms:  # the in-progress candle
             open_ms = runs[-1][-1]
-            ticks = _candle_ticks(spec.symbol, timeframe, open_ms)
-            ticks = _provisional_ticks(ticks, now_ms - open_ms, tf_ms)
-            open_text = _kline_text(spec.symbol, open_ms, tf_ms, ticks)
+            ticks = _open_ticks(spec.symbol, timeframe, open_ms, now_ms)
+            open_row = _render(spec.symbol, tf_ms, np.array([open_ms]), ticks)[0]
             runs[-1] = runs[-1][:-1]
         for run in runs:
             if run:
                 parts.extend(self._cache.slices(spec.symbol, timeframe, run))
-        if open_text is not None:
-            parts.append(open_text)
-        return web.Response(text='[' + ','.join(parts) + ']', content_type='application/json')
+        if open_row is not None:
+            parts.append(open_row)
+        return web.Response(body=b'[' + b','.join(parts) + b']', content_type='application/json')
 
     async def _ticker_24hr(self, request: web.Request) -> web.Response:
         now_ms = self._now_ms()

@@ -14,6 +14,15 @@ class VirtualTime:
         self.now = start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+        self.busy = 0  # work outside the loop (threads) that time must not jump over
+
+    async def track(self, awaitable: Any) -> Any:
+        """Await work done in a thread without letting the clock jump meanwhile."""
+        self.busy += 1
+        try:
+            return await awaitable
+        finally:
+            self.busy -= 1
 
     def clock(self) -> float:
         return self.now
@@ -31,7 +40,9 @@ class VirtualTime:
                 await asyncio.sleep(0)
                 if task.done():
                     break
-            if task.done() or not self._sleepers:
+            if task.done() or not self._sleepers or self.busy:
+                if self.busy:
+                    await asyncio.sleep(0.0005)
                 continue
             wake_at, _, future = heapq.heappop(self._sleepers)
             self.now = max(self.now, wake_at)

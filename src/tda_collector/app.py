@@ -17,6 +17,7 @@ from .exchange import CcxtExchange
 from .fetcher import Fetcher
 from .history import COMPLETED, HistoryBackfill, JobResult
 from .models import JobKey
+from .persist import DurableWriter
 from .protocols import CandleSource, CandleStore
 from .ratelimit import RateLimiter, burst_for
 from .retry import RetryPolicy
@@ -237,11 +238,10 @@ async def run_history(
             rt,
             HistoryBackfill(
                 rt.fetcher,
-                store,
+                DurableWriter(store, retry_policy(config), events.bind(exchange=rt.config.id)),
                 state,
                 events.bind(exchange=rt.config.id),
                 config.history_page_limit,
-                retry_policy(config),
             ),
             request,
             config.history_concurrency,
@@ -275,7 +275,7 @@ async def _run_mode(
             return await run_history(config, request, events, runtimes, store, state)
         from .live import run_live
 
-        return await run_live(config, events, runtimes, store, state)
+        return await run_live(config, events, runtimes, store, state, retry_policy(config))
     finally:
         await asyncio.shield(_close_all(runtimes, store, state))
 

@@ -101,7 +101,38 @@ class StorageConfig(_Section):
 
 
 class LokiConfig(_Section):
-    url: str | None = Field(None, description="Loki push URL; null disables Loki.")
+    url: str | None = Field(
+        None, description="Loki push URL, e.g. http://loki:3100/loki/api/v1/push; null disables."
+    )
+    tenant_env: str = Field(
+        "LOKI_TENANT_ID", description="Environment variable holding the X-Scope-OrgID tenant."
+    )
+    username_env: str = Field(
+        "LOKI_USERNAME", description="Environment variable holding the basic-auth user."
+    )
+    password_env: str = Field(
+        "LOKI_PASSWORD", description="Environment variable holding the basic-auth password."
+    )
+    batch_size: int = Field(500, ge=1, description="Entries per push request at most.")
+    batch_wait_seconds: float = Field(
+        1.0, gt=0, description="Push at least this often while entries wait."
+    )
+    queue_size: int = Field(
+        10_000, ge=1, description="Entries held while Loki is slow or down; the oldest drop."
+    )
+    timeout_seconds: float = Field(5.0, gt=0, description="Timeout of one push request.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url_without_credentials(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https") or not rest:
+            raise ValueError("must be an http:// or https:// URL")
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError("must not contain credentials; set LOKI_USERNAME and LOKI_PASSWORD")
+        return value
 
 
 class LoggingConfig(_Section):
@@ -110,7 +141,10 @@ class LoggingConfig(_Section):
 
 
 class AdminConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field(
+        "127.0.0.1",
+        description="Listen address of /metrics, /healthz, /readyz (0.0.0.0 in a container).",
+    )
     port: int = Field(8080, ge=0, le=65535, description="0 disables the admin server.")
 
 
@@ -127,7 +161,15 @@ class Config(_Section):
     service_name: str = "tda-collector"
     environment: str = "dev"
     exchanges: list[ExchangeConfig] = Field(min_length=1)
-    update_interval_seconds: float = Field(60, gt=0)
+    update_interval_seconds: float = Field(
+        60, gt=0, description="Live mode: how often the open candle is refreshed."
+    )
+    live_settle_seconds: float = Field(
+        2.0, ge=0, description="Live mode: wait this long after a close for the exchange."
+    )
+    live_initial_candles: int = Field(
+        1000, ge=1, description="Live mode: candles fetched for a series with nothing stored."
+    )
     history_page_limit: int = Field(1000, ge=1)
     history_concurrency: int = Field(
         16, ge=1, description="Jobs in flight per exchange; enough to fill the budget at latency."

@@ -7,8 +7,6 @@ asks for nothing, and a crash costs at most the page that was in flight.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,10 +15,9 @@ from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
 from .intervals import subtract
-from .models import CandleBatch, JobKey
+from .models import JobKey
 from .normalize import Window, normalize_page
-from .protocols import CandleStore
-from .retry import RetryPolicy
+from .persist import DurableWriter
 from .state import StateStore
 from .timeframes import ceil_ms, closed_before, timeframe_ms
 
@@ -56,41 +53,16 @@ class HistoryBackfill:
     def __init__(
         self,
         fetcher: Fetcher,
-        store: CandleStore,
+        writer: DurableWriter,
         state: StateStore,
         events: EventLog,
         page_limit: int,
-        write_policy: RetryPolicy,
     ) -> None:
         self._fetcher = fetcher
-        self._store = store
+        self._writer = writer
         self._state = state
         self._events = events
         self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
-        self._write_policy = write_policy
-        self._rng = random.Random()
-
-    async def _write(self, key: JobKey, page: CandleBatch, result: JobResult) -> None:
-        """Write with retries; rows are never dropped, and the ledger waits for success."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result.rows += await self._store.write(page)
-                return
-            except Exception as exc:  # a store may raise anything its client raises
-                self._events.error(
-                    "store_write_error",
-                    f"writing {len(page)} rows failed",
-                    symbol=key.symbol,
-                    timeframe=key.timeframe,
-                    rows=len(page),
-                    attempt=attempt,
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                )
-                if self._write_policy.gives_up_after(attempt):
-                    raise StoreFault(f"store write failed {attempt} times: {exc}") from exc
-                await asyncio.sleep(self._write_policy.delay(attempt, self._rng))
 
     def _log_rejections(self, key: JobKey, rejected: Counter[str]) -> None:
         for reason, count in sorted(rejected.items()):
@@ -112,8 +84,7 @@ class HistoryBackfill:
             if page.rejected:
                 result.rejected.update(page.rejected)
                 self._log_rejections(key, page.rejected)
-            if len(page.batch):
-                await self._write(key, page.batch, result)
+            result.rows += await self._writer.write(page.batch)
             following = next_since(since, page.newest_open_ms, tf_ms, end)
             covered_to = end if following is None else following
             await self._state.add_coverage(key, since, covered_to)

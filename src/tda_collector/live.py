@@ -1,0 +1,278 @@
+"""Live mode: every candle as it closes, the open one refreshed, holes after downtime repaired.
+
+Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant and
+then syncs: it fetches everything after its cursor (the newest stored closed candle) up to and
+including the candle in progress, writes it, and moves the cursor. Due instants come from the
+clock, not from sleeping fixed intervals, so there is no drift; a run that overruns its next due
+instant skips it rather than piling up. After downtime the first sync pages through the hole
+(within the shared budget) before the job is live again, so catch-up needs no special mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import Config
+from .errors import ExchangeFault, PermanentFault, StoreFault
+from .events import EventLog
+from .fetcher import Fetcher
+from .models import CandleBatch, JobKey
+from .normalize import Window, normalize_page
+from .persist import DurableWriter
+from .protocols import CandleStore
+from .retry import RetryPolicy
+from .state import StateStore
+from .timeframes import closed_before, timeframe_ms
+
+if TYPE_CHECKING:
+    from .app import ExchangeRuntime
+
+
+def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int:
+    """The first instant after `now_ms` at which a job runs: a candle close or an open-candle
+    refresh tick (both multiples counted from the epoch), plus the settle delay."""
+    next_close = closed_before(now_ms - settle_ms, tf_ms) + tf_ms + settle_ms
+    next_refresh = (now_ms - settle_ms) // refresh_ms * refresh_ms + refresh_ms + settle_ms
+    return min(next_close, next_refresh)
+
+
+@dataclass
+class LiveJob:
+    key: JobKey
+    tf_ms: int
+    cursor_ms: int | None  # newest stored closed candle's open time
+    next_due_ms: int = 0
+    last_run_ms: int | None = None
+    last_error: str | None = None
+    runs: int = 0
+
+    def lag_s(self, now_ms: int) -> float | None:
+        """Seconds since the newest stored closed candle closed."""
+        if self.cursor_ms is None:
+            return None
+        return max(0.0, (now_ms - (self.cursor_ms + self.tf_ms)) / 1000)
+
+
+@dataclass
+class _Cycle:
+    """Jobs due at one instant; complete when every one of them has run."""
+
+    due_ms: int
+    pending: int = 0
+    jobs: int = 0
+    rows: int = 0
+    max_lag_s: float = 0.0
+    failed: int = 0
+
+
+@dataclass
+class LiveSettings:
+    refresh_ms: int
+    settle_ms: int
+    page_limit: int
+    initial_candles: int
+    concurrency: int
+
+
+@dataclass
+class LiveExchange:
+    """Live jobs of one exchange, sharing its fetcher (and so its one limiter)."""
+
+    fetcher: Fetcher
+    writer: DurableWriter
+    state: StateStore
+    events: EventLog
+    settings: LiveSettings
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
+    _cycles: dict[int, _Cycle] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
+
+    def now_ms(self) -> int:
+        return self.fetcher.source.now_ms()
+
+    def lag_by_timeframe(self) -> dict[str, float]:
+        """Worst lag per timeframe across this exchange's jobs (for metrics and events)."""
+        now, lags = self.now_ms(), {}
+        for job in self.jobs.values():
+            lag = job.lag_s(now)
+            if lag is not None:
+                lags[job.key.timeframe] = max(lags.get(job.key.timeframe, 0.0), lag)
+        return lags
+
+    async def _persist(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
+        """Write, then move the cursor and the ledger: in that order, and not interrupted."""
+        await self.writer.write(batch)
+        newest_closed = batch.newest_closed_ms
+        if newest_closed is not None:
+            job.cursor_ms = newest_closed
+            await self.state.add_coverage(job.key, since, newest_closed + job.tf_ms)
+
+    def _report_holes(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
+        newest_closed = batch.newest_closed_ms
+        if newest_closed is None:
+            return
+        closed_count = int(batch.closed.sum())
+        missing = (newest_closed - since) // job.tf_ms + 1 - closed_count
+        if missing > 0:
+            self.events.warning(
+                "gap_detected",
+                f"the exchange has no candles for {missing} intervals; recorded, not re-fetched",
+                symbol=job.key.symbol,
+                timeframe=job.key.timeframe,
+                rows=missing,
+                since=since,
+            )
+
+    async def sync(self, job: LiveJob) -> int:
+        """Fetch from the cursor up to the open candle, page by page; returns rows written."""
+        now = self.now_ms()
+        boundary = closed_before(now, job.tf_ms)
+        if job.cursor_ms is None:
+            since = boundary - self.settings.initial_candles * job.tf_ms
+        else:
+            since = job.cursor_ms + job.tf_ms
+        rows = pages = 0
+        while True:
+            raw = await self.fetcher.candles(job.key, since, boundary, self.settings.page_limit)
+            window = Window(since, boundary + job.tf_ms, closed_before_ms=boundary, keep_open=True)
+            page = normalize_page(raw, job.key, job.tf_ms, window)
+            for reason, count in page.rejected.items():
+                self.events.warning(
+                    "candle_rejected",
+                    f"{count} candles rejected: {reason}",
+                    symbol=job.key.symbol,
+                    timeframe=job.key.timeframe,
+                    reason=reason,
+                    rows=count,
+                )
+            self._report_holes(job, since, page.batch)
+            await asyncio.shield(self._persist(job, since, page.batch))
+            rows += len(page.batch)
+            pages += 1
+            newest = page.newest_open_ms
+            if newest is None or newest >= boundary or job.cursor_ms is None:
+                break
+            since = max(newest, job.cursor_ms) + job.tf_ms
+        if pages > 1:
+            self.events.info(
+                "gap_repaired",
+                f"caught up {pages} pages after downtime",
+                symbol=job.key.symbol,
+                timeframe=job.key.timeframe,
+                rows=rows,
+            )
+        return rows
+
+    def _register(self, job: LiveJob, due_ms: int) -> None:
+        job.next_due_ms = due_ms
+        self._cycles.setdefault(due_ms, _Cycle(due_ms)).pending += 1
+
+    def _finish(self, job: LiveJob, due_ms: int, rows: int, failed: bool) -> None:
+        cycle = self._cycles[due_ms]
+        cycle.pending -= 1
+        cycle.jobs += 1
+        cycle.rows += rows
+        cycle.failed += failed
+        cycle.max_lag_s = max(cycle.max_lag_s, job.lag_s(self.now_ms()) or 0.0)
+        if cycle.pending == 0:
+            del self._cycles[due_ms]
+            self.events.info(
+                "live_cycle_complete",
+                f"{cycle.jobs} jobs, {cycle.rows} rows",
+                jobs=cycle.jobs,
+                rows=cycle.rows,
+                failed=cycle.failed or None,
+                lag_s=round(cycle.max_lag_s, 3),
+                duration_ms=max(0, self.now_ms() - due_ms),
+            )
+
+    async def _run_once(self, job: LiveJob) -> tuple[int, bool]:
+        assert self._slots is not None
+        async with self._slots:
+            job.last_run_ms = self.now_ms()
+            job.runs += 1
+            try:
+                rows = await self.sync(job)
+                job.last_error = None
+                return rows, False
+            except (ExchangeFault, StoreFault) as exc:
+                # The cursor did not move: the next run starts where this one stopped.
+                job.last_error = str(exc)
+                level = (
+                    self.events.error if isinstance(exc, PermanentFault) else self.events.warning
+                )
+                level(
+                    "job_error",
+                    f"{job.key} sync failed; retrying at its next due time",
+                    symbol=job.key.symbol,
+                    timeframe=job.key.timeframe,
+                    error=str(exc)[:500],
+                )
+                return 0, True
+
+    async def run_job(self, job: LiveJob) -> None:
+        """One sync per due instant, forever; the next instant is computed after each run, so
+        runs of a job never overlap and missed instants are skipped, not queued."""
+        while True:
+            due = job.next_due_ms
+            wait_ms = due - self.now_ms()
+            if wait_ms > 0:
+                await self.sleep(wait_ms / 1000)
+            rows, failed = await self._run_once(job)
+            self._finish(job, due, rows, failed)
+            settings = self.settings
+            self._register(
+                job, next_due_ms(self.now_ms(), job.tf_ms, settings.refresh_ms, settings.settle_ms)
+            )
+
+    async def run(self, jobs: list[LiveJob]) -> None:
+        """Start every job with a catch-up sync now (one cycle), then keep them live."""
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self.jobs = {job.key: job for job in jobs}
+        start = self.now_ms()
+        for job in jobs:
+            self._register(job, start)
+        await asyncio.gather(*(self.run_job(job) for job in jobs))
+
+
+def live_settings(config: Config, max_page_size: int) -> LiveSettings:
+    return LiveSettings(
+        refresh_ms=int(config.update_interval_seconds * 1000),
+        settle_ms=int(config.live_settle_seconds * 1000),
+        page_limit=min(config.history_page_limit, max_page_size),
+        initial_candles=config.live_initial_candles,
+        concurrency=config.history_concurrency,
+    )
+
+
+async def run_live(
+    config: Config,
+    events: EventLog,
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+    retry_policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
+    """Run every configured job live until cancelled (SIGTERM/SIGINT)."""
+    keys = [k for rt in runtimes for k in rt.keys]
+    cursors = await store.newest(keys)
+    exchanges = []
+    for rt in runtimes:
+        live = LiveExchange(
+            rt.fetcher,
+            DurableWriter(store, retry_policy, events.bind(exchange=rt.config.id), sleep),
+            state,
+            events.bind(exchange=rt.config.id),
+            live_settings(config, rt.source.capabilities.max_page_size),
+            sleep,
+        )
+        jobs = [LiveJob(k, timeframe_ms(k.timeframe), cursors.get(k)) for k in rt.keys]
+        exchanges.append(live.run(jobs))
+    events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
+    await asyncio.gather(*exchanges)
+    return 0

@@ -1,0 +1,58 @@
+"""Durable writes with retries: rows are retried, never dropped.
+
+Both modes write through this, so a store fault is handled the same way everywhere: each
+failure is logged as `store_write_error`, retried with backoff, and after the last attempt a
+`StoreFault` tells the caller not to move its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from .errors import StoreFault
+from .events import EventLog
+from .models import CandleBatch
+from .protocols import CandleStore
+from .retry import RetryPolicy
+
+
+class DurableWriter:
+    def __init__(
+        self,
+        store: CandleStore,
+        policy: RetryPolicy,
+        events: EventLog,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self._policy = policy
+        self._events = events
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    async def write(self, batch: CandleBatch) -> int:
+        """Rows written; returns only once they are durable, or raises StoreFault."""
+        if not len(batch):
+            return 0
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.store.write(batch)
+            except Exception as exc:  # a store may raise whatever its client raises
+                self._events.error(
+                    "store_write_error",
+                    f"writing {len(batch)} rows to {self.store.name} failed",
+                    exchange=batch.key.exchange,
+                    symbol=batch.key.symbol,
+                    timeframe=batch.key.timeframe,
+                    rows=len(batch),
+                    attempt=attempt,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+                if self._policy.gives_up_after(attempt):
+                    raise StoreFault(f"store write failed {attempt} times: {exc}") from exc
+                await self._sleep(self._policy.delay(attempt, self._rng))
