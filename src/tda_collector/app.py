@@ -15,7 +15,7 @@ from .errors import ExchangeFault, TransientFault, UsageError
 from .events import EventLog
 from .exchange import CcxtExchange
 from .fetcher import Fetcher
-from .history import COMPLETED, HistoryBackfill, JobResult
+from .history import COMPLETED, FAILED, HistoryBackfill, JobResult
 from .models import JobKey
 from .persist import DurableWriter
 from .protocols import CandleSource, CandleStore
@@ -136,35 +136,56 @@ def build_store(config: Config, events: EventLog) -> CandleStore:
 
 
 async def _run_exchange_history(
-    runtime: ExchangeRuntime, backfill: HistoryBackfill, request: RunRequest, concurrency: int
+    runtime: ExchangeRuntime,
+    backfill: HistoryBackfill,
+    request: RunRequest,
+    concurrency: int,
+    failure_limit: int,
+    events: EventLog,
 ) -> list[JobResult]:
     """Jobs of one exchange through a bounded worker pool. Jobs that failed on a transient
-    fault go to a retry queue that runs once more at the end, resuming from the ledger."""
+    fault go to a retry queue that runs once more at the end, resuming from the ledger. More
+    than `failure_limit` failed jobs stop the exchange's remaining jobs instead of grinding on."""
     assert request.start_ms is not None and request.end_ms is not None
     start_ms, end_ms = request.start_ms, request.end_ms
+    failures = 0
 
     async def run_all(keys: list[JobKey]) -> list[JobResult]:
+        nonlocal failures
         queue: asyncio.Queue[JobKey] = asyncio.Queue()
         for key in keys:
             queue.put_nowait(key)
         done: list[JobResult] = []
 
         async def worker() -> None:
-            while not queue.empty():
-                done.append(await backfill.run_job(queue.get_nowait(), start_ms, end_ms))
+            nonlocal failures
+            while not queue.empty() and failures <= failure_limit:
+                result = await backfill.run_job(queue.get_nowait(), start_ms, end_ms)
+                done.append(result)
+                failures += result.status != COMPLETED
+                if failures == failure_limit + 1:
+                    events.error(
+                        "exchange_stopped",
+                        f"{failures} jobs failed; stopping the exchange's remaining jobs",
+                        failed=failures,
+                        error=result.error,
+                    )
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(keys)))))
+        stopped = "not run: the exchange was stopped after too many failures"
+        while not queue.empty():
+            done.append(JobResult(queue.get_nowait(), status=FAILED, error=stopped))
         return done
 
-    first = await run_all(runtime.keys)
-    retry_keys = [r.key for r in first if r.status != COMPLETED and r.retryable]
-    final = {r.key: r for r in first}
-    for again in await run_all(retry_keys):
-        earlier = final[again.key]
-        again.rows += earlier.rows
-        again.pages += earlier.pages
-        again.rejected.update(earlier.rejected)
-        final[again.key] = again
+    final = {r.key: r for r in await run_all(runtime.keys)}
+    if failures <= failure_limit:
+        retry_keys = [r.key for r in final.values() if r.status != COMPLETED and r.retryable]
+        for again in await run_all(retry_keys):
+            earlier = final[again.key]
+            again.rows += earlier.rows
+            again.pages += earlier.pages
+            again.rejected.update(earlier.rejected)
+            final[again.key] = again
     return list(final.values())
 
 
@@ -245,6 +266,8 @@ async def run_history(
             ),
             request,
             config.history_concurrency,
+            config.retry.exchange_failure_limit,
+            events.bind(exchange=rt.config.id),
         )
         for rt in runtimes
     ]

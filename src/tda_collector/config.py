@@ -155,6 +155,9 @@ class RetryConfig(_Section):
     factor: float = Field(2.0, ge=1)
     cap_seconds: float = Field(32.0, gt=0)
     attempts: int = Field(5, ge=1)
+    exchange_failure_limit: int = Field(
+        10, ge=0, description="Stop an exchange's remaining jobs after more failed jobs than this."
+    )
 
 
 class Config(_Section):

@@ -9,6 +9,7 @@ project's three kinds of fault in one place.
 from __future__ import annotations
 
 import contextvars
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class MarketInfo:
 class _ResponseMeta:
     status: int | None = None
     headers: dict[str, str] | None = None
+    body: str = ""
 
 
 # Each asyncio task sees its own response metadata; ccxt's `last_response_headers` is shared
@@ -74,6 +76,13 @@ def _retry_after_seconds(headers: dict[str, str] | None) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def _is_json_array(body: str) -> bool:
+    try:
+        return isinstance(json.loads(body), list)
+    except ValueError:
+        return False
 
 
 def translate(exc: Exception, meta: _ResponseMeta | None = None) -> ExchangeFault:
@@ -133,7 +142,7 @@ class CcxtExchange:
     def _record_response(self, code, reason, url, method, headers, body, req_headers, req_body):
         meta = _current_response.get()
         if meta is not None:
-            meta.status, meta.headers = code, dict(headers or {})
+            meta.status, meta.headers, meta.body = code, dict(headers or {}), body
         return body.strip()
 
     @property
@@ -150,10 +159,16 @@ class CcxtExchange:
         return int(self._clock() * 1000) + self._clock_offset_ms
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result, _ = await self._call_with_meta(method, *args, **kwargs)
+        return result
+
+    async def _call_with_meta(
+        self, method: str, *args: Any, **kwargs: Any
+    ) -> tuple[Any, _ResponseMeta]:
         meta = _ResponseMeta()
         token = _current_response.set(meta)
         try:
-            return await getattr(self._client, method)(*args, **kwargs)
+            return await getattr(self._client, method)(*args, **kwargs), meta
         except (ccxt_errors.BaseError, ValueError, TypeError, KeyError, IndexError) as exc:
             # Non-ccxt exceptions here come from ccxt parsing a garbled body.
             raise translate(exc, meta) from exc
@@ -196,11 +211,17 @@ class CcxtExchange:
         self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
     ) -> list[list[Any]]:
         """Candles opening in [since_ms, until_ms] (inclusive, as ccxt's `until`), oldest first."""
-        rows = await self._call(
+        rows, meta = await self._call_with_meta(
             "fetch_ohlcv", symbol, timeframe, since_ms, limit, {"until": until_ms}
         )
         if not isinstance(rows, list):
             raise TransientFault(f"unexpected OHLCV payload of type {type(rows).__name__}")
+        if not rows and not _is_json_array(meta.body):
+            # ccxt turns an unparsable body (truncated JSON, an HTML error page) into [], which
+            # would read as "no candles from here on" and skip real data.
+            raise TransientFault(
+                f"unparsable response body: {meta.body[:80]!r}", status=meta.status
+            )
         return rows
 
     async def close(self) -> None:
