@@ -38,8 +38,8 @@ _WEEK_OFFSET_MS = 4 * 86_400_000  # Binance weeks open on Monday; the epoch was 
 DEFAULT_KLINES_LIMIT = 500
 MAX_KLINES_LIMIT = 1000
 DEFAULT_LISTED_AT_MS = 1_672_531_200_000  # 2023-01-01T00:00:00Z
-FAULT_KINDS = ('500', '502', '503', 'stall', 'truncated', 'garbage')
-INJECTABLE_KINDS = (*FAULT_KINDS, '429', '418')
+FAULT_KINDS = ('500', '502', '503', 'stall', 'truncated', 'garbage')  # transient: retry them
+INJECTABLE_KINDS = (*FAULT_KINDS, '429', '418', '400')  # '400' is permanent: do not retry
 _REAL_PRICES = {'BTC': 60_000, 'ETH': 3_000, 'BNB': 550, 'SOL': 150, 'XRP': 0.5, 'DOGE': 0.15}
 REAL_SYMBOLS = tuple(f'{base}/USDT' for base in _REAL_PRICES)
 
@@ -69,17 +69,9 @@ class SymbolSpec:
         object.__setattr__(self, 'gaps', _merge_gaps(self.gaps))
 
     @property
-    def base(self) -> str:
-        return self.symbol.split('/')[0]
-
-    @property
-    def quote(self) -> str:
-        return self.symbol.split('/')[1]
-
-    @property
     def id(self) -> str:
         """Binance market id, e.g. ``BTCUSDT``."""
-        return self.base + self.quote
+        return self.symbol.replace('/', '')
 
     @property
     def volume_24h(self) -> float:
@@ -216,62 +208,26 @@ def provisional_candle(symbol: str, timeframe: str, open_ms: int, now_ms: int) -
     return _as_tuples(symbol, times, _open_ticks(symbol, timeframe, open_ms, now_ms))[0]
 
 
-# ASCII of 0000..9999 packed in uint32s, so four digits render per element gathered
-_QUADS = np.frombuffer(b''.join(b'%04d' % i for i in range(10_000)), np.uint32)
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
-# which of the 11 numeric kline fields are quoted 8-decimal strings (the rest are integers)
-_QUOTED = np.array([False, True, True, True, True, True, False, True, False, True, True])
+# Binance's 12-field kline; each decimal is a (whole, 8-digit fraction) pair of 8-decimal ticks
+_KLINE = ('[%d,"%d.%08d","%d.%08d","%d.%08d","%d.%08d","%d.%08d",%d,"%d.%08d",%d,'
+          '"%d.%08d","%d.%08d","0"]')
 
 
-def _digits(x: np.ndarray, width: int) -> np.ndarray:
-    """ASCII digits of non-negative ints along a new last axis, zero-padded to ``width``."""
-    count = -(-width // 4)
-    quads = np.empty((*x.shape, count), np.uint32)
-    for i in reversed(range(count)):
-        x, low = np.divmod(x, 10_000)
-        quads[..., i] = _QUADS[low]
-    return quads.view(np.uint8)[..., -width:]
-
-
-def _text(rows: int, text: str) -> np.ndarray:
-    return np.broadcast_to(np.frombuffer(text.encode(), np.uint8), (rows, len(text)))
-
-
-def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> tuple[bytes, int]:
-    """Binance's 12-field klines, comma-joined, and the row stride (all rows are as wide).
-
-    All numbers render at once as digit arrays. A field is as wide as its longest value;
-    shorter values get leading spaces, which JSON ignores.
-    """
+def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> list[str]:
+    """Binance klines as JSON text, one string per candle."""
     o, h, low, c, volume, trades = ticks
     decimals = _price_params(symbol)[1]
     to8 = 10 ** (8 - decimals)  # Binance sends 8 decimals
     volume8 = volume * 10 ** (8 - _VOLUME_DECIMALS)
     # quote volume = volume * mid price, in 8-decimal ticks, ordered to stay within int64
     quote8 = volume * (o + c) * 10 ** max(0, 5 - decimals) // (2 * 10 ** max(0, decimals - 5))
-    fields = np.stack([times, o * to8, h * to8, low * to8, c * to8, volume8, times + tf_ms - 1,
-                       quote8, trades, volume8 // 2, quote8 // 2], axis=1)
-    whole = np.where(_QUOTED, fields // 10**8, fields)
-    widths = 1 + (whole.max(axis=0)[:, None] >= _POW10[1:]).sum(axis=1)
-    span = int(widths.max())
-    # head: opening quote and the integer digits, right-aligned in span + 1 columns
-    head = np.concatenate([np.full((*whole.shape, 1), ord(' '), np.uint8),
-                           _digits(whole, span)], axis=-1)
-    first = span - (whole[..., None] >= _POW10[1:span]).sum(axis=-1)  # first digit's column
-    position = np.arange(span + 1)
-    head[position < first[..., None]] = ord(' ')
-    head[(position == first[..., None] - 1) & _QUOTED[:, None]] = ord('"')
-    # tail: '.', 8 decimals, closing quote and the separator; integers only take the separator
-    tail = np.empty((*whole.shape, 11), np.uint8)
-    tail[..., 0], tail[..., 9], tail[..., 10] = ord('.'), ord('"'), ord(',')
-    tail[..., 1:9] = _digits(fields % 10**8, 8)
-    rows = len(times)
-    pieces = [_text(rows, '[')]
-    for field, (width, quoted) in enumerate(zip(widths.tolist(), _QUOTED.tolist(), strict=True)):
-        pieces += [head[:, field, span + 1 - width - quoted:], tail[:, field, 10 - 10 * quoted:]]
-    pieces.append(_text(rows, '"0"],'))
-    text = np.hstack(pieces)
-    return text.tobytes()[:-1], text.shape[1]
+    columns: list[np.ndarray] = []
+    for values, decimal in ((times, False), (o * to8, True), (h * to8, True),
+                            (low * to8, True), (c * to8, True), (volume8, True),
+                            (times + tf_ms - 1, False), (quote8, True), (trades, False),
+                            (volume8 // 2, True), (quote8 // 2, True)):
+        columns += np.divmod(values, 10**8) if decimal else [values]
+    return [_KLINE % tuple(row) for row in np.stack(columns, axis=1).tolist()]
 
 
 def _align_up(ms: int, tf_ms: int, offset: int) -> int:
@@ -281,12 +237,11 @@ def _align_up(ms: int, tf_ms: int, offset: int) -> int:
 def _runs(spec: SymbolSpec, timeframe: str, lo: int, hi: int) -> list[range]:
     """Maximal runs of existing candle open times in ``[lo, hi]``, ascending.
 
-    The candle containing the listing time exists (Binance publishes the partial first
-    candle); open times inside a gap do not.
+    Candles exist from the listing time on (open >= listed_at_ms), except those whose
+    open time falls inside a gap.
     """
     tf_ms, offset = _tf_ms(timeframe), _offset(timeframe)
-    first_open = spec.listed_at_ms - (spec.listed_at_ms - offset) % tf_ms
-    start = max(lo, first_open, 0)
+    start = max(lo, spec.listed_at_ms, 0)
     runs = []
     for a, b in spec.gaps:
         if a > hi:
@@ -320,13 +275,13 @@ def expected_candles(spec: SymbolSpec, timeframe: str, start_ms: int, end_ms: in
 
 
 class _KlineCache:
-    """LRU of rendered closed klines, one byte string per block, so a page is a few slices."""
+    """LRU of rendered closed klines in blocks of _BLOCK candles, so a page is a few joins."""
 
     def __init__(self, max_blocks: int) -> None:
-        self._blocks: OrderedDict[tuple, tuple[bytes, int]] = OrderedDict()
+        self._blocks: OrderedDict[tuple, list[str]] = OrderedDict()
         self._max_blocks = max_blocks
 
-    def _block(self, symbol: str, timeframe: str, block_start: int) -> tuple[bytes, int]:
+    def _block(self, symbol: str, timeframe: str, block_start: int) -> list[str]:
         key = (symbol, timeframe, block_start)
         block = self._blocks.get(key)
         if block is None:
@@ -340,15 +295,14 @@ class _KlineCache:
             self._blocks.move_to_end(key)
         return block
 
-    def slices(self, symbol: str, timeframe: str, run: range) -> Iterator[bytes]:
+    def slices(self, symbol: str, timeframe: str, run: range) -> Iterator[str]:
         """Comma-joined klines for the contiguous open times in ``run``."""
         t, last = run.start, run[-1]
         while t <= last:
             block_start = _block_start(timeframe, t)
-            text, stride = self._block(symbol, timeframe, block_start)
             i = (t - block_start) // run.step
             j = min(_BLOCK, (last - block_start) // run.step + 1)
-            yield text[i * stride:j * stride - 1]
+            yield ','.join(self._block(symbol, timeframe, block_start)[i:j])
             t = block_start + _BLOCK * run.step
 
 
@@ -420,25 +374,26 @@ def _json_response(obj: object, status: int = 200) -> web.Response:
                         content_type='application/json')
 
 
+_FAULT_RESPONSES = {  # kind: (status, content type, body); Binance sends both kinds of body
+    '500': (500, 'application/json',
+            '{"code":-1000,"msg":"An unknown error occurred while processing the request."}'),
+    '502': (502, 'text/html', '<html><body><h1>502 Bad Gateway</h1></body></html>'),
+    '503': (503, 'application/json', '{"code":-1008,"msg":"Server is currently overloaded '
+            'with other requests. Please try again in a few minutes."}'),
+    'garbage': (200, 'text/html', '<html>Service temporarily unavailable</html>'),
+    '400': (400, 'application/json',
+            '{"code":-1100,"msg":"Illegal characters found in a parameter."}'),
+}
+
+
 def _fault_response(kind: str, retry_after: int) -> web.Response:
-    if kind == '429':
-        response = _json_response({'code': -1003, 'msg': 'Too many requests; current limit is '
-                                   'exceeded, please use the Retry-After header.'}, 429)
-    elif kind == '418':
-        response = _json_response({'code': -1003, 'msg': 'Way too many requests; IP banned '
-                                   f'for {retry_after} seconds.'}, 418)
-    elif kind == '500':
-        return _json_response({'code': -1000, 'msg': 'An unknown error occurred while '
-                               'processing the request.'}, 500)
-    elif kind == '502':
-        return web.Response(status=502, content_type='text/html',
-                            text='<html><body><h1>502 Bad Gateway</h1></body></html>')
-    elif kind == '503':
-        return _json_response({'code': -1008, 'msg': 'Server is currently overloaded with '
-                               'other requests. Please try again in a few minutes.'}, 503)
-    else:  # garbage
-        return web.Response(status=200, content_type='text/html',
-                            text='<html>Service temporarily unavailable</html>')
+    if kind in _FAULT_RESPONSES:
+        status, content_type, text = _FAULT_RESPONSES[kind]
+        return web.Response(status=status, content_type=content_type, text=text)
+    message = ('Too many requests; current limit is exceeded, please use the Retry-After '
+               'header.' if kind == '429' else
+               f'Way too many requests; IP banned for {retry_after} seconds.')
+    response = _json_response({'code': -1003, 'msg': message}, int(kind))
     response.headers['Retry-After'] = str(retry_after)
     return response
 
@@ -480,9 +435,9 @@ class FakeExchange:
         cache_blocks: int = 256,
         log_size: int = 200_000,
     ) -> None:
-        unknown = set(fault_kinds) - set(FAULT_KINDS)
+        unknown = set(fault_kinds) - set(INJECTABLE_KINDS)
         if unknown:
-            raise ValueError(f'unknown fault kinds {sorted(unknown)}; use {FAULT_KINDS}')
+            raise ValueError(f'unknown fault kinds {sorted(unknown)}; use {INJECTABLE_KINDS}')
         specs = list(symbols) if symbols is not None else make_symbols(5)
         self.specs = {spec.id: spec for spec in specs}
         self.clock, self.host, self.port = clock, host, port
@@ -598,7 +553,7 @@ class FakeExchange:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Totals since start (or reset_log): requests, '429', '418', injected 'faults'."""
+        """Totals since construction (or reset_log): requests, '429', '418', 'faults'."""
         with self._lock:
             return dict(self._counters)
 
@@ -722,7 +677,7 @@ class FakeExchange:
                 parts.extend(self._cache.slices(spec.symbol, timeframe, run))
         if open_row is not None:
             parts.append(open_row)
-        return web.Response(body=b'[' + b','.join(parts) + b']', content_type='application/json')
+        return web.Response(text='[' + ','.join(parts) + ']', content_type='application/json')
 
     async def _ticker_24hr(self, request: web.Request) -> web.Response:
         now_ms = self._now_ms()
@@ -741,16 +696,12 @@ class FakeExchange:
 
 def _market(spec: SymbolSpec) -> dict:
     """A Binance exchangeInfo symbol entry with the fields and filters ccxt parses."""
-    decimals = _price_params(spec.symbol)[1]
-    tick = f'{10.0 ** -decimals:.8f}'
+    base, quote = spec.symbol.split('/')
+    tick = f'{10.0 ** -_price_params(spec.symbol)[1]:.8f}'
     return {
-        'symbol': spec.id, 'status': spec.status,
-        'baseAsset': spec.base, 'baseAssetPrecision': 8,
-        'quoteAsset': spec.quote, 'quotePrecision': 8, 'quoteAssetPrecision': 8,
-        'baseCommissionPrecision': 8, 'quoteCommissionPrecision': 8,
-        'orderTypes': ['LIMIT', 'LIMIT_MAKER', 'MARKET', 'STOP_LOSS_LIMIT', 'TAKE_PROFIT_LIMIT'],
-        'icebergAllowed': True, 'ocoAllowed': True, 'quoteOrderQtyMarketAllowed': True,
-        'allowTrailingStop': True, 'cancelReplaceAllowed': True,
+        'symbol': spec.id, 'status': spec.status, 'baseAsset': base, 'baseAssetPrecision': 8,
+        'quoteAsset': quote, 'quotePrecision': 8, 'quoteAssetPrecision': 8,
+        'orderTypes': ['LIMIT', 'LIMIT_MAKER', 'MARKET'],
         'isSpotTradingAllowed': True, 'isMarginTradingAllowed': False,
         'filters': [
             {'filterType': 'PRICE_FILTER', 'minPrice': tick, 'maxPrice': '1000000.00000000',
@@ -759,11 +710,8 @@ def _market(spec: SymbolSpec) -> dict:
              'stepSize': '0.00100000'},
             {'filterType': 'NOTIONAL', 'minNotional': '5.00000000', 'applyMinToMarket': True,
              'maxNotional': '9000000.00000000', 'applyMaxToMarket': False, 'avgPriceMins': 5},
-            {'filterType': 'MAX_NUM_ORDERS', 'maxNumOrders': 200},
         ],
         'permissions': ['SPOT'], 'permissionSets': [['SPOT']],
-        'defaultSelfTradePreventionMode': 'EXPIRE_MAKER',
-        'allowedSelfTradePreventionModes': ['EXPIRE_TAKER', 'EXPIRE_MAKER', 'EXPIRE_BOTH'],
     }
 
 

@@ -1,7 +1,8 @@
 """A fake Loki on 127.0.0.1: a real HTTP server in a thread that records push requests.
 
-`mode` says how it answers: "ok" (204, like Loki), "error" (500), or "hang" (holds the request
-open until the server stops), so tests can watch the handler against every kind of Loki.
+`mode` says how it answers: "ok" (204, like Loki), "error" (500), "reject" (400, as for entries
+too old), or "hang" (holds the request open until the server stops), so tests can watch the
+handler against every kind of Loki.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 PUSH_PATH = "/loki/api/v1/push"
+_FAILURES = {"error": (500, b"ingester unavailable"), "reject": (400, b"entry too far behind")}
 
 
 @dataclass
 class Push:
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: dict[str, Any]
 
     @property
@@ -38,6 +40,7 @@ class LokiCapture:
         self.mode = mode
         self.pushes: list[Push] = []
         self.attempts = 0
+        self.failures = 0  # requests answered with an error status
         self._release = threading.Event()
         self._lock = threading.Lock()
         capture = self
@@ -52,11 +55,14 @@ class LokiCapture:
                 if mode == "hang":
                     capture._release.wait()
                     return
-                if mode == "error":
-                    self._answer(500, b"ingester unavailable")
+                if mode in _FAILURES:
+                    with capture._lock:
+                        capture.failures += 1
+                    self._answer(*_FAILURES[mode])
                     return
                 with capture._lock:
-                    capture.pushes.append(Push(self.path, dict(self.headers), json.loads(raw)))
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    capture.pushes.append(Push(self.path, headers, json.loads(raw)))
                 self._answer(204, b"")
 
             def _answer(self, status: int, body: bytes) -> None:
@@ -70,7 +76,9 @@ class LokiCapture:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:

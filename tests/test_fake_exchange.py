@@ -53,7 +53,8 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def exchange(clock: FakeClock):
-    with FakeExchange([BTC, NEW, *make_symbols(3)[1:]], clock=clock) as fx:
+    halted = SymbolSpec('OLD/USDT', status='BREAK', quote_volume=1.0)
+    with FakeExchange([BTC, NEW, halted, *make_symbols(3)[1:]], clock=clock) as fx:
         yield fx
 
 
@@ -92,16 +93,18 @@ def klines(base_url: str, **params) -> list[list]:
 def test_candle_is_stable_and_ohlc_consistent():
     # Pinned value: collector tests across processes and Python versions rely on it.
     assert candle('BTC/USDT', '1m', 1_717_200_000_000) == (
-        1_717_200_000_000, 65003.9, 65561.24, 64851.66, 64917.24, 16277.881)
+        1_717_200_000_000, 59961.54, 60697.48, 59520.74, 60500.4, 9296.954)
     for timeframe, tf_ms in TIMEFRAME_MS.items():
-        for symbol in ('BTC/USDT', 'DOGE/USDT', 'SYM0042/USDT'):
-            for k in range(50):
-                open_ms = NOW_MS - NOW_MS % tf_ms - k * tf_ms
-                _, o, h, low, c, volume = candle(symbol, timeframe, open_ms)
+        for spec in (BTC, SymbolSpec('DOGE/USDT'), SymbolSpec('SYM0042/USDT')):
+            candles = expected_candles(spec, timeframe, NOW_MS - 50 * tf_ms, NOW_MS, NOW_MS)
+            assert len(candles) >= 49
+            for _, o, h, low, c, volume in candles:
                 assert low <= min(o, c) <= max(o, c) <= h
                 assert low > 0 and volume > 0
     assert candle('BTC/USDT', '1m', 0) != candle('BTC/USDT', '5m', 0) != candle('ETH/USDT',
                                                                                 '5m', 0)
+    with pytest.raises(ValueError):
+        candle('BTC/USDT', '1h', T0 + MINUTE)
 
 
 def test_provisional_candle_grows_into_the_final_one():
@@ -118,8 +121,8 @@ def test_provisional_candle_grows_into_the_final_one():
 def test_expected_candles_honour_listing_gaps_and_close_time():
     start, end = LISTED_MS - HOUR, NOW_MS + HOUR
     times = [c[0] for c in expected_candles(NEW, '1m', start, end, NOW_MS)]
-    # The candle containing the listing time is the first one (a partial minute).
-    assert times[0] == LISTED_MS - LISTED_MS % MINUTE
+    # The first candle opens at or after the listing time.
+    assert times[0] == LISTED_MS - LISTED_MS % MINUTE + MINUTE
     # Closed candles only: the one opened at 00:00:00 closes after NOW_MS.
     assert times[-1] == T0 - MINUTE
     assert not [t for t in times if GAP[0] <= t < GAP[1]]
@@ -138,14 +141,15 @@ def test_expected_candles_honour_listing_gaps_and_close_time():
 async def test_ccxt_markets_time_and_tickers(exchange):
     async with binance(exchange.base_url) as client:
         markets = await client.load_markets()
-        assert set(markets) == {'BTC/USDT', 'NEW/USDT', 'ETH/USDT', 'BNB/USDT'}
+        assert set(markets) == {'BTC/USDT', 'NEW/USDT', 'OLD/USDT', 'ETH/USDT', 'BNB/USDT'}
         btc = markets['BTC/USDT']
         assert (btc['id'], btc['spot'], btc['active'], btc['precision']['price']) == (
             'BTCUSDT', True, True, 0.01)
+        assert markets['OLD/USDT']['active'] is False
         assert await client.fetch_time() == NOW_MS
         tickers = await client.fetch_tickers()
         ranked = sorted(tickers, key=lambda s: tickers[s]['quoteVolume'], reverse=True)
-        assert ranked == ['BTC/USDT', 'ETH/USDT', 'BNB/USDT', 'NEW/USDT']
+        assert ranked == ['BTC/USDT', 'ETH/USDT', 'BNB/USDT', 'NEW/USDT', 'OLD/USDT']
         assert tickers['NEW/USDT']['quoteVolume'] == 1e6
 
 
@@ -209,7 +213,11 @@ def test_klines_errors_look_like_binance(exchange):
 
 async def test_budget_escalates_from_429_to_418():
     with FakeExchange(make_symbols(1), requests_per_second=5, ban_after=2, ban_seconds=7) as fx:
-        answers = [await get(fx.base_url, 'ping') for _ in range(10)]
+        answers = []
+        async with aiohttp.ClientSession() as session:  # one connection: the burst stays < 1 s
+            for _ in range(10):
+                async with session.get(fx.base_url + '/api/v3/ping') as response:
+                    answers.append((response.status, response.headers, await response.text()))
         assert [status for status, _, _ in answers] == [200] * 5 + [429] * 3 + [418] * 2
         assert [int(h['X-MBX-USED-WEIGHT-1M']) for _, h, _ in answers] == list(range(1, 11))
         assert answers[5][1]['Retry-After'] == '1'
@@ -257,6 +265,10 @@ async def test_each_injected_fault_kind():
         status, _, body = await get(fx.base_url, 'klines', **params)
         with pytest.raises(json.JSONDecodeError):
             json.loads(body)
+        fx.inject('400')
+        async with binance(fx.base_url) as client:
+            with pytest.raises(ccxt.BadRequest):  # permanent: a collector must not retry it
+                await client.fetch_ohlcv('BTC/USDT', '1m', limit=10)
         fx.inject('429', retry_after=2)
         fx.inject('418', retry_after=3)
         assert [(s, h['Retry-After']) for s, h, _ in
@@ -268,8 +280,9 @@ async def test_each_injected_fault_kind():
             await get(fx.base_url, 'klines', timeout=0.2, **params)
         assert time.monotonic() - started < 0.45
         faults = [r.fault for r in fx.request_log() if r.fault]
-        assert faults == ['500', '502', '503', '503', 'truncated', 'garbage', '429', '418', 'stall']
-        assert fx.counters['faults'] == 9
+        assert faults == ['500', '502', '503', '503', 'truncated', 'garbage', '400', '429', '418',
+                          'stall']
+        assert fx.counters['faults'] == 10
 
 
 def test_random_faults_are_seeded_and_path_filtered():

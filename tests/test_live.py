@@ -13,6 +13,7 @@ from virtual_time import VirtualTime
 
 from tda_collector.events import EventLog, record_fields
 from tda_collector.fetcher import Fetcher
+from tda_collector.metrics import Metrics
 from tda_collector.live import LiveExchange, LiveJob, LiveSettings, next_due_ms
 from tda_collector.models import JobKey
 from tda_collector.persist import DurableWriter
@@ -62,6 +63,7 @@ class Harness:
         logger.propagate = False
         self.events = EventLog(logger, {"exchange": "binance"})
         self.tmp_path = tmp_path
+        self.metrics = Metrics(clock=self.vt.clock)
         self.rate = rate
         self.settings = LiveSettings(
             refresh_ms=refresh_s * 1000, settle_ms=2000, page_limit=page_size,
@@ -74,7 +76,8 @@ class Harness:
         fetcher = Fetcher(self.source, limiter, policy, self.events, clock=self.vt.clock,
                           sleep=self.vt.sleep)
         writer = DurableWriter(self.store, policy, self.events, sleep=self.vt.sleep)
-        return LiveExchange(fetcher, writer, state, self.events, self.settings, sleep=self.vt.sleep)
+        return LiveExchange(fetcher, writer, state, self.events, self.settings, self.metrics,
+                            sleep=self.vt.sleep)
 
     async def run_for(self, seconds: float, keys: list[JobKey]) -> LiveExchange:
         """Start live mode with cursors read back from the store, run, then stop it."""

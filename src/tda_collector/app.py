@@ -10,12 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .admin import AdminServer, build_admin_server
 from .config import Config, ExchangeConfig
 from .errors import ExchangeFault, TransientFault, UsageError
 from .events import EventLog
 from .exchange import CcxtExchange
 from .fetcher import Fetcher
 from .history import COMPLETED, FAILED, HistoryBackfill, JobResult
+from .live import run_live
+from .metrics import Metrics
 from .models import JobKey
 from .persist import DurableWriter
 from .protocols import CandleSource, CandleStore
@@ -54,8 +57,13 @@ class ExchangeRuntime:
 SourceFactory = Callable[[ExchangeConfig], CandleSource]
 
 
-def default_source_factory(config: ExchangeConfig) -> CandleSource:
-    return CcxtExchange(config.id, config.ccxt)
+def ccxt_source_factory(credentials: dict[str, dict[str, str]]) -> SourceFactory:
+    """Sources backed by ccxt, with each exchange's credentials from the environment."""
+
+    def build(config: ExchangeConfig) -> CandleSource:
+        return CcxtExchange(config.id, {**config.ccxt, **credentials.get(config.id, {})})
+
+    return build
 
 
 def retry_policy(config: Config) -> RetryPolicy:
@@ -112,14 +120,19 @@ async def open_exchange(
     events: EventLog,
     policy: RetryPolicy,
     factory: SourceFactory,
+    metrics: Metrics,
 ) -> ExchangeRuntime:
     source = factory(cfg)
     budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
-    limiter = RateLimiter(budget * cfg.rate_limit.safety, burst_for(budget, cfg.rate_limit.safety))
-    exchange_events = events.bind(exchange=cfg.id)
-    runtime = ExchangeRuntime(
-        cfg, source, limiter, Fetcher(source, limiter, policy, exchange_events)
+    metrics.set_budget(cfg.id, budget)
+    limiter = RateLimiter(
+        budget * cfg.rate_limit.safety,
+        burst_for(budget, cfg.rate_limit.safety),
+        on_wait=lambda seconds: metrics.rate_limit_wait(cfg.id, seconds),
     )
+    exchange_events = events.bind(exchange=cfg.id)
+    fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
+    runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
     try:
         await _open_source(source, limiter, policy)
         runtime.keys = await _job_keys(cfg, source, request)
@@ -250,66 +263,113 @@ async def run_history(
     runtimes: list[ExchangeRuntime],
     store: CandleStore,
     state: StateStore,
+    metrics: Metrics,
 ) -> int:
     started = time.monotonic()
     keys = [k for rt in runtimes for k in rt.keys]
     await _discard_orphan_ledgers(store, state, keys, events)
-    per_exchange = [
-        _run_exchange_history(
-            rt,
-            HistoryBackfill(
-                rt.fetcher,
-                DurableWriter(store, retry_policy(config), events.bind(exchange=rt.config.id)),
-                state,
-                events.bind(exchange=rt.config.id),
-                config.history_page_limit,
-            ),
-            request,
-            config.history_concurrency,
-            config.retry.exchange_failure_limit,
-            events.bind(exchange=rt.config.id),
+    metrics.set_jobs({"RUNNING": len(keys)})
+    per_exchange = []
+    for rt in runtimes:
+        exchange_events = events.bind(exchange=rt.config.id)
+        writer = DurableWriter(store, retry_policy(config), exchange_events, metrics=metrics)
+        backfill = HistoryBackfill(
+            rt.fetcher, writer, state, exchange_events, config.history_page_limit, metrics
         )
-        for rt in runtimes
-    ]
+        per_exchange.append(
+            _run_exchange_history(
+                rt,
+                backfill,
+                request,
+                config.history_concurrency,
+                config.retry.exchange_failure_limit,
+                exchange_events,
+            )
+        )
     results = [r for group in await asyncio.gather(*per_exchange) for r in group]
+    completed = sum(r.status == COMPLETED for r in results)
+    metrics.set_jobs({"COMPLETED": completed, "FAILED": len(results) - completed})
     return _summarise(events, results, runtimes, started)
 
 
-async def _run_mode(
-    config: Config, request: RunRequest, events: EventLog, factory: SourceFactory
-) -> int:
+class Readiness:
+    """What `/readyz` reports: not ready until the store is ensured, nor after the run died."""
+
+    def __init__(self) -> None:
+        self.store_ready = False
+        self.failure: str | None = None
+
+    async def __call__(self) -> str | None:
+        if self.failure:
+            return self.failure
+        return None if self.store_ready else "starting: the store is not ensured yet"
+
+
+async def _open_all(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory,
+    metrics: Metrics,
+) -> tuple[list[ExchangeRuntime], BaseException | None]:
+    """Open every selected exchange concurrently; the opened ones are returned even when
+    another failed, so that they can be closed."""
     policy = retry_policy(config)
-    selected = select_exchanges(config, request)
+    opened = await asyncio.gather(
+        *(
+            open_exchange(cfg, request, events, policy, factory, metrics)
+            for cfg in select_exchanges(config, request)
+        ),
+        return_exceptions=True,
+    )
+    runtimes = [r for r in opened if isinstance(r, ExchangeRuntime)]
+    failure = next((r for r in opened if isinstance(r, BaseException)), None)
+    return runtimes, failure
+
+
+async def _run_mode(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory,
+    metrics: Metrics,
+) -> int:
+    readiness = Readiness()
+    admin = build_admin_server(config.admin, metrics, readiness)
     runtimes: list[ExchangeRuntime] = []
     store = build_store(config, events)
     state = StateStore(config.state_path)
     try:
-        opened = await asyncio.gather(
-            *(open_exchange(cfg, request, events, policy, factory) for cfg in selected),
-            return_exceptions=True,
-        )
-        runtimes = [r for r in opened if isinstance(r, ExchangeRuntime)]
-        for outcome in opened:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if admin is not None:
+            await admin.start()
+            events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
+        runtimes, failure = await _open_all(config, request, events, factory, metrics)
+        if failure is not None:
+            raise failure
         await state.open()
         await store.ensure()
+        readiness.store_ready = True
         if request.mode == "history":
-            return await run_history(config, request, events, runtimes, store, state)
-        from .live import run_live
-
-        return await run_live(config, events, runtimes, store, state, retry_policy(config))
+            return await run_history(config, request, events, runtimes, store, state, metrics)
+        return await run_live(config, events, runtimes, store, state, retry_policy(config), metrics)
+    except Exception as exc:
+        readiness.failure = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        await asyncio.shield(_close_all(runtimes, store, state))
+        await asyncio.shield(_close_all(runtimes, store, state, admin))
 
 
 async def _close_all(
-    runtimes: list[ExchangeRuntime], store: CandleStore, state: StateStore
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+    admin: AdminServer | None,
 ) -> None:
     await asyncio.gather(
         *(rt.source.close() for rt in runtimes),
         store.close(),
         state.close(),
+        *([admin.stop()] if admin is not None else []),
         return_exceptions=True,
     )
 
@@ -318,7 +378,8 @@ async def run(
     config: Config,
     request: RunRequest,
     events: EventLog,
-    factory: SourceFactory = default_source_factory,
+    metrics: Metrics,
+    factory: SourceFactory,
 ) -> int:
     """Run one mode to its end, or until SIGTERM/SIGINT (then exit code 0 after a clean stop)."""
     loop = asyncio.get_running_loop()
@@ -337,7 +398,7 @@ async def run(
         loop.add_signal_handler(sig, request_stop, sig.name)
     started = time.monotonic()
     try:
-        return await _run_mode(config, request, events, factory)
+        return await _run_mode(config, request, events, factory, metrics)
     except asyncio.CancelledError:
         if not stopping:
             raise
@@ -348,6 +409,9 @@ async def run(
         )
         return EXIT_OK
     except ExchangeFault as exc:
+        events.error("startup_failed", f"could not start: {exc}", error=str(exc))
+        return EXIT_JOBS_FAILED
+    except OSError as exc:
         events.error("startup_failed", f"could not start: {exc}", error=str(exc))
         return EXIT_JOBS_FAILED
     finally:

@@ -10,10 +10,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from .app import EXIT_USAGE, RunRequest, run
-from .config import load_config
+from .app import EXIT_USAGE, RunRequest, ccxt_source_factory, run
+from .config import load_config, resolve_credentials
 from .errors import UsageError
 from .events import EventLog, build_logger
+from .loki import build_loki_handler
+from .metrics import Metrics
 from .timeframes import timeframe_ms
 
 PROG = "tda-collector"
@@ -91,13 +93,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 "mode": request.mode,
             },
         )
-        events.info(
-            "config_loaded",
-            f"{len(config.exchanges)} exchange(s), storage {config.storage.backend}",
-            exchanges=[e.id for e in config.exchanges],
-            backend=config.storage.backend,
-        )
-        return asyncio.run(run(config, request, events))
+        metrics = Metrics()
+        loki = build_loki_handler(config.logging.loki, environ, metrics, events)
+        if loki is not None:
+            logger.addHandler(loki)
+        try:
+            events.info(
+                "config_loaded",
+                f"{len(config.exchanges)} exchange(s), storage {config.storage.backend}",
+                exchanges=[e.id for e in config.exchanges],
+                backend=config.storage.backend,
+                loki=loki is not None,
+            )
+            factory = ccxt_source_factory(resolve_credentials(config, environ))
+            return asyncio.run(run(config, request, events, metrics, factory))
+        finally:
+            if loki is not None:
+                logger.removeHandler(loki)
+                loki.close()
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -50,6 +50,11 @@ class ExchangeConfig(_Section):
         default_factory=dict, description="Passed verbatim to the ccxt constructor."
     )
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    credentials_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="ccxt credential field -> environment variable holding it (or VAR_FILE "
+        "naming a file), e.g. {apiKey: BINANCE_API_KEY}. Public candles need none.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -191,6 +196,33 @@ class Config(_Section):
         if duplicates:
             raise ValueError(f"exchange listed twice: {', '.join(duplicates)}")
         return values
+
+
+def resolve_credentials(config: Config, environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Exchange id -> ccxt credential fields, read from the environment (never from the file).
+
+    `VAR` holds the value itself; `VAR_FILE` names a file holding it (Docker/Kubernetes secrets).
+    """
+    resolved: dict[str, dict[str, str]] = {}
+    for index, exchange in enumerate(config.exchanges):
+        fields = {}
+        for field, variable in exchange.credentials_env.items():
+            value = environ.get(variable)
+            if value is None and environ.get(variable + "_FILE"):
+                try:
+                    value = Path(environ[variable + "_FILE"]).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise UsageError(
+                        f"exchanges[{index}].credentials_env.{field}: cannot read the file named"
+                        f" by {variable}_FILE ({exc.strerror})"
+                    ) from None
+            if not value:
+                raise UsageError(
+                    f"exchanges[{index}].credentials_env.{field}: {variable} is not set"
+                )
+            fields[field] = value
+        resolved[exchange.id] = fields
+    return resolved
 
 
 def _parse_env_value(text: str) -> Any:

@@ -18,8 +18,9 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from .errors import RateLimited, TransientFault
+from .errors import ExchangeFault, PermanentFault, RateLimited, TransientFault
 from .events import EventLog
+from .metrics import Metrics
 from .models import JobKey
 from .protocols import CandleSource
 from .ratelimit import RateLimiter
@@ -28,6 +29,12 @@ from .retry import RetryPolicy
 # A rate-limit answer says "wait", not "broken": it does not use up the transient attempts,
 # but an exchange that keeps refusing after this many waits in a row is reported.
 MAX_RATE_LIMITED_WAITS = 20
+
+
+def _outcome(exc: ExchangeFault) -> str:
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "permanent" if isinstance(exc, PermanentFault) else "transient"
 
 
 @dataclass
@@ -48,8 +55,10 @@ class Fetcher:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
         self.source = source
+        self._metrics = metrics or Metrics()
         self.limiter = limiter
         self._policy = policy
         self._events = events
@@ -107,12 +116,20 @@ class Fetcher:
         )
         async for attempt in retrying:
             with attempt:
-                await self.limiter.acquire(self.source.capabilities.ohlcv_request_cost)
+                cost = self.source.capabilities.ohlcv_request_cost
+                await self.limiter.acquire(cost)
                 self.requests += 1
                 started = self._clock()
-                rows = await self.source.fetch_ohlcv(
-                    key.symbol, key.timeframe, since_ms, until_ms, limit
-                )
+                try:
+                    rows = await self.source.fetch_ohlcv(
+                        key.symbol, key.timeframe, since_ms, until_ms, limit
+                    )
+                except ExchangeFault as exc:
+                    self._count(key, _outcome(exc), started, cost)
+                    if isinstance(exc, RateLimited) and exc.status in (418, 429):
+                        self._metrics.throttled(key.exchange, exc.status)
+                    raise
+                self._count(key, "ok", started, cost)
                 self._events.debug(
                     "fetch_ok",
                     f"{len(rows)} candles",
@@ -123,6 +140,9 @@ class Fetcher:
                 )
                 return rows
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _count(self, key: JobKey, outcome: str, started: float, cost: float) -> None:
+        self._metrics.request(key.exchange, outcome, self._clock() - started, cost)
 
     def _before_retry(self, key: JobKey, tally: _Tally, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -15,9 +15,11 @@ from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
 from .intervals import subtract
+from .metrics import Metrics
 from .models import JobKey
 from .normalize import Window, normalize_page
 from .persist import DurableWriter
+from .rejections import report_rejections
 from .state import StateStore
 from .timeframes import ceil_ms, closed_before, timeframe_ms
 
@@ -57,23 +59,14 @@ class HistoryBackfill:
         state: StateStore,
         events: EventLog,
         page_limit: int,
+        metrics: Metrics,
     ) -> None:
         self._fetcher = fetcher
+        self._metrics = metrics
         self._writer = writer
         self._state = state
         self._events = events
         self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
-
-    def _log_rejections(self, key: JobKey, rejected: Counter[str]) -> None:
-        for reason, count in sorted(rejected.items()):
-            self._events.warning(
-                "candle_rejected",
-                f"{count} candles rejected: {reason}",
-                symbol=key.symbol,
-                timeframe=key.timeframe,
-                reason=reason,
-                rows=count,
-            )
 
     async def _fill(self, key: JobKey, tf_ms: int, gap: tuple[int, int], result: JobResult) -> None:
         since, end = gap
@@ -83,8 +76,10 @@ class HistoryBackfill:
             page = normalize_page(raw, key, tf_ms, Window(since, end, closed_before_ms=end))
             if page.rejected:
                 result.rejected.update(page.rejected)
-                self._log_rejections(key, page.rejected)
-            result.rows += await self._writer.write(page.batch)
+                report_rejections(self._events, self._metrics, key, page.rejected)
+            written = await self._writer.write(page.batch)
+            result.rows += written
+            self._metrics.history_candles(key.exchange, key.timeframe, written)
             following = next_since(since, page.newest_open_ms, tf_ms, end)
             covered_to = end if following is None else following
             await self._state.add_coverage(key, since, covered_to)

@@ -19,10 +19,12 @@ from .config import Config
 from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
+from .metrics import Metrics
 from .models import CandleBatch, JobKey
 from .normalize import Window, normalize_page
 from .persist import DurableWriter
 from .protocols import CandleStore
+from .rejections import report_rejections
 from .retry import RetryPolicy
 from .state import StateStore
 from .timeframes import closed_before, timeframe_ms
@@ -86,6 +88,7 @@ class LiveExchange:
     state: StateStore
     events: EventLog
     settings: LiveSettings
+    metrics: Metrics
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
@@ -118,6 +121,7 @@ class LiveExchange:
         closed_count = int(batch.closed.sum())
         missing = (newest_closed - since) // job.tf_ms + 1 - closed_count
         if missing > 0:
+            self.metrics.gaps_found(job.key.exchange)
             self.events.warning(
                 "gap_detected",
                 f"the exchange has no candles for {missing} intervals; recorded, not re-fetched",
@@ -140,15 +144,7 @@ class LiveExchange:
             raw = await self.fetcher.candles(job.key, since, boundary, self.settings.page_limit)
             window = Window(since, boundary + job.tf_ms, closed_before_ms=boundary, keep_open=True)
             page = normalize_page(raw, job.key, job.tf_ms, window)
-            for reason, count in page.rejected.items():
-                self.events.warning(
-                    "candle_rejected",
-                    f"{count} candles rejected: {reason}",
-                    symbol=job.key.symbol,
-                    timeframe=job.key.timeframe,
-                    reason=reason,
-                    rows=count,
-                )
+            report_rejections(self.events, self.metrics, job.key, page.rejected)
             self._report_holes(job, since, page.batch)
             await asyncio.shield(self._persist(job, since, page.batch))
             rows += len(page.batch)
@@ -158,6 +154,7 @@ class LiveExchange:
                 break
             since = max(newest, job.cursor_ms) + job.tf_ms
         if pages > 1:
+            self.metrics.gaps_repaired(job.key.exchange)
             self.events.info(
                 "gap_repaired",
                 f"caught up {pages} pages after downtime",
@@ -256,20 +253,24 @@ async def run_live(
     store: CandleStore,
     state: StateStore,
     retry_policy: RetryPolicy,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    metrics: Metrics,
 ) -> int:
     """Run every configured job live until cancelled (SIGTERM/SIGINT)."""
     keys = [k for rt in runtimes for k in rt.keys]
     cursors = await store.newest(keys)
+    for key, open_ms in cursors.items():
+        close_s = (open_ms + timeframe_ms(key.timeframe)) / 1000
+        metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
     exchanges = []
     for rt in runtimes:
+        exchange_events = events.bind(exchange=rt.config.id)
         live = LiveExchange(
             rt.fetcher,
-            DurableWriter(store, retry_policy, events.bind(exchange=rt.config.id), sleep),
+            DurableWriter(store, retry_policy, exchange_events, metrics=metrics),
             state,
-            events.bind(exchange=rt.config.id),
+            exchange_events,
             live_settings(config, rt.source.capabilities.max_page_size),
-            sleep,
+            metrics,
         )
         jobs = [LiveJob(k, timeframe_ms(k.timeframe), cursors.get(k)) for k in rt.keys]
         exchanges.append(live.run(jobs))

@@ -1,15 +1,16 @@
 """Ships every event to Grafana Loki's push API without ever slowing or breaking the collector.
 
 Our own small handler rather than a library: `python-logging-loki` (unmaintained since 2019)
-and its forks POST once per record on the logging thread with no timeout, and the batched
-`loki-logger-handler` has an unbounded queue, no request timeout and no retries; none stamps
-entries with the record's own time or counts what it loses.
+and its forks POST once per record on the logging thread with no request timeout; the batched
+`loki-logger-handler` has an unbounded queue, no request timeout and no retries. None of them
+bounds memory, retries with backoff, or counts what it loses.
 
 `emit` only formats the record (the same JSON line as stdout) and appends it to a bounded
 deque; when the deque is full the oldest entry is dropped and counted. A daemon thread sends
 batches (when `batch_size` entries wait, else every `batch_wait_s`) with a request timeout and
 retries with backoff. Loki failing is reported once (`loki_push_failed`) and its recovery once
-(`loki_push_recovered`); those events go through the same logger, so Loki sees them later.
+(`loki_push_recovered`), at most once per 5 minutes; those events go through the same logger,
+so Loki gets them too once it is back.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from .config import LokiConfig
 from .errors import UsageError
@@ -36,6 +36,7 @@ from .retry import RetryPolicy
 # The interface's stream labels: low-cardinality only. `level` comes from the record itself.
 LABEL_FIELDS = ("service_name", "environment", "exchange", "mode")
 CLOSE_TIMEOUT_S = 0.5  # half of the daemon's 1 s stop budget
+WARN_EVERY_S = 300.0
 DEFAULT_RETRY = RetryPolicy(base_s=0.5, factor=2.0, cap_s=4.0, attempts=3)
 _ERROR_BODY_CHARS = 200
 
@@ -81,6 +82,45 @@ def _describe_http_error(exc: urllib.error.HTTPError) -> _PushFailed:
     )
 
 
+class _OutageReport:
+    """One warning when pushing starts failing, one note when it works again. A flapping Loki
+    is warned about at most once per `quiet_s`, so it cannot flood the log it feeds."""
+
+    def __init__(self, events: EventLog, quiet_s: float) -> None:
+        self._events = events
+        self._quiet_s = quiet_s
+        self._last_warning: float | None = None
+        self.failing = False
+        self._warned = False
+        self.dropped = 0  # during the current outage
+
+    def failed(self, reason: str) -> None:
+        if self.failing:
+            return
+        self.failing, self.dropped = True, 0
+        now = time.monotonic()
+        self._warned = self._last_warning is None or now - self._last_warning >= self._quiet_s
+        if self._warned:
+            self._last_warning = now
+            self._events.warning(
+                "loki_push_failed",
+                f"cannot push logs to Loki ({reason}); entries that cannot be pushed are "
+                "dropped and counted in tda_loki_dropped_entries_total",
+                error=reason,
+            )
+
+    def succeeded(self) -> None:
+        if not self.failing:
+            return
+        self.failing = False
+        if self._warned:
+            self._events.info(
+                "loki_push_recovered",
+                f"pushing logs to Loki again; {self.dropped} entries were dropped",
+                dropped=self.dropped,
+            )
+
+
 class LokiHandler(logging.Handler):
     """A logging handler whose `emit` is O(1) and never does I/O; a thread does the pushing.
 
@@ -98,8 +138,9 @@ class LokiHandler(logging.Handler):
         timeout_s: float = 5.0,
         retry: RetryPolicy = DEFAULT_RETRY,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        events: EventLog,
         on_drop: Callable[[int], None] = lambda count: None,
-        events: EventLog | None = None,
+        warn_every_s: float = WARN_EVERY_S,
     ) -> None:
         super().__init__()
         self.setFormatter(JsonLineFormatter())
@@ -111,35 +152,38 @@ class LokiHandler(logging.Handler):
         self._retry = retry
         self._close_timeout_s = close_timeout_s
         self._on_drop = on_drop
-        self._events = events
+        self._outage = _OutageReport(events, warn_every_s)
         self._rng = random.Random()
         self._queue: deque[Entry] = deque(maxlen=queue_size)
         self._cond = threading.Condition(threading.Lock())  # guards the queue and _in_flight
         self._in_flight = 0
         self._wake = threading.Event()
         self._closing = threading.Event()
-        self._failing = False
-        self._dropped_while_failing = 0
         self.dropped = 0
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name="loki-push", daemon=True)
         self._thread.start()
 
     # -- the logging side: never blocks on the network
-    def handle(self, record: logging.LogRecord) -> bool:
+    def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:
         """Like `Handler.handle` but without the handler lock: `emit` is thread-safe on its
         own, and `logging.shutdown` holds that lock around `flush`/`close`, which would make
         the pushing thread's own warning events wait for the flush they are part of."""
         accepted = self.filter(record)
+        if isinstance(accepted, logging.LogRecord):  # 3.12+: a filter may replace the record
+            record = accepted
         if accepted:
             self.emit(record)
-        return bool(accepted)
+        return accepted
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             entry = (stream_labels(record), str(round(record.created * 1e9)), self.format(record))
         except Exception:
             self.handleError(record)
+            return
+        if self._closing.is_set():  # logged after close(): nobody will push it
+            self._count_dropped(1)
             return
         with self._cond:
             full = len(self._queue) == self._queue.maxlen
@@ -207,7 +251,7 @@ class LokiHandler(logging.Handler):
             try:
                 self._post(push_body(batch))
             except _PushFailed as exc:
-                self._report_failure(str(exc))
+                self._outage.failed(str(exc))
                 if exc.permanent or self._retry.gives_up_after(attempt):
                     self._count_dropped(len(batch))
                     return
@@ -216,7 +260,7 @@ class LokiHandler(logging.Handler):
                     return
             else:
                 self.sent += len(batch)
-                self._report_recovery()
+                self._outage.succeeded()
                 return
 
     def _post(self, body: bytes) -> None:
@@ -228,43 +272,15 @@ class LokiHandler(logging.Handler):
             raise _describe_http_error(exc) from None
         except urllib.error.URLError as exc:
             raise _PushFailed(f"{type(exc.reason).__name__}: {exc.reason}") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             raise _PushFailed(f"{type(exc).__name__}: {exc}") from None
 
     def _count_dropped(self, count: int) -> None:
         with self._cond:
             self.dropped += count
-            if self._failing:
-                self._dropped_while_failing += count
+            if self._outage.failing:
+                self._outage.dropped += count
         self._on_drop(count)
-
-    def _report_failure(self, reason: str) -> None:
-        if self._failing:
-            return
-        self._failing = True
-        with self._cond:
-            self._dropped_while_failing = 0
-        self._event(
-            logging.WARNING,
-            "loki_push_failed",
-            f"cannot push logs to Loki ({reason}); dropping the oldest when the queue is full",
-            error=reason,
-        )
-
-    def _report_recovery(self) -> None:
-        if not self._failing:
-            return
-        self._failing = False
-        self._event(
-            logging.INFO,
-            "loki_push_recovered",
-            f"pushing logs to Loki again; {self._dropped_while_failing} entries were dropped",
-            dropped=self._dropped_while_failing,
-        )
-
-    def _event(self, level: int, event: str, message: str, **fields: Any) -> None:
-        if self._events is not None:
-            self._events.emit(level, event, message, **fields)
 
 
 def build_loki_handler(

@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 
 from .errors import StoreFault
 from .events import EventLog
+from .metrics import Metrics
 from .models import CandleBatch
 from .protocols import CandleStore
 from .retry import RetryPolicy
+from .timeframes import timeframe_ms
 
 
 class DurableWriter:
@@ -26,8 +28,10 @@ class DurableWriter:
         events: EventLog,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self._metrics = metrics or Metrics()
         self._policy = policy
         self._events = events
         self._sleep = sleep
@@ -41,8 +45,9 @@ class DurableWriter:
         while True:
             attempt += 1
             try:
-                return await self.store.write(batch)
+                written = await self.store.write(batch)
             except Exception as exc:  # a store may raise whatever its client raises
+                self._metrics.store_write_error(self.store.name)
                 self._events.error(
                     "store_write_error",
                     f"writing {len(batch)} rows to {self.store.name} failed",
@@ -56,3 +61,12 @@ class DurableWriter:
                 if self._policy.gives_up_after(attempt):
                     raise StoreFault(f"store write failed {attempt} times: {exc}") from exc
                 await self._sleep(self._policy.delay(attempt, self._rng))
+                continue
+            self._metrics.rows_written(self.store.name, written)
+            newest = batch.newest_closed_ms
+            if newest is not None:
+                key, tf_ms = batch.key, timeframe_ms(batch.key.timeframe)
+                self._metrics.newest_closed_candle(
+                    key.exchange, key.symbol, key.timeframe, (newest + tf_ms) / 1000
+                )
+            return written

@@ -27,6 +27,7 @@ class RateLimiter:
         burst: int = 1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate must be positive")
@@ -35,6 +36,7 @@ class RateLimiter:
         self._tolerance = (max(1, burst) - 1) * self._interval
         self._clock = clock
         self._sleep = sleep
+        self._on_wait = on_wait
         self._tat = clock()  # theoretical arrival time of the next request
         self._paused_until = 0.0
         self.acquired = 0
@@ -67,4 +69,6 @@ class RateLimiter:
 
     async def _wait(self, seconds: float) -> None:
         self.waited_s += seconds
+        if self._on_wait is not None:
+            self._on_wait(seconds)
         await self._sleep(seconds)

@@ -1,0 +1,1 @@
+"""Benchmarks: run with `make bench` (python -m bench). No timing thresholds live in tests."""

@@ -1,0 +1,39 @@
+"""`python -m bench`: history throughput against the naive baseline, printed as a table."""
+
+from __future__ import annotations
+
+import argparse
+
+from .throughput import render, run_baseline, run_collector
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scales", default="10,100,1000", help="symbol counts")
+    parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
+    parser.add_argument("--safety", type=float, default=0.9)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--requests", type=int, default=1000, help="collector requests per run")
+    parser.add_argument("--baseline-requests", type=int, default=150)
+    args = parser.parse_args()
+    rows = []
+    for scale in (int(s) for s in args.scales.split(",")):
+        rows.append(run_collector(scale, args.budget, args.safety, args.latency_ms, args.requests))
+        rows.append(
+            run_baseline(scale, args.budget, args.safety, args.latency_ms, args.baseline_requests)
+        )
+        print(render(rows[-2:]), flush=True)
+    collector = [r for r in rows if r.name == "collector"]
+    baseline = [r for r in rows if r.name != "collector"]
+    print("\n" + render(rows))
+    rss = [r.rss_mib for r in collector]
+    print(f"\ncollector peak RSS growth {collector[0].symbols} -> {collector[-1].symbols} symbols: "
+          f"{(rss[-1] / rss[0] - 1) * 100:+.1f}%")
+    for c, b in zip(collector, baseline, strict=True):
+        print(f"{c.symbols} symbols: collector/baseline candles/s "
+              f"{(c.candles / c.seconds) / (b.candles / b.seconds):.1f}x, CPU per candle "
+              f"{(b.cpu_s / b.candles) / (c.cpu_s / c.candles):.1f}x lower")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shared benchmark plumbing: a fake exchange process and measured child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_EXCHANGE = ROOT / "tests" / "fake_exchange.py"
+# 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.
+FAKE_NOW_S = 1_709_251_200.0
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    cpu_s: float
+    max_rss_mib: float
+    returncode: int
+    stdout: str
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Run a child to completion; whole-process CPU and peak RSS come from wait4's rusage."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(
+        wall_s=time.monotonic() - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        max_rss_mib=usage.ru_maxrss / 1024,
+        returncode=proc.returncode,
+        stdout=out,
+    )
+
+
+class FakeExchangeProcess:
+    """tests/fake_exchange.py in its own process, so its CPU is not counted as ours."""
+
+    def __init__(self, symbols: int, rps: int | None, latency_ms: float, extra: list[str] = ()):
+        self.argv = [
+            sys.executable, str(FAKE_EXCHANGE), "--port", "0", "--symbols", str(symbols),
+            "--synthetic-only", "--latency-ms", str(latency_ms), "--start-time", str(FAKE_NOW_S),
+            *(["--rps", str(rps)] if rps else []), *extra,
+        ]
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+        self.counters: dict[str, Any] = {}
+
+    def __enter__(self) -> FakeExchangeProcess:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGTERM)
+        lines = [line for line in self.proc.stdout.read().splitlines() if line.startswith("{")]
+        self.proc.wait(timeout=10)
+        self.counters = json.loads(lines[-1]) if lines else {}
+
+
+def ccxt_options(base_url: str) -> dict[str, Any]:
+    return {
+        "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
+        "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False,
+                    "fetchMargins": False},
+        "timeout": 10_000,
+    }
+
+
+def write_collector_config(workdir: Path, base_url: str, symbols: list[str], rps: float,
+                           safety: float, concurrency: int) -> Path:
+    config = {
+        "exchanges": [{
+            "id": "binance", "symbols": symbols, "timeframes": ["1m"],
+            "ccxt": ccxt_options(base_url),
+            "rate_limit": {"requests_per_second": rps, "safety": safety},
+        }],
+        "history_page_limit": 1000,
+        "history_concurrency": concurrency,
+        "storage": {"backend": "duckdb", "duckdb": {"path": str(workdir / "ohlcv.duckdb")}},
+        "state_path": str(workdir / "state.sqlite"),
+        "logging": {"level": "INFO"},
+        "admin": {"port": 0},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def synthetic_symbols(count: int) -> list[str]:
+    return [f"SYM{i:04d}/USDT" for i in range(1, count + 1)]
