@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from tda_collector.models import CandleBatch, JobKey
 
 
@@ -10,6 +12,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[JobKey, int], tuple] = {}
+        self.extra: dict[tuple[JobKey, int], dict[str, float]] = {}
         self.fail_next_writes = 0
         self.writes = 0
 
@@ -31,9 +34,10 @@ class MemoryStore:
                 float(batch.volume[i]),
                 bool(batch.closed[i]),
             )
+            self.extra[(batch.key, ts)] = {n: float(v[i]) for n, v in batch.extra.items()}
         return len(batch)
 
-    def series(self, key: JobKey) -> list[tuple]:
+    def series_rows(self, key: JobKey) -> list[tuple]:
         return [row for (k, _), row in sorted(self.rows.items(), key=lambda kv: kv[0][1]) if k == key]
 
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]:
@@ -42,6 +46,20 @@ class MemoryStore:
             if key in keys and (row[6] or not closed_only):
                 newest[key] = max(newest.get(key, ts), ts)
         return newest
+
+    async def series(self, key: JobKey) -> CandleBatch:
+        closed = [r for r in self.series_rows(key) if r[6]]
+        columns = np.array([r[:6] for r in closed], dtype=float).reshape(-1, 6)
+        return CandleBatch(
+            key=key,
+            timestamps=columns[:, 0].astype(np.int64),
+            open=columns[:, 1],
+            high=columns[:, 2],
+            low=columns[:, 3],
+            close=columns[:, 4],
+            volume=columns[:, 5],
+            closed=np.ones(len(closed), dtype=bool),
+        )
 
     async def close(self) -> None:
         return None

@@ -70,20 +70,23 @@ class Harness:
             initial_candles=initial_candles, concurrency=concurrency,
         )
 
-    def live(self, state) -> LiveExchange:
+    def live(self, state, indicators=None) -> LiveExchange:
         policy = RetryPolicy(base_s=1, cap_s=4, attempts=3)
         limiter = RateLimiter(self.rate, 1, clock=self.vt.clock, sleep=self.vt.sleep)
         fetcher = Fetcher(self.source, limiter, policy, self.events, clock=self.vt.clock,
                           sleep=self.vt.sleep)
-        writer = DurableWriter(self.store, policy, self.events, sleep=self.vt.sleep)
+        writer = DurableWriter(self.store, policy, self.events, sleep=self.vt.sleep,
+                               indicators=indicators)
         return LiveExchange(fetcher, writer, state, self.events, self.settings, self.metrics,
                             sleep=self.vt.sleep)
 
-    async def run_for(self, seconds: float, keys: list[JobKey]) -> LiveExchange:
+    async def run_for(self, seconds: float, keys: list[JobKey], indicators=None) -> LiveExchange:
         """Start live mode with cursors read back from the store, run, then stop it."""
         state = StateStore(str(self.tmp_path / "state.sqlite"))
         await state.open()
-        live = self.live(TrackedState(state, self.vt))
+        if indicators is not None:
+            await self.vt.track(indicators.load(keys))
+        live = self.live(TrackedState(state, self.vt), indicators)
         cursors = await self.store.newest(keys)
         jobs = [LiveJob(k, 60_000 if k.timeframe == "1m" else 3_600_000, cursors.get(k)) for k in keys]
 
@@ -104,7 +107,7 @@ def key(symbol, tf="1m"):
 
 
 def assert_closed_minutes_exact(store, symbol, first_ms, last_ms):
-    rows = [r for r in store.series(key(symbol)) if r[6]]
+    rows = [r for r in store.series_rows(key(symbol)) if r[6]]
     expected = [candle(symbol, "1m", t) for t in range(first_ms, last_ms + 1, MIN)]
     assert [r[:6] for r in rows] == expected
 
@@ -127,7 +130,7 @@ async def test_every_closed_minute_is_stored_and_the_open_candle_superseded(tmp_
     for symbol in ("BTC/USDT", "ETH/USDT"):
         # 5 initial candles before 00:00, then 00:00 .. 00:09 closed as they closed.
         assert_closed_minutes_exact(h.store, symbol, start_boundary - 5 * MIN, start_boundary + 9 * MIN)
-        open_rows = [r for r in h.store.series(key(symbol)) if not r[6]]
+        open_rows = [r for r in h.store.series_rows(key(symbol)) if not r[6]]
         assert len(open_rows) == 1 and open_rows[0][0] == start_boundary + 10 * MIN
         assert open_rows[0][:6] != candle(symbol, "1m", start_boundary + 10 * MIN)
     cycles = h.recorder.named("live_cycle_complete")

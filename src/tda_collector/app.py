@@ -17,9 +17,10 @@ from .events import EventLog
 from .exchange import CcxtExchange
 from .fetcher import Fetcher
 from .history import COMPLETED, FAILED, HistoryBackfill, JobResult
+from .indicator_stage import IndicatorStage, indicator_columns
 from .live import run_live
 from .metrics import Metrics
-from .models import JobKey
+from .models import Column, JobKey
 from .persist import DurableWriter
 from .protocols import CandleSource, CandleStore
 from .ratelimit import RateLimiter, burst_for
@@ -142,9 +143,11 @@ async def open_exchange(
     return runtime
 
 
-def build_store(config: Config, events: EventLog) -> CandleStore:
+def build_store(
+    config: Config, events: EventLog, extra_columns: tuple[Column, ...] = ()
+) -> CandleStore:
     if config.storage.backend == "duckdb":
-        return DuckDBStore(config.storage.duckdb.path, events)
+        return DuckDBStore(config.storage.duckdb.path, events, extra_columns)
     raise UsageError("storage.backend: bigquery is not available in this build yet")
 
 
@@ -264,6 +267,7 @@ async def run_history(
     store: CandleStore,
     state: StateStore,
     metrics: Metrics,
+    indicators: IndicatorStage | None = None,
 ) -> int:
     started = time.monotonic()
     keys = [k for rt in runtimes for k in rt.keys]
@@ -272,7 +276,9 @@ async def run_history(
     per_exchange = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)
-        writer = DurableWriter(store, retry_policy(config), exchange_events, metrics=metrics)
+        writer = DurableWriter(
+            store, retry_policy(config), exchange_events, metrics=metrics, indicators=indicators
+        )
         backfill = HistoryBackfill(
             rt.fetcher, writer, state, exchange_events, config.history_page_limit, metrics
         )
@@ -287,6 +293,8 @@ async def run_history(
             )
         )
     results = [r for group in await asyncio.gather(*per_exchange) for r in group]
+    if indicators is not None:
+        await indicators.repair(DurableWriter(store, retry_policy(config), events).write_as_is)
     completed = sum(r.status == COMPLETED for r in results)
     metrics.set_jobs({"COMPLETED": completed, "FAILED": len(results) - completed})
     return _summarise(events, results, runtimes, started)
@@ -337,7 +345,9 @@ async def _run_mode(
     readiness = Readiness()
     admin = build_admin_server(config.admin, metrics, readiness)
     runtimes: list[ExchangeRuntime] = []
-    store = build_store(config, events)
+    spec = config.indicators.spec() if config.indicators.enabled else None
+    store = build_store(config, events, indicator_columns(spec) if spec else ())
+    indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     state = StateStore(config.state_path)
     try:
         if admin is not None:
@@ -348,15 +358,21 @@ async def _run_mode(
             raise failure
         await state.open()
         await store.ensure()
+        if indicators is not None:
+            await indicators.load([k for rt in runtimes for k in rt.keys])
         readiness.store_ready = True
         if request.mode == "history":
-            return await run_history(config, request, events, runtimes, store, state, metrics)
-        return await run_live(config, events, runtimes, store, state, retry_policy(config), metrics)
+            return await run_history(
+                config, request, events, runtimes, store, state, metrics, indicators
+            )
+        return await run_live(
+            config, events, runtimes, store, state, retry_policy(config), metrics, indicators
+        )
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        await asyncio.shield(_close_all(runtimes, store, state, admin))
+        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators))
 
 
 async def _close_all(
@@ -364,11 +380,13 @@ async def _close_all(
     store: CandleStore,
     state: StateStore,
     admin: AdminServer | None,
+    indicators: IndicatorStage | None,
 ) -> None:
     await asyncio.gather(
         *(rt.source.close() for rt in runtimes),
         store.close(),
         state.close(),
+        *([indicators.close()] if indicators is not None else []),
         *([admin.stop()] if admin is not None else []),
         return_exceptions=True,
     )

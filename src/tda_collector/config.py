@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UsageError
+from .indicators import IndicatorSpec
 from .timeframes import timeframe_ms
 
 ENV_PREFIX = "TDA__"
@@ -85,6 +86,26 @@ class ExchangeConfig(_Section):
         if not self.symbols and self.markets is None:
             raise ValueError("needs symbols or a markets block")
         return self
+
+
+class IndicatorsConfig(_Section):
+    """RSI (Wilder), EMA (SMA-seeded) and MACD on every closed candle; see README."""
+
+    enabled: bool = Field(True, description="Compute and store indicator columns.")
+    rsi_periods: list[int] = Field(default_factory=lambda: [6, 14, 24])
+    ema_periods: list[int] = Field(default_factory=lambda: [12, 26])
+    macd: list[int] | None = Field(
+        default_factory=lambda: [12, 26, 9], description="[fast, slow, signal]; null disables."
+    )
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> IndicatorsConfig:
+        self.spec()
+        return self
+
+    def spec(self) -> IndicatorSpec:
+        macd = tuple(self.macd) if self.macd is not None else None
+        return IndicatorSpec(tuple(self.rsi_periods), tuple(self.ema_periods), macd)
 
 
 class DuckDBConfig(_Section):
@@ -187,6 +208,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    indicators: IndicatorsConfig = Field(default_factory=IndicatorsConfig)
 
     @field_validator("exchanges")
     @classmethod

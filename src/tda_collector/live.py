@@ -19,6 +19,7 @@ from .config import Config
 from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
+from .indicator_stage import IndicatorStage
 from .metrics import Metrics
 from .models import CandleBatch, JobKey
 from .normalize import Window, normalize_page
@@ -31,6 +32,9 @@ from .timeframes import closed_before, timeframe_ms
 
 if TYPE_CHECKING:
     from .app import ExchangeRuntime
+
+
+PERSIST_DRAIN_S = 0.6  # of the 1 s stop budget, for in-flight writes
 
 
 def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int:
@@ -93,6 +97,7 @@ class LiveExchange:
     jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
+    _persisting: set[asyncio.Future[None]] = field(default_factory=set)
 
     def now_ms(self) -> int:
         return self.fetcher.source.now_ms()
@@ -146,7 +151,10 @@ class LiveExchange:
             page = normalize_page(raw, job.key, job.tf_ms, window)
             report_rejections(self.events, self.metrics, job.key, page.rejected)
             self._report_holes(job, since, page.batch)
-            await asyncio.shield(self._persist(job, since, page.batch))
+            persisting = asyncio.ensure_future(self._persist(job, since, page.batch))
+            self._persisting.add(persisting)
+            persisting.add_done_callback(self._persisting.discard)
+            await asyncio.shield(persisting)
             rows += len(page.batch)
             pages += 1
             newest = page.newest_open_ms
@@ -233,7 +241,13 @@ class LiveExchange:
         start = self.now_ms()
         for job in jobs:
             self._register(job, start)
-        await asyncio.gather(*(self.run_job(job) for job in jobs))
+        try:
+            await asyncio.gather(*(self.run_job(job) for job in jobs))
+        except asyncio.CancelledError:
+            # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
+            if self._persisting:
+                await asyncio.wait(set(self._persisting), timeout=PERSIST_DRAIN_S)
+            raise
 
 
 def live_settings(config: Config, max_page_size: int) -> LiveSettings:
@@ -254,6 +268,7 @@ async def run_live(
     state: StateStore,
     retry_policy: RetryPolicy,
     metrics: Metrics,
+    indicators: IndicatorStage | None = None,
 ) -> int:
     """Run every configured job live until cancelled (SIGTERM/SIGINT)."""
     keys = [k for rt in runtimes for k in rt.keys]
@@ -261,12 +276,17 @@ async def run_live(
     for key, open_ms in cursors.items():
         close_s = (open_ms + timeframe_ms(key.timeframe)) / 1000
         metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
+    if indicators is not None:
+        repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
+        await indicators.repair(repair_writer.write_as_is)
     exchanges = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)
         live = LiveExchange(
             rt.fetcher,
-            DurableWriter(store, retry_policy, exchange_events, metrics=metrics),
+            DurableWriter(
+                store, retry_policy, exchange_events, metrics=metrics, indicators=indicators
+            ),
             state,
             exchange_events,
             live_settings(config, rt.source.capabilities.max_page_size),

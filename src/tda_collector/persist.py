@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from .errors import StoreFault
 from .events import EventLog
+from .indicator_stage import IndicatorStage
 from .metrics import Metrics
 from .models import CandleBatch
 from .protocols import CandleStore
@@ -29,8 +30,10 @@ class DurableWriter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        indicators: IndicatorStage | None = None,
     ) -> None:
         self.store = store
+        self._indicators = indicators
         self._metrics = metrics or Metrics()
         self._policy = policy
         self._events = events
@@ -38,9 +41,21 @@ class DurableWriter:
         self._rng = rng or random.Random()
 
     async def write(self, batch: CandleBatch) -> int:
-        """Rows written; returns only once they are durable, or raises StoreFault."""
+        """Rows written; returns only once they are durable, or raises StoreFault.
+
+        With indicators on, the rows get their columns first, and the series' indicator state
+        is saved only after the rows are durable."""
         if not len(batch):
             return 0
+        if self._indicators is None:
+            return await self.write_as_is(batch)
+        enriched, commit = await self._indicators.prepare(batch)
+        written = await self.write_as_is(enriched)
+        await commit()
+        return written
+
+    async def write_as_is(self, batch: CandleBatch) -> int:
+        """Write the rows exactly as given (no indicator step), with retries."""
         attempt = 0
         while True:
             attempt += 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from .events import EventLog
@@ -116,6 +117,35 @@ class DuckDBStore:
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]:
         """Newest stored candle open time (epoch ms) per key; keys with no rows are absent."""
         return await self._run(self._newest, keys, closed_only)
+
+    def _series(self, key: JobKey) -> CandleBatch:
+        table = (
+            self._connection()
+            .execute(
+                f"""SELECT epoch_ms(timestamp) AS ts, open, high, low, close, volume
+                    FROM {TABLE_NAME}
+                    WHERE exchange = ? AND symbol = ? AND timeframe = ?
+                      AND is_closed IS NOT FALSE
+                    ORDER BY timestamp""",
+                [key.exchange, key.symbol, key.timeframe],
+            )
+            .to_arrow_table()
+        )
+        columns = {name: table.column(name).to_numpy() for name in table.column_names}
+        return CandleBatch(
+            key=key,
+            timestamps=columns["ts"].astype(np.int64),
+            open=columns["open"],
+            high=columns["high"],
+            low=columns["low"],
+            close=columns["close"],
+            volume=columns["volume"],
+            closed=np.ones(table.num_rows, dtype=bool),
+        )
+
+    async def series(self, key: JobKey) -> CandleBatch:
+        """Stored closed candles of one series in time order (for recomputing indicators)."""
+        return await self._run(self._series, key)
 
     def _close(self) -> None:
         if self._con is not None:
