@@ -1,21 +1,18 @@
-"""`python -m bench`: history throughput against the naive baseline, printed as a table."""
+"""`python -m bench [throughput|live]`: measurements printed as tables, with ratios.
+
+throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
+live: close-to-stored latency for many symbols at one budget, against its bound.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from . import live_latency
 from .throughput import render, run_baseline, run_collector
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--scales", default="10,100,1000", help="symbol counts")
-    parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
-    parser.add_argument("--safety", type=float, default=0.9)
-    parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--requests", type=int, default=1000, help="collector requests per run")
-    parser.add_argument("--baseline-requests", type=int, default=150)
-    args = parser.parse_args()
+def throughput(args: argparse.Namespace) -> None:
     rows = []
     for scale in (int(s) for s in args.scales.split(",")):
         rows.append(run_collector(scale, args.budget, args.safety, args.latency_ms, args.requests))
@@ -27,12 +24,39 @@ def main() -> None:
     baseline = [r for r in rows if r.name != "collector"]
     print("\n" + render(rows))
     rss = [r.rss_mib for r in collector]
-    print(f"\ncollector peak RSS growth {collector[0].symbols} -> {collector[-1].symbols} symbols: "
-          f"{(rss[-1] / rss[0] - 1) * 100:+.1f}%")
+    print(
+        f"\ncollector peak RSS growth {collector[0].symbols} -> {collector[-1].symbols} symbols: "
+        f"{(rss[-1] / rss[0] - 1) * 100:+.1f}%"
+    )
     for c, b in zip(collector, baseline, strict=True):
-        print(f"{c.symbols} symbols: collector/baseline candles/s "
-              f"{(c.candles / c.seconds) / (b.candles / b.seconds):.1f}x, CPU per candle "
-              f"{(b.cpu_s / b.candles) / (c.cpu_s / c.candles):.1f}x lower")
+        print(
+            f"{c.symbols} symbols: collector/baseline candles/s "
+            f"{(c.candles / c.seconds) / (b.candles / b.seconds):.1f}x, CPU per candle "
+            f"{(b.cpu_s / b.candles) / (c.cpu_s / c.candles):.1f}x lower"
+        )
+
+
+def live(args: argparse.Namespace) -> None:
+    print(live_latency.HEADER)
+    print(
+        live_latency.render(
+            live_latency.run(args.symbols, args.budget, args.safety, args.latency_ms)
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("what", nargs="?", default="throughput", choices=["throughput", "live"])
+    parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
+    parser.add_argument("--safety", type=float, default=0.9)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--scales", default="10,100,1000", help="throughput: symbol counts")
+    parser.add_argument("--requests", type=int, default=1000, help="throughput: per run")
+    parser.add_argument("--baseline-requests", type=int, default=150)
+    parser.add_argument("--symbols", type=int, default=500, help="live: symbols")
+    args = parser.parse_args()
+    {"throughput": throughput, "live": live}[args.what](args)
 
 
 if __name__ == "__main__":

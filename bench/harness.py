@@ -32,8 +32,9 @@ class Measured:
 def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
     """Run a child to completion; whole-process CPU and peak RSS come from wait4's rusage."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -50,11 +51,20 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured
 class FakeExchangeProcess:
     """tests/fake_exchange.py in its own process, so its CPU is not counted as ours."""
 
-    def __init__(self, symbols: int, rps: int | None, latency_ms: float, extra: list[str] = ()):
+    def __init__(self, symbols: int, rps: int | None, latency_ms: float, realtime: bool = False):
+        clock = [] if realtime else ["--start-time", str(FAKE_NOW_S)]
         self.argv = [
-            sys.executable, str(FAKE_EXCHANGE), "--port", "0", "--symbols", str(symbols),
-            "--synthetic-only", "--latency-ms", str(latency_ms), "--start-time", str(FAKE_NOW_S),
-            *(["--rps", str(rps)] if rps else []), *extra,
+            sys.executable,
+            str(FAKE_EXCHANGE),
+            "--port",
+            "0",
+            "--symbols",
+            str(symbols),
+            "--synthetic-only",
+            "--latency-ms",
+            str(latency_ms),
+            *clock,
+            *(["--rps", str(rps)] if rps else []),
         ]
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
@@ -77,20 +87,28 @@ class FakeExchangeProcess:
 def ccxt_options(base_url: str) -> dict[str, Any]:
     return {
         "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
-        "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False,
-                    "fetchMargins": False},
+        "options": {
+            "fetchMarkets": {"types": ["spot"]},
+            "fetchCurrencies": False,
+            "fetchMargins": False,
+        },
         "timeout": 10_000,
     }
 
 
-def write_collector_config(workdir: Path, base_url: str, symbols: list[str], rps: float,
-                           safety: float, concurrency: int) -> Path:
+def write_collector_config(
+    workdir: Path, base_url: str, symbols: list[str], rps: float, safety: float, concurrency: int
+) -> Path:
     config = {
-        "exchanges": [{
-            "id": "binance", "symbols": symbols, "timeframes": ["1m"],
-            "ccxt": ccxt_options(base_url),
-            "rate_limit": {"requests_per_second": rps, "safety": safety},
-        }],
+        "exchanges": [
+            {
+                "id": "binance",
+                "symbols": symbols,
+                "timeframes": ["1m"],
+                "ccxt": ccxt_options(base_url),
+                "rate_limit": {"requests_per_second": rps, "safety": safety},
+            }
+        ],
         "history_page_limit": 1000,
         "history_concurrency": concurrency,
         "storage": {"backend": "duckdb", "duckdb": {"path": str(workdir / "ohlcv.duckdb")}},

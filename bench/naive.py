@@ -1,8 +1,9 @@
 """The naive baseline: how most scripts backfill, a sequential ccxt loop.
 
 One symbol after another, page after page, with ccxt's own default rate limiting
-(`enableRateLimit`, Binance's `rateLimit` of 50 ms), each page inserted with `executemany`.
-Prints one JSON line: candles stored and requests made.
+(`enableRateLimit`, Binance's `rateLimit` of 50 ms), candles collected in a list the way a
+script builds a DataFrame. It stores nothing, which flatters it: DuckDB's `executemany`, the
+usual next step, costs about 2 ms per candle. Prints one JSON line: candles and requests.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import json
 import sys
 
 import ccxt.async_support as ccxt
-import duckdb
 
 
-async def backfill(base_url: str, symbols: list[str], start_ms: int, end_ms: int, db: str) -> None:
-    exchange = ccxt.binance({
-        "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
-        "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False},
-        "enableRateLimit": True,
-    })
-    con = duckdb.connect(db)
-    con.execute("CREATE TABLE IF NOT EXISTS ohlcv (symbol VARCHAR, ts BIGINT, o DOUBLE, h DOUBLE,"
-                " l DOUBLE, c DOUBLE, v DOUBLE)")
-    candles = requests = 0
+async def backfill(base_url: str, symbols: list[str], start_ms: int, end_ms: int) -> None:
+    exchange = ccxt.binance(
+        {
+            "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
+            "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False},
+            "enableRateLimit": True,
+        }
+    )
+    collected: list[list[float]] = []
+    requests = 0
     try:
         for symbol in symbols:
             since = start_ms
@@ -34,16 +34,13 @@ async def backfill(base_url: str, symbols: list[str], start_ms: int, end_ms: int
                 rows = [r for r in rows if r[0] < end_ms]
                 if not rows:
                     break
-                con.executemany("INSERT INTO ohlcv VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                [(symbol, *r) for r in rows])
-                candles += len(rows)
+                collected.extend(rows)
                 since = rows[-1][0] + 60_000
     finally:
         await exchange.close()
-        con.close()
-    print(json.dumps({"candles": candles, "requests": requests}))
+    print(json.dumps({"candles": len(collected), "requests": requests}))
 
 
 if __name__ == "__main__":
-    base, db, start, end, *names = sys.argv[1:]
-    asyncio.run(backfill(base, names, int(start), int(end), db))
+    base, start, end, *names = sys.argv[1:]
+    asyncio.run(backfill(base, names, int(start), int(end)))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .harness import (
@@ -46,14 +46,29 @@ class Row:
 
     def cells(self) -> list[str]:
         return [
-            self.name, str(self.symbols), f"{self.rps:.1f}", f"{self.rps / self.target_rps:.3f}",
-            f"{self.candles / self.seconds:,.0f}", str(self.status_429), str(self.status_418),
-            f"{self.cpu_s * 1e6 / max(1, self.candles):.2f}", f"{self.rss_mib:.0f}",
+            self.name,
+            str(self.symbols),
+            f"{self.rps:.1f}",
+            f"{self.rps / self.target_rps:.3f}",
+            f"{self.candles / self.seconds:,.0f}",
+            str(self.status_429),
+            str(self.status_418),
+            f"{self.cpu_s * 1e6 / max(1, self.candles):.2f}",
+            f"{self.rss_mib:.0f}",
         ]
 
 
-HEADER = ["run", "symbols", "req/s", "req/s ÷ (B×safety)", "candles/s", "429", "418",
-          "CPU µs/candle", "peak RSS MiB"]
+HEADER = [
+    "run",
+    "symbols",
+    "req/s",
+    "req/s ÷ (B×safety)",
+    "candles/s",
+    "429",
+    "418",
+    "CPU µs/candle",
+    "peak RSS MiB",
+]
 
 
 def _range(pages_per_symbol: int) -> tuple[int, int]:
@@ -65,40 +80,75 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-def run_collector(symbols: int, budget: int, safety: float, latency_ms: float,
-                  requests: int) -> Row:
+def run_collector(
+    symbols: int, budget: int, safety: float, latency_ms: float, requests: int
+) -> Row:
     pages = max(1, requests // symbols)
     start_ms, end_ms = _range(pages)
-    with tempfile.TemporaryDirectory() as tmp, \
-            FakeExchangeProcess(symbols, budget, latency_ms) as fake:
-        config = write_collector_config(Path(tmp), fake.base_url, synthetic_symbols(symbols),
-                                        budget, safety, concurrency=32)
-        measured = run_measured([
-            sys.executable, "-m", "tda_collector", "--config", str(config), "--mode=history",
-            f"--start={_iso(start_ms)}", f"--end={_iso(end_ms)}",
-        ])
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FakeExchangeProcess(symbols, budget, latency_ms) as fake,
+    ):
+        config = write_collector_config(
+            Path(tmp), fake.base_url, synthetic_symbols(symbols), budget, safety, concurrency=32
+        )
+        measured = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "tda_collector",
+                "--config",
+                str(config),
+                "--mode=history",
+                f"--start={_iso(start_ms)}",
+                f"--end={_iso(end_ms)}",
+            ]
+        )
     events = [json.loads(line) for line in measured.stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in reversed(events) if e["event"] == "history_complete")
-    return Row("collector", symbols, summary["requests"], summary["rows"],
-               summary["duration_ms"] / 1000, measured.cpu_s, measured.max_rss_mib,
-               fake.counters.get("429", 0), fake.counters.get("418", 0), budget * safety)
+    return Row(
+        "collector",
+        symbols,
+        summary["requests"],
+        summary["rows"],
+        summary["duration_ms"] / 1000,
+        measured.cpu_s,
+        measured.max_rss_mib,
+        fake.counters.get("429", 0),
+        fake.counters.get("418", 0),
+        budget * safety,
+    )
 
 
-def run_baseline(symbols: int, budget: int, safety: float, latency_ms: float,
-                 requests: int) -> Row:
+def run_baseline(symbols: int, budget: int, safety: float, latency_ms: float, requests: int) -> Row:
     pages = max(1, requests // symbols)
     names = synthetic_symbols(min(symbols, requests))
     start_ms, end_ms = _range(pages)
-    with tempfile.TemporaryDirectory() as tmp, \
-            FakeExchangeProcess(symbols, budget, latency_ms) as fake:
-        measured = run_measured([
-            sys.executable, "-m", "bench.naive", fake.base_url, str(Path(tmp) / "naive.duckdb"),
-            str(start_ms), str(end_ms), *names,
-        ])
+    with FakeExchangeProcess(symbols, budget, latency_ms) as fake:
+        measured = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "bench.naive",
+                fake.base_url,
+                str(start_ms),
+                str(end_ms),
+                *names,
+            ]
+        )
     result = json.loads(measured.stdout.strip().splitlines()[-1])
-    return Row("naive baseline", len(names), result["requests"], result["candles"],
-               measured.wall_s, measured.cpu_s, measured.max_rss_mib,
-               fake.counters.get("429", 0), fake.counters.get("418", 0), budget * safety)
+    return Row(
+        "naive baseline",
+        len(names),
+        result["requests"],
+        result["candles"],
+        measured.wall_s,
+        measured.cpu_s,
+        measured.max_rss_mib,
+        fake.counters.get("429", 0),
+        fake.counters.get("418", 0),
+        budget * safety,
+    )
 
 
 def render(rows: list[Row]) -> str:
