@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_support import duckdb_store
 
+from bigquery_support import bigquery_store
+from store_support import duckdb_store
 from tda_collector.models import CandleBatch, JobKey
 
 KEY = JobKey("binance", "BTC/USDT", "1m")
@@ -33,7 +34,7 @@ def batch(key, start, count, price=100.0, closed=True):
     )
 
 
-STORES = [pytest.param(duckdb_store, id="duckdb")]
+STORES = [pytest.param(duckdb_store, id="duckdb"), pytest.param(bigquery_store, id="bigquery")]
 
 
 @pytest.fixture(params=STORES)

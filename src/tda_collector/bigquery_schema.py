@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from google.cloud import bigquery
@@ -31,7 +32,9 @@ _ARROW_TYPES = {
     "BOOL": pa.bool_(),
     "INT64": pa.int64(),
 }
+# The REST API reports legacy type names; Column uses the standard-SQL ones.
 _API_TYPES = {"FLOAT64": "FLOAT", "BOOL": "BOOLEAN", "INT64": "INTEGER"}
+_SQL_TYPES = {api: sql for sql, api in _API_TYPES.items()}
 
 # Per-row streaming error reasons worth sending again with the same row id. "stopped" marks a
 # row that was fine but not inserted because another row of the request was invalid.
@@ -79,7 +82,9 @@ class TableNames:
 def schema_fields(columns: Sequence[Column]) -> list[bigquery.SchemaField]:
     return [
         bigquery.SchemaField(
-            c.name, _API_TYPES.get(c.sql_type, c.sql_type), mode="NULLABLE" if c.nullable else "REQUIRED"
+            c.name,
+            _API_TYPES.get(c.sql_type, c.sql_type),
+            mode="NULLABLE" if c.nullable else "REQUIRED",
         )
         for c in columns
     ]
@@ -125,6 +130,12 @@ def layout_differences(
     return differences
 
 
+def partition_ids(timestamps_ms: np.ndarray, partitioning: str) -> set[object]:
+    """The partitions (days or months) that rows with these open times land in."""
+    unit = "D" if partitioning == "DAY" else "M"
+    return set(np.unique(timestamps_ms.astype("datetime64[ms]").astype(f"datetime64[{unit}]")))
+
+
 def latest_view_sql(names: TableNames) -> str:
     """One row per key: a closed version before an open one, then the newest write."""
     return f"""CREATE OR REPLACE VIEW `{names.view_id}` AS
@@ -165,25 +176,39 @@ GROUP BY t.exchange, t.symbol, t.timeframe"""
     return sql, config
 
 
+def series_query(names: TableNames, key: JobKey) -> tuple[str, bigquery.QueryJobConfig]:
+    """One series' closed candles as users query them (the view), oldest first."""
+    sql = f"""SELECT UNIX_MILLIS(timestamp) AS ts, open, high, low, close, volume
+FROM `{names.view_id}`
+WHERE exchange = @exchange AND symbol = @symbol AND timeframe = @timeframe
+  AND is_closed IS NOT FALSE
+ORDER BY timestamp"""
+    config = bigquery.QueryJobConfig(
+        query_parameters=[
+            bigquery.ScalarQueryParameter(name, "STRING", getattr(key, name))
+            for name in ("exchange", "symbol", "timeframe")
+        ]
+    )
+    return sql, config
+
+
 def conform(table: pa.Table, fields: Sequence[bigquery.SchemaField]) -> pa.Table:
     """`table` with exactly `fields`' columns, in order, typed for BigQuery (UTC timestamps,
     REQUIRED as non-nullable so a Parquet load matches the table's modes); absent ones null."""
+    by_name = {name.lower(): name for name in table.column_names}  # BigQuery ignores case
     columns, schema = [], []
     for f in fields:
-        arrow_type = _ARROW_TYPES[_sql_type(f.field_type)]
-        if f.name in table.column_names:
-            column = table[f.name]
+        arrow_type = _ARROW_TYPES[_SQL_TYPES.get(f.field_type, f.field_type)]
+        name = by_name.get(f.name.lower())
+        if name is None:
+            columns.append(pa.nulls(table.num_rows, arrow_type))
+        else:
+            column = table[name]
             if pa.types.is_timestamp(column.type) and column.type.tz is None:
                 column = pc.assume_timezone(column, "UTC")
             columns.append(column.cast(arrow_type))
-        else:
-            columns.append(pa.nulls(table.num_rows, arrow_type))
         schema.append(pa.field(f.name, arrow_type, nullable=f.mode != "REQUIRED"))
     return pa.Table.from_arrays(columns, schema=pa.schema(schema))
-
-
-def _sql_type(api_type: str) -> str:
-    return {v: k for k, v in _API_TYPES.items()}.get(api_type, api_type)
 
 
 def stream_rows(table: pa.Table) -> tuple[list[dict[str, Any]], list[str]]:
