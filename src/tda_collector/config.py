@@ -118,6 +118,15 @@ class BigQueryConfig(_Section):
     table: str = "market_data_ohlcv"
     location: str = "US"
     api_endpoint: str | None = Field(None, description="An emulator URL (anonymous credentials).")
+    partitioning: Literal["DAY", "MONTH"] = Field(
+        "DAY", description="Partition by DATE(timestamp) or by month (decades of 1d candles)."
+    )
+    load_batch_rows: int = Field(
+        200_000, ge=1, description="History: rows per load job (1,500 load jobs/table/day)."
+    )
+    load_batch_seconds: float = Field(
+        10.0, gt=0, description="History: start a load job at most this long after a page."
+    )
 
 
 class StorageConfig(_Section):
@@ -172,6 +181,11 @@ class AdminConfig(_Section):
         description="Listen address of /metrics, /healthz, /readyz (0.0.0.0 in a container).",
     )
     port: int = Field(8080, ge=0, le=65535, description="0 disables the admin server.")
+    token_env: str = Field(
+        "TDA_ADMIN_TOKEN",
+        description="Environment variable holding the bearer token that the jobs API's POSTs "
+        "need when host is not loopback (unset: they are refused there).",
+    )
 
 
 class RetryConfig(_Section):

@@ -120,13 +120,24 @@ class IndicatorStage:
 
     def _commit(self, key: JobKey, series: _Series) -> Commit:
         async def commit() -> None:
-            self._series[key] = series
             await self._run(self._save, key, series)
 
         return commit
 
+    async def abort(self, batch: CandleBatch) -> None:
+        """The prepared batch was not stored: what follows it must be recomputed."""
+        current = self._series.setdefault(batch.key, _Series())
+        first_ms = int(batch.timestamps[0]) if len(batch) else 0
+        earlier = current.dirty_from_ms
+        current.dirty_from_ms = first_ms if earlier is None else min(first_ms, earlier)
+        await self._run(self._save, batch.key, current)
+
     async def prepare(self, batch: CandleBatch) -> tuple[CandleBatch, Commit]:
-        """The batch with indicator columns, and what to save once it is durable."""
+        """The batch with indicator columns, and what to save once it is durable.
+
+        The in-memory state moves on at once, so the next page of the series can be prepared
+        while this one is still being written (load jobs); the saved state only once durable.
+        """
         key = batch.key
         current = self._series.setdefault(key, _Series())
         closed = np.flatnonzero(batch.closed)
@@ -154,6 +165,7 @@ class IndicatorStage:
                     float(batch.close[i]), following.state, self.spec
                 ).items():
                     columns[name][i] = value
+        self._series[key] = following
         return replace(batch, extra=columns), self._commit(key, following)
 
     def dirty(self) -> list[JobKey]:
@@ -168,6 +180,7 @@ class IndicatorStage:
             series = self._series[key]
             stored = await self._store.series(key)
             if not len(stored):
+                self._series[key] = _Series()
                 await self._commit(key, _Series())()
                 continue
             values, state = compute(stored.close, initial_state(self.spec), self.spec)
@@ -175,6 +188,7 @@ class IndicatorStage:
             enriched = _select(replace(stored, extra=values), tail)
             rewritten += await write(enriched)
             repaired = _Series(int(stored.timestamps[-1]), state, None, has_stored_rows=True)
+            self._series[key] = repaired
             await self._commit(key, repaired)()
             self._events.info(
                 "indicators_recomputed",

@@ -50,7 +50,11 @@ class DurableWriter:
         if self._indicators is None:
             return await self.write_as_is(batch)
         enriched, commit = await self._indicators.prepare(batch)
-        written = await self.write_as_is(enriched)
+        try:
+            written = await self.write_as_is(enriched)
+        except BaseException:
+            await asyncio.shield(self._indicators.abort(batch))
+            raise
         await commit()
         return written
 
