@@ -1,14 +1,15 @@
-"""`python -m bench [throughput|live]`: measurements printed as tables, with ratios.
+"""`python -m bench [throughput|live|progress]`: measurements printed as tables, with ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
+progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import live_latency
+from . import live_latency, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -45,9 +46,15 @@ def live(args: argparse.Namespace) -> None:
     )
 
 
+def progress_latency(args: argparse.Namespace) -> None:
+    progress.run(args.jobs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", nargs="?", default="throughput", choices=["throughput", "live"])
+    parser.add_argument(
+        "what", nargs="?", default="throughput", choices=["throughput", "live", "progress"]
+    )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
     parser.add_argument("--latency-ms", type=float, default=100.0)
@@ -55,8 +62,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="throughput: per run")
     parser.add_argument("--baseline-requests", type=int, default=150)
     parser.add_argument("--symbols", type=int, default=500, help="live: symbols")
+    parser.add_argument("--jobs", type=int, default=2500, help="progress: jobs")
     args = parser.parse_args()
-    {"throughput": throughput, "live": live}[args.what](args)
+    {"throughput": throughput, "live": live, "progress": progress_latency}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,18 @@ from .errors import ExchangeFault, TransientFault, UsageError
 from .events import EventLog
 from .exchange import CcxtExchange
 from .fetcher import Fetcher
-from .history import COMPLETED, FAILED, HistoryBackfill, JobResult
+from .history import FAILED, HistoryBackfill, JobResult
+from .history_pool import ExchangeHistory
 from .indicator_stage import IndicatorStage, indicator_columns
+from .job_control import JobMonitor, finish_history_run, gated, register_history_jobs
+from .jobs import CANCELLED, JobRegistry
+from .jobs_api import jobs_routes
 from .live import run_live
 from .metrics import Metrics
 from .models import Column, JobKey
 from .persist import DurableWriter
+from .progress import Progress
+from .progress_bar import terminal_bar
 from .protocols import CandleSource, CandleStore
 from .ratelimit import RateLimiter, burst_for
 from .retry import RetryPolicy
@@ -151,65 +157,12 @@ def build_store(
     raise UsageError("storage.backend: bigquery is not available in this build yet")
 
 
-async def _run_exchange_history(
-    runtime: ExchangeRuntime,
-    backfill: HistoryBackfill,
-    request: RunRequest,
-    concurrency: int,
-    failure_limit: int,
-    events: EventLog,
-) -> list[JobResult]:
-    """Jobs of one exchange through a bounded worker pool. Jobs that failed on a transient
-    fault go to a retry queue that runs once more at the end, resuming from the ledger. More
-    than `failure_limit` failed jobs stop the exchange's remaining jobs instead of grinding on."""
-    assert request.start_ms is not None and request.end_ms is not None
-    start_ms, end_ms = request.start_ms, request.end_ms
-    failures = 0
-
-    async def run_all(keys: list[JobKey]) -> list[JobResult]:
-        nonlocal failures
-        queue: asyncio.Queue[JobKey] = asyncio.Queue()
-        for key in keys:
-            queue.put_nowait(key)
-        done: list[JobResult] = []
-
-        async def worker() -> None:
-            nonlocal failures
-            while not queue.empty() and failures <= failure_limit:
-                result = await backfill.run_job(queue.get_nowait(), start_ms, end_ms)
-                done.append(result)
-                failures += result.status != COMPLETED
-                if failures == failure_limit + 1:
-                    events.error(
-                        "exchange_stopped",
-                        f"{failures} jobs failed; stopping the exchange's remaining jobs",
-                        failed=failures,
-                        error=result.error,
-                    )
-
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(keys)))))
-        stopped = "not run: the exchange was stopped after too many failures"
-        while not queue.empty():
-            done.append(JobResult(queue.get_nowait(), status=FAILED, error=stopped))
-        return done
-
-    final = {r.key: r for r in await run_all(runtime.keys)}
-    if failures <= failure_limit:
-        retry_keys = [r.key for r in final.values() if r.status != COMPLETED and r.retryable]
-        for again in await run_all(retry_keys):
-            earlier = final[again.key]
-            again.rows += earlier.rows
-            again.pages += earlier.pages
-            again.rejected.update(earlier.rejected)
-            final[again.key] = again
-    return list(final.values())
-
-
 def _summarise(
     events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
 ) -> int:
     duration = time.monotonic() - started
-    failed = [r for r in results if r.status != COMPLETED]
+    failed = [r for r in results if r.status == FAILED]
+    cancelled = sum(r.status == CANCELLED for r in results)
     for r in failed:
         events.error(
             "job_failed",
@@ -225,11 +178,14 @@ def _summarise(
     log = events.error if failed else events.info
     log(
         "history_complete",
-        f"{len(results) - len(failed)}/{len(results)} jobs complete, {rows} candles stored"
+        f"{len(results) - len(failed) - cancelled}/{len(results)} jobs complete, "
+        f"{rows} candles stored"
+        + (f"; {cancelled} cancelled" if cancelled else "")
         + (f"; failed: {', '.join(str(r.key) for r in failed)}" if failed else ""),
         jobs=len(results),
-        completed=len(results) - len(failed),
+        completed=len(results) - len(failed) - cancelled,
         failed=len(failed),
+        cancelled=cancelled or None,
         failed_jobs=[str(r.key) for r in failed] or None,
         rows=rows,
         rejected=rejected,
@@ -268,11 +224,15 @@ async def run_history(
     state: StateStore,
     metrics: Metrics,
     indicators: IndicatorStage | None = None,
+    registry: JobRegistry | None = None,
 ) -> int:
     started = time.monotonic()
     keys = [k for rt in runtimes for k in rt.keys]
     await _discard_orphan_ledgers(store, state, keys, events)
-    metrics.set_jobs({"RUNNING": len(keys)})
+    assert request.start_ms is not None and request.end_ms is not None
+    registry = registry or JobRegistry("history", state, metrics, events)
+    exchanges = [(rt.config.id, rt.keys, rt.source.now_ms()) for rt in runtimes]
+    jobs = await register_history_jobs(registry, state, exchanges, request.start_ms, request.end_ms)
     per_exchange = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)
@@ -280,23 +240,21 @@ async def run_history(
             store, retry_policy(config), exchange_events, metrics=metrics, indicators=indicators
         )
         backfill = HistoryBackfill(
-            rt.fetcher, writer, state, exchange_events, config.history_page_limit, metrics
+            rt.fetcher, writer, state, exchange_events, config.history_page_limit, metrics, registry
         )
-        per_exchange.append(
-            _run_exchange_history(
-                rt,
-                backfill,
-                request,
-                config.history_concurrency,
-                config.retry.exchange_failure_limit,
-                exchange_events,
-            )
+        pool = ExchangeHistory(
+            backfill,
+            registry,
+            [job for job in jobs if job.key.exchange == rt.config.id],
+            config.history_concurrency,
+            config.retry.exchange_failure_limit,
+            exchange_events,
         )
+        per_exchange.append(pool.run())
     results = [r for group in await asyncio.gather(*per_exchange) for r in group]
     if indicators is not None:
         await indicators.repair(DurableWriter(store, retry_policy(config), events).write_as_is)
-    completed = sum(r.status == COMPLETED for r in results)
-    metrics.set_jobs({"COMPLETED": completed, "FAILED": len(results) - completed})
+    await finish_history_run(registry, state)
     return _summarise(events, results, runtimes, started)
 
 
@@ -335,25 +293,42 @@ async def _open_all(
     return runtimes, failure
 
 
+def _track_budgets(registry: JobRegistry, runtimes: list[ExchangeRuntime]) -> None:
+    for rt in runtimes:
+        budget = rt.config.rate_limit.requests_per_second or rt.source.default_requests_per_second
+        limit = rt.limiter.rate_per_s
+        registry.track_budget(rt.config.id, budget, limit, lambda f=rt.fetcher: f.requests)
+
+
 async def _run_mode(
     config: Config,
     request: RunRequest,
     events: EventLog,
     factory: SourceFactory,
     metrics: Metrics,
+    admin_token: str | None = None,
 ) -> int:
     readiness = Readiness()
-    admin = build_admin_server(config.admin, metrics, readiness)
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
     store = build_store(config, events, indicator_columns(spec) if spec else ())
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     state = StateStore(config.state_path)
+    registry = JobRegistry(request.mode, state, metrics, events)
+    progress = Progress(registry)
+    admin = build_admin_server(
+        config.admin,
+        metrics,
+        readiness,
+        jobs_routes(registry, progress, config.admin.host, admin_token, config.admin.token_env),
+    )
     try:
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
-        runtimes, failure = await _open_all(config, request, events, factory, metrics)
+        runtimes, failure = await _open_all(
+            config, request, events, gated(factory, registry), metrics
+        )
         if failure is not None:
             raise failure
         await state.open()
@@ -361,13 +336,24 @@ async def _run_mode(
         if indicators is not None:
             await indicators.load([k for rt in runtimes for k in rt.keys])
         readiness.store_ready = True
-        if request.mode == "history":
-            return await run_history(
-                config, request, events, runtimes, store, state, metrics, indicators
+        _track_budgets(registry, runtimes)
+        bar = terminal_bar(request.mode, events.logger)
+        async with JobMonitor(registry, progress, events, bar):
+            if request.mode == "history":
+                return await run_history(
+                    config, request, events, runtimes, store, state, metrics, indicators, registry
+                )
+            return await run_live(
+                config,
+                events,
+                runtimes,
+                store,
+                state,
+                retry_policy(config),
+                metrics,
+                indicators,
+                registry,
             )
-        return await run_live(
-            config, events, runtimes, store, state, retry_policy(config), metrics, indicators
-        )
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
@@ -398,8 +384,10 @@ async def run(
     events: EventLog,
     metrics: Metrics,
     factory: SourceFactory,
+    admin_token: str | None = None,
 ) -> int:
-    """Run one mode to its end, or until SIGTERM/SIGINT (then exit code 0 after a clean stop)."""
+    """Run one mode to its end, or until SIGTERM/SIGINT (then exit code 0 after a clean stop).
+    `admin_token` is the bearer token the jobs API's POSTs need off loopback."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -416,7 +404,7 @@ async def run(
         loop.add_signal_handler(sig, request_stop, sig.name)
     started = time.monotonic()
     try:
-        return await _run_mode(config, request, events, factory, metrics)
+        return await _run_mode(config, request, events, factory, metrics, admin_token)
     except asyncio.CancelledError:
         if not stopping:
             raise

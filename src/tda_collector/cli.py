@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 loki=loki is not None,
             )
             factory = ccxt_source_factory(resolve_credentials(config, environ))
-            return asyncio.run(run(config, request, events, metrics, factory))
+            token = environ.get(config.admin.token_env) or None
+            return asyncio.run(run(config, request, events, metrics, factory, token))
         finally:
             if loki is not None:
                 logger.removeHandler(loki)

@@ -1,30 +1,39 @@
 """History mode: backfill [start, end) for every job, exactly and resumably.
 
 A job pages forward through the parts of its range the ledger does not cover yet. Each page is
-normalised, written (durably), and only then added to the ledger; so a rerun of a finished range
-asks for nothing, and a crash costs at most the page that was in flight.
+normalised, written (durably), and only then added to the ledger, together with the job row that
+counts it; so a rerun of a finished range asks for nothing, and a crash costs at most the page
+that was in flight. A paused job stops between pages (and no request of it leaves: see
+`GatedSource`); resuming runs it again from the ledger, which is exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
 from .intervals import subtract
+from .jobs import COMPLETED, FAILED, PAUSED, Job, JobPaused, JobRegistry
 from .metrics import Metrics
-from .models import JobKey
+from .models import CandleBatch, JobKey
 from .normalize import Window, normalize_page
 from .persist import DurableWriter
 from .rejections import report_rejections
 from .state import StateStore
-from .timeframes import ceil_ms, closed_before, timeframe_ms
 
-COMPLETED = "COMPLETED"
-FAILED = "FAILED"
+
+def _forget_stored(task: asyncio.Future[int]) -> None:
+    """Mark the outcome seen: the job that awaited it may be gone (cancelled); faults it met
+    were reported by the writer."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -60,29 +69,31 @@ class HistoryBackfill:
         events: EventLog,
         page_limit: int,
         metrics: Metrics,
+        registry: JobRegistry,
     ) -> None:
         self._fetcher = fetcher
+        self._registry = registry
+        self._storing: set[asyncio.Future[int]] = set()
         self._metrics = metrics
         self._writer = writer
         self._state = state
         self._events = events
         self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
 
-    async def _fill(self, key: JobKey, tf_ms: int, gap: tuple[int, int], result: JobResult) -> None:
+    async def _fill(self, job: Job, gap: tuple[int, int], result: JobResult) -> None:
+        key, tf_ms = job.key, job.tf_ms
         since, end = gap
         while True:
+            job.check()  # paused: let go of the worker between pages
             started = time.monotonic()
             raw = await self._fetcher.candles(key, since, end - 1, self._page_limit)
             page = normalize_page(raw, key, tf_ms, Window(since, end, closed_before_ms=end))
             if page.rejected:
                 result.rejected.update(page.rejected)
                 report_rejections(self._events, self._metrics, key, page.rejected)
-            written = await self._writer.write(page.batch)
-            result.rows += written
-            self._metrics.history_candles(key.exchange, key.timeframe, written)
             following = next_since(since, page.newest_open_ms, tf_ms, end)
             covered_to = end if following is None else following
-            await self._state.add_coverage(key, since, covered_to)
+            result.rows += await self._shielded(self._store(job, page.batch, since, covered_to))
             result.pages += 1
             self._events.info(
                 "history_page_done",
@@ -98,15 +109,39 @@ class HistoryBackfill:
                 return
             since = following
 
-    async def run_job(self, key: JobKey, start_ms: int, end_ms: int) -> JobResult:
-        """Backfill one series; faults are caught here and reported in the result."""
-        result = JobResult(key)
-        tf_ms = timeframe_ms(key.timeframe)
-        start = ceil_ms(start_ms, tf_ms)
-        end = min(ceil_ms(end_ms, tf_ms), closed_before(self._fetcher.source.now_ms(), tf_ms))
+    async def _store(self, job: Job, batch: CandleBatch, since: int, covered_to: int) -> int:
+        """Write the page, then count it and add it to the ledger in one transaction."""
+        written = await self._writer.write(batch)
+        self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
+        record = self._registry.record_page(job, since, covered_to, written)
+        await self._state.add_coverage(job.key, since, covered_to, record)
+        return written
+
+    def _shielded(self, storing: Coroutine[Any, Any, int]) -> Awaitable[int]:
+        """A page being stored finishes even when its job is cancelled meanwhile, so that the
+        job's saved count always matches the rows in the store; `drain` waits for them."""
+        task = asyncio.ensure_future(storing)
+        self._storing.add(task)
+        task.add_done_callback(_forget_stored)
+        task.add_done_callback(self._storing.discard)
+        return asyncio.shield(task)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Wait for pages still being stored (at most `timeout_s`)."""
+        if self._storing:
+            await asyncio.wait(set(self._storing), timeout=timeout_s)
+
+    async def run_job(self, job: Job, result: JobResult | None = None) -> JobResult:
+        """Backfill the job's window from the ledger on; faults are caught here and reported in
+        the result, and so is a pause (status PAUSED). `result` accumulates across attempts."""
+        result = result or JobResult(job.key)
+        result.status, result.error, result.retryable = COMPLETED, None, False
+        assert job.start_ms is not None and job.end_ms is not None
         try:
-            for gap in subtract((start, end), await self._state.coverage(key)):
-                await self._fill(key, tf_ms, gap, result)
+            for gap in subtract((job.start_ms, job.end_ms), await self._state.coverage(job.key)):
+                await self._fill(job, gap, result)
+        except JobPaused:
+            result.status = PAUSED
         except (ExchangeFault, StoreFault) as exc:
             result.status = FAILED
             result.error = str(exc)

@@ -6,6 +6,10 @@ including the candle in progress, writes it, and moves the cursor. Due instants 
 clock, not from sleeping fixed intervals, so there is no drift; a run that overruns its next due
 instant skips it rather than piling up. After downtime the first sync pages through the hole
 (within the shared budget) before the job is live again, so catch-up needs no special mode.
+
+Each job shows in the jobs registry as RUNNING, with its last and next run, rows and last
+error. A paused job skips its due runs and, on resume, runs at once: that sync catches up on
+everything since its cursor. A cancelled job's task stops; the other jobs go on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from .errors import ExchangeFault, PermanentFault, StoreFault
 from .events import EventLog
 from .fetcher import Fetcher
 from .indicator_stage import IndicatorStage
+from .job_control import register_live_jobs, run_cancellable
+from .jobs import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRegistry
 from .metrics import Metrics
 from .models import CandleBatch, JobKey
 from .normalize import Window, normalize_page
@@ -54,6 +60,7 @@ class LiveJob:
     last_run_ms: int | None = None
     last_error: str | None = None
     runs: int = 0
+    handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
@@ -94,6 +101,7 @@ class LiveExchange:
     settings: LiveSettings
     metrics: Metrics
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    registry: JobRegistry = field(default_factory=lambda: JobRegistry("live"))
     jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
@@ -113,11 +121,12 @@ class LiveExchange:
 
     async def _persist(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
         """Write, then move the cursor and the ledger: in that order, and not interrupted."""
-        await self.writer.write(batch)
+        written = await self.writer.write(batch)
         newest_closed = batch.newest_closed_ms
         if newest_closed is not None:
             job.cursor_ms = newest_closed
             await self.state.add_coverage(job.key, since, newest_closed + job.tf_ms)
+        self.registry.note(self._handle(job), rows=written, cursor_ms=job.cursor_ms)
 
     def _report_holes(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
         newest_closed = batch.newest_closed_ms
@@ -172,19 +181,31 @@ class LiveExchange:
             )
         return rows
 
+    @staticmethod
+    def _handle(job: LiveJob) -> Job:
+        assert job.handle is not None, "run() registers every job"
+        return job.handle
+
     def _register(self, job: LiveJob, due_ms: int) -> None:
         job.next_due_ms = due_ms
         self._cycles.setdefault(due_ms, _Cycle(due_ms)).pending += 1
+        self.registry.note(self._handle(job), next_run_ms=due_ms)
 
-    def _finish(self, job: LiveJob, due_ms: int, rows: int, failed: bool) -> None:
+    def _finish(
+        self, job: LiveJob, due_ms: int, rows: int, failed: bool, ran: bool = True
+    ) -> None:
+        """The job is done with the cycle of `due_ms`; a job that did not run (paused,
+        cancelled) leaves it without counting, and a cycle in which none ran is not reported."""
         cycle = self._cycles[due_ms]
         cycle.pending -= 1
-        cycle.jobs += 1
-        cycle.rows += rows
-        cycle.failed += failed
-        cycle.max_lag_s = max(cycle.max_lag_s, job.lag_s(self.now_ms()) or 0.0)
+        if ran:
+            cycle.jobs += 1
+            cycle.rows += rows
+            cycle.failed += failed
+            cycle.max_lag_s = max(cycle.max_lag_s, job.lag_s(self.now_ms()) or 0.0)
         if cycle.pending == 0:
             del self._cycles[due_ms]
+        if cycle.pending == 0 and cycle.jobs:
             self.events.info(
                 "live_cycle_complete",
                 f"{cycle.jobs} jobs, {cycle.rows} rows",
@@ -200,13 +221,19 @@ class LiveExchange:
         async with self._slots:
             job.last_run_ms = self.now_ms()
             job.runs += 1
+            handle = self._handle(job)
+            self.registry.note(handle, last_run_ms=job.last_run_ms)
             try:
                 rows = await self.sync(job)
                 job.last_error = None
+                self.registry.note(handle, last_error=None)
                 return rows, False
+            except JobPaused:  # paused mid-way: what was stored stays, the rest on resume
+                return 0, False
             except (ExchangeFault, StoreFault) as exc:
                 # The cursor did not move: the next run starts where this one stopped.
                 job.last_error = str(exc)
+                self.registry.note(handle, last_error=job.last_error)
                 level = (
                     self.events.error if isinstance(exc, PermanentFault) else self.events.warning
                 )
@@ -221,28 +248,54 @@ class LiveExchange:
 
     async def run_job(self, job: LiveJob) -> None:
         """One sync per due instant, forever; the next instant is computed after each run, so
-        runs of a job never overlap and missed instants are skipped, not queued."""
-        while True:
-            due = job.next_due_ms
-            wait_ms = due - self.now_ms()
-            if wait_ms > 0:
-                await self.sleep(wait_ms / 1000)
-            rows, failed = await self._run_once(job)
-            self._finish(job, due, rows, failed)
-            settings = self.settings
-            self._register(
-                job, next_due_ms(self.now_ms(), job.tf_ms, settings.refresh_ms, settings.settle_ms)
-            )
+        runs of a job never overlap and missed instants are skipped, not queued. A paused job
+        skips its instants and runs at once when resumed."""
+        handle = self._handle(job)
+        in_cycle = True  # registered for the cycle of job.next_due_ms
+        try:
+            while True:
+                due = job.next_due_ms
+                wait_ms = due - self.now_ms()
+                if wait_ms > 0:
+                    await self.sleep(wait_ms / 1000)
+                if handle.status == PAUSED:
+                    self._finish(job, due, 0, False, ran=False)
+                    in_cycle = False
+                    self.registry.note(handle, next_run_ms=None)
+                    await handle.wait_unpaused()
+                    self._register(job, self.now_ms())
+                    in_cycle = True
+                    continue
+                rows, failed = await self._run_once(job)
+                self._finish(job, due, rows, failed)
+                settings = self.settings
+                self._register(
+                    job,
+                    next_due_ms(self.now_ms(), job.tf_ms, settings.refresh_ms, settings.settle_ms),
+                )
+        except asyncio.CancelledError:
+            if handle.status == CANCELLED and in_cycle:
+                self._finish(job, job.next_due_ms, 0, False, ran=False)
+                self.registry.note(handle, next_run_ms=None)
+            raise
 
     async def run(self, jobs: list[LiveJob]) -> None:
         """Start every job with a catch-up sync now (one cycle), then keep them live."""
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self.jobs = {job.key: job for job in jobs}
+        for job in jobs:
+            handle = self.registry.find(job.key) or self.registry.add(
+                Job(job.key, "live", job.tf_ms, cursor_ms=job.cursor_ms)
+            )
+            if handle.status == PENDING:
+                self.registry.apply(handle, "start")
+            handle.active = True
+            job.handle = handle
         start = self.now_ms()
         for job in jobs:
             self._register(job, start)
         try:
-            await asyncio.gather(*(self.run_job(job) for job in jobs))
+            await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
         except asyncio.CancelledError:
             # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
             if self._persisting:
@@ -269,10 +322,13 @@ async def run_live(
     retry_policy: RetryPolicy,
     metrics: Metrics,
     indicators: IndicatorStage | None = None,
+    registry: JobRegistry | None = None,
 ) -> int:
     """Run every configured job live until cancelled (SIGTERM/SIGINT)."""
     keys = [k for rt in runtimes for k in rt.keys]
     cursors = await store.newest(keys)
+    registry = registry or JobRegistry("live", state, metrics, events)
+    await register_live_jobs(registry, state, keys, cursors)
     for key, open_ms in cursors.items():
         close_s = (open_ms + timeframe_ms(key.timeframe)) / 1000
         metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
@@ -291,6 +347,7 @@ async def run_live(
             exchange_events,
             live_settings(config, rt.source.capabilities.max_page_size),
             metrics,
+            registry=registry,
         )
         jobs = [LiveJob(k, timeframe_ms(k.timeframe), cursors.get(k)) for k in rt.keys]
         exchanges.append(live.run(jobs))

@@ -1,0 +1,176 @@
+"""The status page served at `GET /`: one HTML file, no build step, no outside resources.
+
+It polls `/progress` and `/jobs` every second and renders with DOM calls (never innerHTML), so
+names from an exchange cannot inject markup. When a POST is refused for want of a bearer token
+(admin bound off loopback), the page asks for the token once and keeps it for the browser tab.
+"""
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tda-collector jobs</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 18px;display:flex;gap:14px;align-items:center}
+header h1{font-size:17px;margin:0;flex:1}
+main{padding:14px 18px;max-width:1400px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:12px;margin:0 0 14px}
+h2{font-size:14px;margin:0 0 8px;color:#4a5468}
+.bar{background:#e6e9ee;border-radius:4px;height:10px;overflow:hidden;min-width:90px}
+.bar>i{display:block;height:100%;background:#2f7de1}
+#total .bar{height:18px}
+.stats{display:flex;flex-wrap:wrap;gap:18px;margin-top:8px}
+.stats b{font-size:17px;display:block}
+.chip{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;font-weight:600}
+.PENDING{background:#e6e9ee}.RUNNING{background:#d5e6fb;color:#174b8f}
+.PAUSED{background:#fdeecb;color:#7a5200}.COMPLETED{background:#d6f0dc;color:#1d6b32}
+.FAILED{background:#f9d7d7;color:#8f1d1d}.CANCELLED{background:#e9e0f5;color:#51307a}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eef0f3;vertical-align:middle}
+th{font-size:12px;color:#667085;font-weight:600}
+td.err{color:#8f1d1d;max-width:340px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.id,td.act{white-space:nowrap}
+button{font:inherit;font-size:12px;padding:2px 8px;margin-right:3px;cursor:pointer}
+header button{font-size:13px}
+#msg{color:#ffd27a}
+</style></head>
+<body>
+<header><h1>tda-collector <span id="mode"></span></h1><span id="msg"></span>
+<button id="pause-all">Pause all</button><button id="resume-all">Resume all</button>
+<span id="updated"></span></header>
+<main>
+<section id="total"><h2>Progress</h2><div class="bar"><i id="total-bar"></i></div>
+<div class="stats" id="stats"></div></section>
+<section><h2>Exchange budgets</h2><table id="budgets"><thead><tr><th>exchange</th>
+<th>requests/s</th><th>limit/s</th><th>budget/s</th><th>budget used</th><th>jobs done</th>
+</tr></thead><tbody></tbody></table></section>
+<section><h2>Jobs <span id="shown"></span></h2>
+<p><select id="status"><option value="">every status</option></select>
+<input id="q" placeholder="filter by id, e.g. BTC" size="24"></p>
+<table id="jobs"><thead><tr><th>job</th><th>status</th><th>covered</th><th>candles</th>
+<th>last run</th><th>next run</th><th>last error</th><th></th></tr></thead><tbody></tbody>
+</table></section>
+</main>
+<script>
+"use strict";
+const STATUSES = ["PENDING", "RUNNING", "PAUSED", "COMPLETED", "FAILED", "CANCELLED"];
+const ACTIONS = {pause: ["PENDING", "RUNNING"], resume: ["PAUSED"],
+                 cancel: ["PENDING", "RUNNING", "PAUSED"]};
+const $ = (id) => document.getElementById(id);
+const num = (n) => n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US");
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function bar(fraction) {
+  const b = el("div", undefined, "bar"), i = el("i");
+  i.style.width = (100 * (fraction || 0)).toFixed(1) + "%";
+  b.appendChild(i);
+  return b;
+}
+function eta(s) {
+  if (s === null || s === undefined) return "-";
+  s = Math.round(s);
+  const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = s % 60;
+  return h + ":" + String(m).padStart(2, "0") + ":" + String(r).padStart(2, "0");
+}
+function when(ms) {
+  if (!ms) return "-";
+  const d = Math.round((ms - Date.now()) / 1000);
+  return Math.abs(d) < 1 ? "now" : d > 0 ? "in " + d + "s" : -d + "s ago";
+}
+function pct(f) { return f === null || f === undefined ? "-" : (100 * f).toFixed(1) + "%"; }
+async function post(path) {
+  const headers = {};
+  const token = sessionStorage.getItem("tda-token");
+  if (token) headers.Authorization = "Bearer " + token;
+  const r = await fetch(path, {method: "POST", headers});
+  if (r.status === 401) {
+    const t = prompt("Admin token");
+    if (t) { sessionStorage.setItem("tda-token", t); return post(path); }
+  }
+  const body = await r.json();
+  $("msg").textContent = r.ok ? "" : body.error;
+  refresh();
+}
+function stat(label, value) {
+  const d = el("div"); d.appendChild(el("b", value)); d.appendChild(el("span", label));
+  return d;
+}
+function renderProgress(p) {
+  $("mode").textContent = "· " + p.mode + (p.running ? "" : " · finished");
+  $("total-bar").style.width = (100 * (p.covered === null ? p.jobs.done / Math.max(1,
+    p.jobs.total) : p.covered)).toFixed(1) + "%";
+  const stats = [stat("jobs done", num(p.jobs.done) + " / " + num(p.jobs.total)),
+    stat("covered", pct(p.covered)), stat("candles stored", num(p.candles)),
+    stat("candles/s", num(p.rate.candles_per_s === null ? null : Math.round(p.rate.candles_per_s))),
+    stat("jobs/s", num(p.rate.jobs_per_s)),
+    stat("ETA", eta(p.eta_s))];
+  for (const s of STATUSES) {
+    const d = el("div"); d.appendChild(el("b", num(p.jobs.by_status[s])));
+    d.appendChild(el("span", s, "chip " + s)); stats.push(d);
+  }
+  $("stats").replaceChildren(...stats);
+  $("budgets").tBodies[0].replaceChildren(...p.exchanges.map((x) => {
+    const tr = el("tr");
+    tr.appendChild(el("td", x.id));
+    tr.appendChild(el("td", num(x.requests_per_s)));
+    tr.appendChild(el("td", num(x.limit_per_s)));
+    tr.appendChild(el("td", num(x.budget_per_s)));
+    const used = el("td"); used.appendChild(bar(x.budget_used));
+    used.appendChild(el("span", pct(x.budget_used))); tr.appendChild(used);
+    tr.appendChild(el("td", num(x.done) + " / " + num(x.jobs)));
+    return tr;
+  }));
+  $("updated").textContent = new Date(p.updated_ms).toLocaleTimeString();
+}
+function renderJobs(list) {
+  $("shown").textContent = "(" + list.jobs.length + " of " + list.total + " shown)";
+  $("jobs").tBodies[0].replaceChildren(...list.jobs.map((j) => {
+    const tr = el("tr"); tr.dataset.id = j.id;
+    tr.appendChild(el("td", j.id, "id"));
+    const st = el("td"); st.appendChild(el("span", j.status, "chip " + j.status));
+    tr.appendChild(st);
+    const cov = el("td"); cov.appendChild(bar(j.covered === null ? 0 : j.covered));
+    cov.appendChild(el("span", pct(j.covered))); tr.appendChild(cov);
+    tr.appendChild(el("td", num(j.rows)));
+    tr.appendChild(el("td", when(j.last_run_ms)));
+    tr.appendChild(el("td", when(j.next_run_ms)));
+    const err = el("td", j.last_error || "", "err"); err.title = j.last_error || "";
+    tr.appendChild(err);
+    const act = el("td", undefined, "act");
+    for (const [action, from] of Object.entries(ACTIONS)) {
+      const b = el("button", action); b.dataset.action = action;
+      b.disabled = !from.includes(j.status);
+      b.onclick = () => post("/jobs/" + encodeURIComponent(j.id) + "/" + action);
+      act.appendChild(b);
+    }
+    tr.appendChild(act);
+    return tr;
+  }));
+}
+async function refresh() {
+  const params = new URLSearchParams({limit: "300"});
+  if ($("status").value) params.set("status", $("status").value);
+  if ($("q").value) params.set("q", $("q").value);
+  try {
+    const [p, jobs] = await Promise.all([fetch("/progress").then((r) => r.json()),
+      fetch("/jobs?" + params).then((r) => r.json())]);
+    renderProgress(p);
+    renderJobs(jobs);
+  } catch (e) {
+    $("msg").textContent = "collector unreachable";
+  }
+}
+for (const s of STATUSES) $("status").appendChild(el("option", s));
+$("pause-all").onclick = () => post("/pause");
+$("resume-all").onclick = () => post("/resume");
+$("status").onchange = refresh;
+$("q").oninput = refresh;
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body></html>
+"""
