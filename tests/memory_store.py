@@ -9,6 +9,7 @@ from tda_collector.models import CandleBatch, JobKey
 
 class MemoryStore:
     name = "memory"
+    pipeline_pages = 1
 
     def __init__(self) -> None:
         self.rows: dict[tuple[JobKey, int], tuple] = {}

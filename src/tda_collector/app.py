@@ -6,7 +6,7 @@ import asyncio
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -150,11 +150,28 @@ async def open_exchange(
 
 
 def build_store(
-    config: Config, events: EventLog, extra_columns: tuple[Column, ...] = ()
+    config: Config,
+    events: EventLog,
+    mode: str,
+    extra_columns: tuple[Column, ...] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> CandleStore:
+    """DuckDB, or BigQuery: streaming inserts for live mode, batched load jobs for history."""
     if config.storage.backend == "duckdb":
         return DuckDBStore(config.storage.duckdb.path, events, extra_columns)
-    raise UsageError("storage.backend: bigquery is not available in this build yet")
+    from .store_bigquery import BigQueryStore  # the Google libraries take ~0.5 s to import
+
+    bq = config.storage.bigquery
+    return BigQueryStore(
+        bq,
+        events,
+        mode="load" if mode == "history" else "stream",
+        extra_columns=extra_columns,
+        environ=environ or {},
+        partitioning=bq.partitioning,
+        flush_rows=bq.load_batch_rows,
+        flush_seconds=bq.load_batch_seconds,
+    )
 
 
 def _summarise(
@@ -307,11 +324,14 @@ async def _run_mode(
     factory: SourceFactory,
     metrics: Metrics,
     admin_token: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     readiness = Readiness()
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
-    store = build_store(config, events, indicator_columns(spec) if spec else ())
+    store = build_store(
+        config, events, request.mode, indicator_columns(spec) if spec else (), environ
+    )
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
@@ -385,9 +405,11 @@ async def run(
     metrics: Metrics,
     factory: SourceFactory,
     admin_token: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     """Run one mode to its end, or until SIGTERM/SIGINT (then exit code 0 after a clean stop).
-    `admin_token` is the bearer token the jobs API's POSTs need off loopback."""
+    `admin_token` is the bearer token the jobs API's POSTs need off loopback; `environ` is
+    where a store finds its cloud project and credentials."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -404,7 +426,7 @@ async def run(
         loop.add_signal_handler(sig, request_stop, sig.name)
     started = time.monotonic()
     try:
-        return await _run_mode(config, request, events, factory, metrics, admin_token)
+        return await _run_mode(config, request, events, factory, metrics, admin_token, environ)
     except asyncio.CancelledError:
         if not stopping:
             raise

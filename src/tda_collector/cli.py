@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             )
             factory = ccxt_source_factory(resolve_credentials(config, environ))
             token = environ.get(config.admin.token_env) or None
-            return asyncio.run(run(config, request, events, metrics, factory, token))
+            return asyncio.run(run(config, request, events, metrics, factory, token, environ))
         finally:
             if loki is not None:
                 logger.removeHandler(loki)

@@ -122,7 +122,7 @@ class BigQueryConfig(_Section):
         "DAY", description="Partition by DATE(timestamp) or by month (decades of 1d candles)."
     )
     load_batch_rows: int = Field(
-        200_000, ge=1, description="History: rows per load job (1,500 load jobs/table/day)."
+        100_000, ge=1, description="History: rows per load job (1,500 load jobs/table/day)."
     )
     load_batch_seconds: float = Field(
         10.0, gt=0, description="History: start a load job at most this long after a page."

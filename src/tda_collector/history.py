@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,42 +79,58 @@ class HistoryBackfill:
         self._state = state
         self._events = events
         self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
+        self._pipeline_pages = max(1, writer.store.pipeline_pages)
 
     async def _fill(self, job: Job, gap: tuple[int, int], result: JobResult) -> None:
+        """Page through `gap`. Up to the store's `pipeline_pages` writes of the job may be under
+        way while the next page is fetched (1 for DuckDB: a crash refetches at most one page;
+        more for BigQuery load jobs, which batch many pages). The ledger is a set of intervals,
+        so pages may become durable in any order."""
         key, tf_ms = job.key, job.tf_ms
         since, end = gap
-        while True:
-            job.check()  # paused: let go of the worker between pages
-            started = time.monotonic()
-            raw = await self._fetcher.candles(key, since, end - 1, self._page_limit)
-            page = normalize_page(raw, key, tf_ms, Window(since, end, closed_before_ms=end))
-            if page.rejected:
-                result.rejected.update(page.rejected)
-                report_rejections(self._events, self._metrics, key, page.rejected)
-            following = next_since(since, page.newest_open_ms, tf_ms, end)
-            covered_to = end if following is None else following
-            result.rows += await self._shielded(self._store(job, page.batch, since, covered_to))
-            result.pages += 1
-            self._events.info(
-                "history_page_done",
-                f"stored {len(page.batch)} candles",
-                symbol=key.symbol,
-                timeframe=key.timeframe,
-                rows=len(page.batch),
-                since=since,
-                until=covered_to,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-            if following is None:
-                return
-            since = following
+        pending: deque[Awaitable[int]] = deque()
+        try:
+            while True:
+                job.check()  # paused: let go of the worker between pages
+                started = time.monotonic()
+                raw = await self._fetcher.candles(key, since, end - 1, self._page_limit)
+                page = normalize_page(raw, key, tf_ms, Window(since, end, closed_before_ms=end))
+                if page.rejected:
+                    result.rejected.update(page.rejected)
+                    report_rejections(self._events, self._metrics, key, page.rejected)
+                following = next_since(since, page.newest_open_ms, tf_ms, end)
+                covered_to = end if following is None else following
+                pending.append(
+                    self._shielded(self._store(job, page.batch, since, covered_to, started))
+                )
+                result.pages += 1
+                while len(pending) >= (1 if following is None else self._pipeline_pages):
+                    result.rows += await pending.popleft()
+                if following is None:
+                    return
+                since = following
+        finally:
+            for abandoned in pending:  # a fault or a pause: their outcome is the writer's
+                abandoned.add_done_callback(_forget_stored)
 
-    async def _store(self, job: Job, batch: CandleBatch, since: int, covered_to: int) -> int:
+    async def _store(
+        self, job: Job, batch: CandleBatch, since: int, covered_to: int, started: float
+    ) -> int:
         """Write the page, then count it and add it to the ledger in one transaction."""
         written = await self._writer.write(batch)
         self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
         record = self._registry.record_page(job, since, covered_to, written)
         await self._state.add_coverage(job.key, since, covered_to, record)
+        self._events.info(
+            "history_page_done",
+            f"stored {len(batch)} candles",
+            symbol=job.key.symbol,
+            timeframe=job.key.timeframe,
+            rows=len(batch),
+            since=since,
+            until=covered_to,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
         return written
 
     def _shielded(self, storing: Coroutine[Any, Any, int]) -> Awaitable[int]:

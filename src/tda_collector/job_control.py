@@ -68,9 +68,15 @@ async def register_history_jobs(
             tf_ms = timeframe_ms(key.timeframe)
             start, end = history_window(start_ms, end_ms, tf_ms, now_ms)
             gaps = subtract((start, end), ledger.get(key, []))
-            job = Job(key, "history", tf_ms, start_ms=start, end_ms=end,
-                      covered_ms=end - start - sum(b - a for a, b in gaps),
-                      cursor_ms=gaps[0][0] if gaps else end)
+            job = Job(
+                key,
+                "history",
+                tf_ms,
+                start_ms=start,
+                end_ms=end,
+                covered_ms=end - start - sum(b - a for a, b in gaps),
+                cursor_ms=gaps[0][0] if gaps else end,
+            )
             if key in saved:
                 restore(job, saved[key], (PAUSED, CANCELLED))
             if not gaps and job.status == PENDING:

@@ -179,9 +179,21 @@ class Job:
     def record(self) -> JobRecord:
         k = self.key
         return JobRecord(
-            k.exchange, k.symbol, k.timeframe, self.mode, self.status, self.start_ms,
-            self.end_ms, self.covered_ms, self.cursor_ms, self.rows, self.pages, self.last_error,
-            self.last_run_ms, self.next_run_ms, self.updated_ms,
+            k.exchange,
+            k.symbol,
+            k.timeframe,
+            self.mode,
+            self.status,
+            self.start_ms,
+            self.end_ms,
+            self.covered_ms,
+            self.cursor_ms,
+            self.rows,
+            self.pages,
+            self.last_error,
+            self.last_run_ms,
+            self.next_run_ms,
+            self.updated_ms,
         )
 
     def to_json(self) -> dict[str, object]:

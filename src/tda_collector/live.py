@@ -191,9 +191,7 @@ class LiveExchange:
         self._cycles.setdefault(due_ms, _Cycle(due_ms)).pending += 1
         self.registry.note(self._handle(job), next_run_ms=due_ms)
 
-    def _finish(
-        self, job: LiveJob, due_ms: int, rows: int, failed: bool, ran: bool = True
-    ) -> None:
+    def _finish(self, job: LiveJob, due_ms: int, rows: int, failed: bool, ran: bool = True) -> None:
         """The job is done with the cycle of `due_ms`; a job that did not run (paused,
         cancelled) leaves it without counting, and a cycle in which none ran is not reported."""
         cycle = self._cycles[due_ms]

@@ -46,6 +46,9 @@ class CandleStore(Protocol):
     """
 
     name: str
+    # How many pages of one job may be written at once: 1 where a write is quick and final
+    # (DuckDB), more where writes are batched into jobs that take seconds (BigQuery loads).
+    pipeline_pages: int
 
     async def ensure(self) -> None: ...
 

@@ -110,6 +110,11 @@ def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) ->
     return bigquery.Client(project=project, location=config.location, credentials=credentials)
 
 
+# Load mode: pages of one history job that may wait for the same load job, so that jobs keep
+# fetching while a batch loads. Memory: concurrency x this x page size.
+PIPELINE_PAGES = 16
+
+
 class BigQueryStore:
     """A `CandleStore` on a BigQuery table, partitioned by day (or month) and clustered by key.
 
@@ -158,6 +163,7 @@ class BigQueryStore:
             LoadBuffer(self._load_pages, flush_rows, flush_seconds) if mode == "load" else None
         )
         self._closed = False
+        self.pipeline_pages = PIPELINE_PAGES if mode == "load" else 1
         self.load_jobs = 0
         self.insert_requests = 0
 

@@ -28,6 +28,7 @@ def _ddl_type(column: Column) -> str:
 
 class DuckDBStore:
     name = "duckdb"
+    pipeline_pages = 1
 
     def __init__(self, path: str, events: EventLog, extra_columns: tuple[Column, ...] = ()) -> None:
         self._path = path
