@@ -57,6 +57,7 @@ async def test_pause_holds_every_task_until_the_given_time():
 
 
 def test_burst_keeps_one_second_within_budget():
-    assert burst_for(20, 0.9) == 2
+    assert burst_for(20, 0.9) == 1
+    assert burst_for(50, 0.9) == 2
     assert burst_for(10, 0.95) == 1
-    assert burst_for(50, 0.5) == 25
+    assert burst_for(50, 0.5) == 12

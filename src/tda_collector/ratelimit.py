@@ -5,6 +5,11 @@ on one event loop), so N concurrent tasks are spaced exactly `cost / rate` apart
 initial burst. The burst is sized so that burst + one second of steady rate never exceeds the
 exchange's own per-second budget. `pause_until` is the server-feedback hook: after a 429/418
 every task of the exchange waits until the exchange allows requests again.
+
+Slots are computed ahead, but a task only wakes when the event loop gets to it: after a busy
+stretch several late tasks would start together and reach the exchange as a burst. So a
+second check at the moment of starting keeps the starts of any 1-second window within
+rate + burst, whatever the loop was doing.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 
 def burst_for(budget_per_s: float, safety: float) -> int:
-    """Largest burst that keeps any 1-second window within the exchange's budget."""
-    return max(1, math.floor(budget_per_s * (1.0 - safety) + 1e-9))
+    """A burst that keeps any 1-second window within the exchange's budget with room to spare:
+    half the headroom the safety factor leaves, since requests that start evenly spaced can
+    still arrive bunched (measured: the whole headroom drew 429s at 50 requests/s)."""
+    return max(1, math.floor(budget_per_s * (1.0 - safety) / 2 + 1e-9))
 
 
 class RateLimiter:
@@ -39,6 +47,8 @@ class RateLimiter:
         self._on_wait = on_wait
         self._tat = clock()  # theoretical arrival time of the next request
         self._paused_until = 0.0
+        self._window_cap = math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
+        self._recent: deque[float] = deque()  # start times within the last second
         self.acquired = 0
         self.waited_s = 0.0
 
@@ -64,8 +74,19 @@ class RateLimiter:
                 await self._wait(start - now)
                 if self._clock() < self._paused_until:
                     continue  # a ban arrived while waiting: queue again behind it
+            await self._within_window(cost)
             self.acquired += 1
             return
+
+    async def _within_window(self, cost: float) -> None:
+        while True:
+            now = self._clock()
+            while self._recent and self._recent[0] <= now - 1.0:
+                self._recent.popleft()
+            if len(self._recent) + cost <= self._window_cap or not self._recent:
+                self._recent.extend([now] * max(1, math.ceil(cost)))
+                return
+            await self._wait(self._recent[0] + 1.0 - now)
 
     async def _wait(self, seconds: float) -> None:
         self.waited_s += seconds
