@@ -31,9 +31,9 @@ def throughput(args: argparse.Namespace) -> None:
     )
     for c, b in zip(collector, baseline, strict=True):
         print(
-            f"{c.symbols} symbols: collector/baseline candles/s "
+            f"{c.symbols} symbols, collector ÷ baseline: candles/s "
             f"{(c.candles / c.seconds) / (b.candles / b.seconds):.1f}x, CPU per candle "
-            f"{(b.cpu_s / b.candles) / (c.cpu_s / c.candles):.1f}x lower"
+            f"{(c.cpu_s / c.candles) / (b.cpu_s / b.candles):.1f}x"
         )
 
 
