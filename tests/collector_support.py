@@ -21,8 +21,11 @@ DAY_MS = 86_400_000
 def ccxt_options(base_url: str, timeout_ms: int = 10_000) -> dict[str, Any]:
     return {
         "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
-        "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False,
-                    "fetchMargins": False},
+        "options": {
+            "fetchMarkets": {"types": ["spot"]},
+            "fetchCurrencies": False,
+            "fetchMargins": False,
+        },
         "timeout": timeout_ms,
     }
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from fake_exchange import SymbolSpec, expected_candles, provisional_candle
-
 from tda_collector.errors import TransientFault
 from tda_collector.exchange import Capabilities, MarketInfo
 from tda_collector.timeframes import closed_before, timeframe_ms
@@ -38,7 +37,7 @@ class MemorySource:
         self.max_in_flight_per_job = 0
 
     default_requests_per_second = 1000.0
-    timeframes = {"1m", "5m", "1h"}
+    timeframes: ClassVar[set[str]] = {"1m", "5m", "1h"}
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)

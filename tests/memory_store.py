@@ -39,7 +39,9 @@ class MemoryStore:
         return len(batch)
 
     def series_rows(self, key: JobKey) -> list[tuple]:
-        return [row for (k, _), row in sorted(self.rows.items(), key=lambda kv: kv[0][1]) if k == key]
+        return [
+            row for (k, _), row in sorted(self.rows.items(), key=lambda kv: kv[0][1]) if k == key
+        ]
 
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]:
         newest: dict[JobKey, int] = {}

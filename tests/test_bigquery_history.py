@@ -11,7 +11,6 @@ from bigquery_support import (
 )
 from collector_support import DAY_MS, FROZEN_NOW_S, events_named, run_in_process, write_config
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
-
 from tda_collector.models import JobKey
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -32,10 +31,20 @@ def test_history_backfill_into_bigquery_is_exact_with_far_fewer_load_jobs_than_p
     dataset = unique_dataset()
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
         config = write_config(
-            tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m", "1h"], page_limit=250,
-            storage={"backend": "bigquery", "bigquery": {
-                "project": PROJECT, "dataset": dataset, "api_endpoint": bigquery_emulator,
-                "load_batch_seconds": 1.0}},
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in SPECS],
+            ["1m", "1h"],
+            page_limit=250,
+            storage={
+                "backend": "bigquery",
+                "bigquery": {
+                    "project": PROJECT,
+                    "dataset": dataset,
+                    "api_endpoint": bigquery_emulator,
+                    "load_batch_seconds": 1.0,
+                },
+            },
             logging={"level": "DEBUG"},
         )
         code, events = run_in_process(capsys, config, *ARGS)
@@ -48,8 +57,10 @@ def test_history_backfill_into_bigquery_is_exact_with_far_fewer_load_jobs_than_p
         for spec in SPECS:
             for tf in ("1m", "1h"):
                 rows = read_latest(client, dataset, JobKey("binance", spec.symbol, tf))
-                got = [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"],
-                        r["volume"]) for r in rows]
+                got = [
+                    (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+                    for r in rows
+                ]
                 assert got == expected_candles(spec, tf, START_MS, END_MS, NOW_MS), spec.symbol
     finally:
         client.close()

@@ -92,9 +92,7 @@ def test_bad_cli_exits_2_with_one_line(tmp_path):
 
 
 def test_unknown_exchange_id_exits_2(tmp_path):
-    (tmp_path / "config.yaml").write_text(
-        "exchanges: [{id: notanexchange, symbols: [BTC/USDT]}]\n"
-    )
+    (tmp_path / "config.yaml").write_text("exchanges: [{id: notanexchange, symbols: [BTC/USDT]}]\n")
     result = run_cli("--mode=history", "--start=2024-01-01", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (

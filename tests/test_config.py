@@ -74,7 +74,9 @@ def test_bad_timeframe_is_named(tmp_path):
 
 
 def test_exchange_without_symbols_or_markets(tmp_path):
-    assert "needs symbols or a markets block" in error_line(tmp_path, "exchanges:\n  - id: binance\n")
+    assert "needs symbols or a markets block" in error_line(
+        tmp_path, "exchanges:\n  - id: binance\n"
+    )
 
 
 def test_secrets_in_the_file_are_refused(tmp_path):

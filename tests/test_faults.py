@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from collector_support import (
     DAY_MS,
     FROZEN_NOW_S,
@@ -14,7 +15,6 @@ from collector_support import (
 )
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
-
 from tda_collector.models import JobKey
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -26,9 +26,13 @@ SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT"), SymbolSpec("SOL/USDT")]
 
 def assert_exact(tmp_path, specs=SPECS):
     for spec in specs:
-        rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m"))
-        got = [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
-               for r in rows]
+        rows = read_duckdb_rows(
+            str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m")
+        )
+        got = [
+            (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+            for r in rows
+        ]
         assert got == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS), spec.symbol
 
 
@@ -36,8 +40,14 @@ def assert_exact(tmp_path, specs=SPECS):
 def test_each_transient_fault_is_retried_to_exact_data(tmp_path, capsys, kind):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, stall_seconds=3) as fake:
         fake.inject(kind, count=3)
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"],
-                              page_limit=200, timeout_ms=500)
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in SPECS],
+            ["1m"],
+            page_limit=200,
+            timeout_ms=500,
+        )
         code, events = run_in_process(capsys, config, *ARGS)
     assert code == 0
     assert_exact(tmp_path)
@@ -47,11 +57,23 @@ def test_each_transient_fault_is_retried_to_exact_data(tmp_path, capsys, kind):
 
 
 def test_ten_percent_mixed_faults_still_complete_exactly(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, fault_rate=0.1, fault_paths=["klines"],
-                      stall_seconds=2, seed=3) as fake:
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"],
-                              page_limit=100, timeout_ms=400)
-        code, events = run_in_process(capsys, config, *ARGS)
+    with FakeExchange(
+        SPECS,
+        clock=lambda: FROZEN_NOW_S,
+        fault_rate=0.1,
+        fault_paths=["klines"],
+        stall_seconds=2,
+        seed=3,
+    ) as fake:
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in SPECS],
+            ["1m"],
+            page_limit=100,
+            timeout_ms=400,
+        )
+        code, _ = run_in_process(capsys, config, *ARGS)
         faults = fake.counters["faults"]
     assert code == 0
     assert faults >= 3
@@ -61,8 +83,9 @@ def test_ten_percent_mixed_faults_still_complete_exactly(tmp_path, capsys):
 def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(tmp_path, capsys):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
         fake.inject("418", count=1, retry_after=2)
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"],
-                              page_limit=100)
+        config = write_config(
+            tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=100
+        )
         started = time.monotonic()
         code, events = run_in_process(capsys, config, *ARGS)
         log = fake.request_log()
@@ -73,7 +96,7 @@ def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(tmp_path, capsys):
     ban = next(r for r in log if r.status == 418)
     after = [r for r in log if r.time > ban.time]
     # Requests already in flight when the ban was answered may land; nothing new starts for 2 s.
-    first_new = min(r.time for r in after[len(SPECS):])
+    first_new = min(r.time for r in after[len(SPECS) :])
     assert first_new - ban.time >= 1.9
     assert time.monotonic() - started >= 2
 
@@ -92,8 +115,15 @@ def test_a_429_with_retry_after_is_waited_out_not_hammered(tmp_path, capsys):
 
 def test_the_collector_stays_inside_a_budget_the_exchange_enforces(tmp_path, capsys):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, requests_per_second=10) as fake:
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"],
-                              page_limit=100, rps=10, safety=0.9)
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in SPECS],
+            ["1m"],
+            page_limit=100,
+            rps=10,
+            safety=0.9,
+        )
         code, _ = run_in_process(capsys, config, *ARGS)
         counters = fake.counters
     assert code == 0
@@ -110,17 +140,32 @@ def test_a_permanent_fault_fails_the_job_at_once_and_exits_1(tmp_path, capsys):
     failed = events_named(events, "job_failed")
     assert len(failed) == 1 and failed[0]["symbol"] == "BTC/USDT" and failed[0]["error"]
     assert events_named(events, "backoff_retry") == []
-    assert events[-1]["event"] == "history_complete" and "binance:BTC/USDT:1m" in events[-1]["message"]
+    assert (
+        events[-1]["event"] == "history_complete" and "binance:BTC/USDT:1m" in events[-1]["message"]
+    )
 
 
 def test_too_many_failed_jobs_stop_the_exchange_instead_of_grinding_on(tmp_path, capsys):
     specs = [SymbolSpec(f"F{i}/USDT") for i in range(8)]
-    with FakeExchange(specs, clock=lambda: FROZEN_NOW_S, fault_rate=1.0, fault_paths=["klines"],
-                      fault_kinds=["503"]) as fake:
+    with FakeExchange(
+        specs,
+        clock=lambda: FROZEN_NOW_S,
+        fault_rate=1.0,
+        fault_paths=["klines"],
+        fault_kinds=["503"],
+    ) as fake:
         config = write_config(
-            tmp_path, fake.base_url, [s.symbol for s in specs], ["1m"], history_concurrency=1,
-            retry={"base_seconds": 0.01, "cap_seconds": 0.02, "attempts": 2,
-                   "exchange_failure_limit": 2},
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in specs],
+            ["1m"],
+            history_concurrency=1,
+            retry={
+                "base_seconds": 0.01,
+                "cap_seconds": 0.02,
+                "attempts": 2,
+                "exchange_failure_limit": 2,
+            },
         )
         code, events = run_in_process(capsys, config, *ARGS)
         requests = len(fake.klines_requests())

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import pytest
+
 from collector_support import (
     DAY_MS,
     FROZEN_NOW_S,
@@ -19,7 +20,6 @@ from collector_support import (
 )
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
-
 from tda_collector.history import next_since
 from tda_collector.models import JobKey
 
@@ -36,7 +36,10 @@ SPECS = [
     # Two maintenance holes, one longer than a page.
     SymbolSpec(
         "GAP/USDT",
-        gaps=[(START_MS + 100 * MIN, START_MS + 130 * MIN), (START_MS + 600 * MIN, START_MS + 2100 * MIN)],
+        gaps=[
+            (START_MS + 100 * MIN, START_MS + 130 * MIN),
+            (START_MS + 600 * MIN, START_MS + 2100 * MIN),
+        ],
     ),
 ]
 SYMBOLS = [s.symbol for s in SPECS]
@@ -57,8 +60,10 @@ def assert_store_holds_exactly(db_path, start=START_MS, end=END_MS):
     for spec in SPECS:
         for tf in TIMEFRAMES:
             rows = read_duckdb_rows(str(db_path), JobKey("binance", spec.symbol, tf))
-            got = [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
-                   for r in rows]
+            got = [
+                (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+                for r in rows
+            ]
             assert got == expected(spec, tf, start, end), f"{spec.symbol} {tf}"
             assert all(r["is_closed"] for r in rows)
 
@@ -72,7 +77,9 @@ def test_next_since_moves_forward_and_stops_at_end():
 
 def test_backfill_stores_exactly_the_exchanges_candles(exchange, tmp_path, capsys):
     config = write_config(tmp_path, exchange.base_url, SYMBOLS, TIMEFRAMES, page_limit=500)
-    code, events = run_in_process(capsys, config, "--mode=history", f"--start={START}", f"--end={END}")
+    code, events = run_in_process(
+        capsys, config, "--mode=history", f"--start={START}", f"--end={END}"
+    )
     assert code == 0
     assert_store_holds_exactly(tmp_path / "ohlcv.duckdb")
     summary = events_named(events, "history_complete")[-1]
@@ -82,7 +89,9 @@ def test_backfill_stores_exactly_the_exchanges_candles(exchange, tmp_path, capsy
     # 1m BTC: 2,880 candles in pages of 500 -> 6 requests, not one per candle or a loop.
     assert len(exchange.klines_requests("BTC/USDT")) == math.ceil(2880 / 500) + 1
     for event in events:
-        assert {"ts", "level", "event", "message", "service_name", "environment", "mode"} <= set(event)
+        assert {"ts", "level", "event", "message", "service_name", "environment", "mode"} <= set(
+            event
+        )
 
 
 def test_rerun_of_a_completed_range_sends_zero_candle_requests(exchange, tmp_path, capsys):
@@ -102,7 +111,9 @@ def test_extending_a_range_fetches_only_the_new_part(exchange, tmp_path, capsys)
     first = ("--mode=history", "--start=2024-02-29", "--end=2024-03-01")
     assert run_in_process(capsys, config, *first)[0] == 0
     exchange.reset_log()
-    code, _ = run_in_process(capsys, config, "--mode=history", f"--start={START}", "--end=2024-03-01")
+    code, _ = run_in_process(
+        capsys, config, "--mode=history", f"--start={START}", "--end=2024-03-01"
+    )
     assert code == 0
     requests = exchange.klines_requests("BTC/USDT")
     assert requests, "the new day must be fetched"
@@ -118,7 +129,9 @@ def test_end_defaults_to_now_and_only_closed_candles_are_stored(exchange, tmp_pa
     assert code == 0
     rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", "BTC/USDT", "1h"))
     # At 2024-03-01T00:00:30 the 00:00 candle is still open: 20:00..23:00 are the closed ones.
-    assert [r["timestamp_ms"] for r in rows] == [NOW_MS - 30_000 - h * 3_600_000 for h in (4, 3, 2, 1)]
+    assert [r["timestamp_ms"] for r in rows] == [
+        NOW_MS - 30_000 - h * 3_600_000 for h in (4, 3, 2, 1)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -142,7 +155,11 @@ def test_crash_midway_then_rerun_refetches_at_most_one_page_per_job(tmp_path):
     specs = [SymbolSpec(f"C{i}/USDT") for i in range(4)]
     with FakeExchange(specs, clock=lambda: FROZEN_NOW_S, latency_s=0.02) as fake:
         config = write_config(
-            tmp_path, fake.base_url, [s.symbol for s in specs], ["1m"], page_limit=100,
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in specs],
+            ["1m"],
+            page_limit=100,
             history_concurrency=4,
         )
         args = ("--mode=history", f"--start={START}", f"--end={END}")
@@ -162,14 +179,18 @@ def test_crash_midway_then_rerun_refetches_at_most_one_page_per_job(tmp_path):
 
         fake.reset_log()
         rerun = start_subprocess(config, *args)
-        out, err = rerun.communicate(timeout=120)
+        _, err = rerun.communicate(timeout=120)
         assert rerun.returncode == 0, err
         pages_total = math.ceil(2880 / 100)
         for spec in specs:
             refetched = len(fake.klines_requests(spec.symbol))
             remaining = pages_total - done_pages[spec.symbol]
             assert remaining <= refetched <= remaining + 1, spec.symbol
-            rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m"))
-            got = [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
-                   for r in rows]
+            rows = read_duckdb_rows(
+                str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m")
+            )
+            got = [
+                (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+                for r in rows
+            ]
             assert got == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)

@@ -7,14 +7,14 @@ import random
 import duckdb
 import numpy as np
 import pytest
+
 from collector_support import DAY_MS, FROZEN_NOW_S, run_in_process, write_config
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import quiet_events
-
-from tda_collector.indicators import IndicatorSpec, compute, initial_state
-from tda_collector.models import TABLE_NAME, BASE_COLUMNS
-from tda_collector.store_duckdb import DuckDBStore
 from tda_collector.indicator_stage import indicator_columns
+from tda_collector.indicators import IndicatorSpec, compute, initial_state
+from tda_collector.models import BASE_COLUMNS, TABLE_NAME
+from tda_collector.store_duckdb import DuckDBStore
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
 MIN = 60_000
@@ -56,8 +56,9 @@ def assert_matches_one_computation(db_path, spec: SymbolSpec):
 
 
 def backfill(capsys, config, start_ms, end_ms):
-    code, _ = run_in_process(capsys, config, "--mode=history", f"--start={iso(start_ms)}",
-                             f"--end={iso(end_ms)}")
+    code, _ = run_in_process(
+        capsys, config, "--mode=history", f"--start={iso(start_ms)}", f"--end={iso(end_ms)}"
+    )
     assert code == 0
 
 
@@ -75,8 +76,9 @@ def test_one_backfill_stores_exact_indicators(exchange, tmp_path, capsys):
 
 
 def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"],
-                          page_limit=300)
+    config = write_config(
+        tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=300
+    )
     cuts = sorted(random.Random(5).sample(range(START_MS + MIN, END_MS, MIN), 9))
     pieces = list(zip([START_MS, *cuts], [*cuts, END_MS], strict=True))
     random.Random(6).shuffle(pieces)
@@ -87,8 +89,13 @@ def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(exchange, t
 
 
 def test_changing_the_periods_recomputes_the_stored_series(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"],
-                          indicators={"rsi_periods": [6, 14], "ema_periods": [12, 26]})
+    config = write_config(
+        tmp_path,
+        exchange.base_url,
+        ["BTC/USDT"],
+        ["1m"],
+        indicators={"rsi_periods": [6, 14], "ema_periods": [12, 26]},
+    )
     backfill(capsys, config, START_MS, START_MS + DAY_MS)
     config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"])
     backfill(capsys, config, START_MS + DAY_MS, END_MS)
@@ -96,8 +103,9 @@ def test_changing_the_periods_recomputes_the_stored_series(exchange, tmp_path, c
 
 
 def test_indicators_can_be_switched_off(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"],
-                          indicators={"enabled": False})
+    config = write_config(
+        tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"], indicators={"enabled": False}
+    )
     backfill(capsys, config, START_MS, START_MS + DAY_MS)
     with duckdb.connect(str(tmp_path / "ohlcv.duckdb"), read_only=True) as con:
         names = [r[0] for r in con.execute(f"DESCRIBE {TABLE_NAME}").fetchall()]
@@ -119,10 +127,9 @@ async def test_an_existing_duckdb_file_is_migrated_with_nullable_columns(tmp_pat
 
 
 async def test_live_one_candle_at_a_time_with_a_restart_matches_one_computation(tmp_path):
-    from test_live import Harness, key
-
     from tda_collector.indicator_stage import IndicatorStage
     from tda_collector.indicators import provisional
+    from test_live import Harness, key
 
     class TrackedStage(IndicatorStage):
         """Its SQLite thread work kept inside virtual time."""
@@ -147,6 +154,7 @@ async def test_live_one_candle_at_a_time_with_a_restart_matches_one_computation(
         assert np.array_equal(np.isnan(got), np.isnan(want)), name
         ok = ~np.isnan(want)
         assert np.allclose(got[ok], want[ok], rtol=1e-9, atol=1e-9 * closes.max()), name
-    open_ts, open_row = next((ts, row) for (kk, ts), row in h.store.rows.items()
-                             if kk == k and not row[6])
+    open_ts, open_row = next(
+        (ts, row) for (kk, ts), row in h.store.rows.items() if kk == k and not row[6]
+    )
     assert h.store.extra[(k, open_ts)] == pytest.approx(provisional(open_row[4], state, SPEC))

@@ -6,20 +6,20 @@ import asyncio
 import logging
 
 import pytest
+
 from fake_exchange import SymbolSpec, candle, provisional_candle
 from memory_source import MemorySource
 from memory_store import MemoryStore
-from virtual_time import VirtualTime
-
 from tda_collector.events import EventLog, record_fields
 from tda_collector.fetcher import Fetcher
-from tda_collector.metrics import Metrics
 from tda_collector.live import LiveExchange, LiveJob, LiveSettings, next_due_ms
+from tda_collector.metrics import Metrics
 from tda_collector.models import JobKey
 from tda_collector.persist import DurableWriter
 from tda_collector.ratelimit import RateLimiter
 from tda_collector.retry import RetryPolicy
 from tda_collector.state import StateStore
+from virtual_time import VirtualTime
 
 MIN = 60_000
 T0 = 1_709_251_200.0 + 30  # 2024-03-01T00:00:30Z
@@ -51,8 +51,18 @@ class TrackedState:
 
 
 class Harness:
-    def __init__(self, tmp_path, specs, *, latency_s=0.0, rate=1000.0, page_size=1000,
-                 refresh_s=60, initial_candles=5, concurrency=16):
+    def __init__(
+        self,
+        tmp_path,
+        specs,
+        *,
+        latency_s=0.0,
+        rate=1000.0,
+        page_size=1000,
+        refresh_s=60,
+        initial_candles=5,
+        concurrency=16,
+    ):
         self.vt = VirtualTime(T0)
         self.source = MemorySource(specs, self.vt.clock, self.vt.sleep, latency_s, page_size)
         self.store = MemoryStore()
@@ -66,19 +76,25 @@ class Harness:
         self.metrics = Metrics(clock=self.vt.clock)
         self.rate = rate
         self.settings = LiveSettings(
-            refresh_ms=refresh_s * 1000, settle_ms=2000, page_limit=page_size,
-            initial_candles=initial_candles, concurrency=concurrency,
+            refresh_ms=refresh_s * 1000,
+            settle_ms=2000,
+            page_limit=page_size,
+            initial_candles=initial_candles,
+            concurrency=concurrency,
         )
 
     def live(self, state, indicators=None) -> LiveExchange:
         policy = RetryPolicy(base_s=1, cap_s=4, attempts=3)
         limiter = RateLimiter(self.rate, 1, clock=self.vt.clock, sleep=self.vt.sleep)
-        fetcher = Fetcher(self.source, limiter, policy, self.events, clock=self.vt.clock,
-                          sleep=self.vt.sleep)
-        writer = DurableWriter(self.store, policy, self.events, sleep=self.vt.sleep,
-                               indicators=indicators)
-        return LiveExchange(fetcher, writer, state, self.events, self.settings, self.metrics,
-                            sleep=self.vt.sleep)
+        fetcher = Fetcher(
+            self.source, limiter, policy, self.events, clock=self.vt.clock, sleep=self.vt.sleep
+        )
+        writer = DurableWriter(
+            self.store, policy, self.events, sleep=self.vt.sleep, indicators=indicators
+        )
+        return LiveExchange(
+            fetcher, writer, state, self.events, self.settings, self.metrics, sleep=self.vt.sleep
+        )
 
     async def run_for(self, seconds: float, keys: list[JobKey], indicators=None) -> LiveExchange:
         """Start live mode with cursors read back from the store, run, then stop it."""
@@ -88,7 +104,9 @@ class Harness:
             await self.vt.track(indicators.load(keys))
         live = self.live(TrackedState(state, self.vt), indicators)
         cursors = await self.store.newest(keys)
-        jobs = [LiveJob(k, 60_000 if k.timeframe == "1m" else 3_600_000, cursors.get(k)) for k in keys]
+        jobs = [
+            LiveJob(k, 60_000 if k.timeframe == "1m" else 3_600_000, cursors.get(k)) for k in keys
+        ]
 
         async def scenario():
             task = asyncio.ensure_future(live.run(jobs))
@@ -129,7 +147,9 @@ async def test_every_closed_minute_is_stored_and_the_open_candle_superseded(tmp_
     start_boundary = int(T0 * 1000) - 30_000
     for symbol in ("BTC/USDT", "ETH/USDT"):
         # 5 initial candles before 00:00, then 00:00 .. 00:09 closed as they closed.
-        assert_closed_minutes_exact(h.store, symbol, start_boundary - 5 * MIN, start_boundary + 9 * MIN)
+        assert_closed_minutes_exact(
+            h.store, symbol, start_boundary - 5 * MIN, start_boundary + 9 * MIN
+        )
         open_rows = [r for r in h.store.series_rows(key(symbol)) if not r[6]]
         assert len(open_rows) == 1 and open_rows[0][0] == start_boundary + 10 * MIN
         assert open_rows[0][:6] != candle(symbol, "1m", start_boundary + 10 * MIN)
@@ -209,5 +229,7 @@ async def test_store_faults_are_retried_and_lose_nothing(tmp_path):
     h.store.fail_next_writes = 2
     await h.run_for(3 * 60, [key("BTC/USDT")])
     start_boundary = int(T0 * 1000) - 30_000
-    assert_closed_minutes_exact(h.store, "BTC/USDT", start_boundary - 5 * MIN, start_boundary + 2 * MIN)
+    assert_closed_minutes_exact(
+        h.store, "BTC/USDT", start_boundary - 5 * MIN, start_boundary + 2 * MIN
+    )
     assert len(h.recorder.named("store_write_error")) == 2

@@ -8,10 +8,10 @@ import time
 from datetime import UTC
 
 import pytest
+
 from collector_support import start_subprocess, write_config
 from fake_exchange import FakeExchange, SymbolSpec, candle
 from store_support import read_duckdb_rows
-
 from tda_collector.models import JobKey
 
 MIN = 60_000
@@ -61,7 +61,14 @@ def assert_no_hole_and_exact(rows, symbol):
     assert stamps == list(range(stamps[0], stamps[-1] + MIN, MIN)), "a hole or a duplicate"
     for r in rows:
         expected = candle(symbol, "1m", r["timestamp_ms"])
-        assert (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"]) == expected
+        assert (
+            r["timestamp_ms"],
+            r["open"],
+            r["high"],
+            r["low"],
+            r["close"],
+            r["volume"],
+        ) == expected
 
 
 def test_sigterm_stops_within_a_second_with_state_saved(tmp_path):

@@ -88,8 +88,16 @@ def test_arrow_rows_follow_the_interface_schema():
 
     table = page.batch.to_arrow(datetime(2024, 1, 1, tzinfo=UTC))
     assert table.column_names[:10] == [
-        "timestamp", "exchange", "symbol", "timeframe", "open", "high", "low", "close",
-        "volume", "ingested_at",
+        "timestamp",
+        "exchange",
+        "symbol",
+        "timeframe",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "ingested_at",
     ]
     row = table.to_pylist()[0]
     assert row["symbol"] == "BTC/USDT" and row["close"] == 101.0

@@ -1,9 +1,10 @@
 import asyncio
+import itertools
 
 import pytest
-from virtual_time import VirtualTime
 
 from tda_collector.ratelimit import RateLimiter, burst_for
+from virtual_time import VirtualTime
 
 
 class FakeTime(VirtualTime):
@@ -23,7 +24,7 @@ async def test_concurrent_tasks_are_spaced_at_the_rate_after_the_burst():
     await t.run(asyncio.gather(*(request() for _ in range(12))))
     starts = sorted(t.starts)
     assert starts[:2] == [1000.0, 1000.0]
-    gaps = [round(b - a, 6) for a, b in zip(starts[1:], starts[2:], strict=False)]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts[1:])]
     assert all(g >= 0.1 - 1e-9 for g in gaps)
     assert starts[-1] - starts[0] == pytest.approx(1.0, abs=1e-6)
 

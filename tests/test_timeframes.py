@@ -7,8 +7,15 @@ MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 
 @pytest.mark.parametrize(
     ("text", "ms"),
-    [("1s", 1000), ("1m", MIN), ("15m", 15 * MIN), ("1h", HOUR), ("4h", 4 * HOUR), ("1d", DAY),
-     ("1w", 7 * DAY)],
+    [
+        ("1s", 1000),
+        ("1m", MIN),
+        ("15m", 15 * MIN),
+        ("1h", HOUR),
+        ("4h", 4 * HOUR),
+        ("1d", DAY),
+        ("1w", 7 * DAY),
+    ],
 )
 def test_timeframe_lengths(text, ms):
     assert timeframe_ms(text) == ms
