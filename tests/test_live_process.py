@@ -124,3 +124,23 @@ def test_every_closed_minute_is_stored_within_seconds_of_its_close_in_real_time(
             stored_after_close_s = (ingested_ms - (closed_open + MIN)) / 1000
             assert 0 <= stored_after_close_s < 5, (symbol, stored_after_close_s)
     assert any(e["event"] == "live_cycle_complete" for e in events)
+
+
+def test_an_exchange_down_at_boot_is_waited_for_not_fatal(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fake = FakeExchange([SymbolSpec(s) for s in SYMBOLS], port=port)
+    config = write_config(tmp_path, f"http://127.0.0.1:{port}", SYMBOLS, ["1m"])
+    proc = start_subprocess(config, "--mode=live")
+    try:
+        retry, _ = wait_for_event(proc, "backoff_retry", 30)
+        assert retry["exchange"] == "binance" and retry["attempt"] >= 1
+        fake.start()
+        wait_for_event(proc, "live_cycle_complete", 60)
+    finally:
+        _, events = stop(proc)
+        fake.stop()
+    assert proc.returncode == 0 and events[-1]["event"] == "shutdown"

@@ -12,7 +12,7 @@ from typing import Literal
 
 from .admin import AdminServer, build_admin_server
 from .config import Config, ExchangeConfig
-from .errors import ExchangeFault, TransientFault, UsageError
+from .errors import ExchangeFault, RateLimited, TransientFault, UsageError
 from .events import EventLog
 from .exchange import CcxtExchange
 from .fetcher import Fetcher
@@ -89,19 +89,39 @@ def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig
     return [configured[e] for e in wanted]
 
 
-async def _open_source(source: CandleSource, limiter: RateLimiter, policy: RetryPolicy) -> None:
-    """Load markets and the clock, retrying transient faults like any other request."""
+async def _open_source(
+    source: CandleSource,
+    limiter: RateLimiter,
+    policy: RetryPolicy,
+    events: EventLog,
+    forever: bool,
+) -> None:
+    """Load markets and the clock, retrying transient faults like any other request. A live
+    daemon keeps trying (an exchange down at boot is downtime like any other); a history run
+    gives up after the policy's attempts and exits 1."""
     attempt = 0
+    rng = random.Random()
     while True:
         attempt += 1
         await limiter.acquire(2)  # markets + server time
         try:
             await source.open()
             return
-        except TransientFault:
-            if policy.gives_up_after(attempt):
+        except (TransientFault, RateLimited) as exc:
+            if policy.gives_up_after(attempt) and not forever:
                 raise
-            await asyncio.sleep(policy.delay(attempt, random.Random()))
+            wait_s = policy.delay(min(attempt, policy.attempts), rng)
+            if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+                wait_s = max(wait_s, exc.retry_after_s)
+            events.warning(
+                "backoff_retry",
+                f"could not load markets; retrying in {wait_s:.1f}s",
+                attempt=attempt,
+                status=exc.status,
+                error=str(exc)[:500],
+                wait_s=round(wait_s, 3),
+            )
+            await asyncio.sleep(wait_s)
 
 
 async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunRequest) -> list[JobKey]:
@@ -141,7 +161,9 @@ async def open_exchange(
     fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
     runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
     try:
-        await _open_source(source, limiter, policy)
+        await _open_source(
+            source, limiter, policy, exchange_events, forever=request.mode == "live"
+        )
         runtime.keys = await _job_keys(cfg, source, request)
     except BaseException:
         await source.close()
