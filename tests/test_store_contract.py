@@ -80,3 +80,15 @@ async def test_newest_per_key(store_factory, tmp_path):
         newest = await store.newest([KEY, OTHER, missing])
         assert newest == {KEY: T0 + 9 * MIN, OTHER: T0 + 2 * MIN}
         assert (await store.newest([OTHER], closed_only=False))[OTHER] == T0 + 3 * MIN
+
+
+async def test_series_reads_back_closed_candles_in_time_order(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, _):
+        await store.write(batch(KEY, T0 + 3 * MIN, 2))
+        await store.write(batch(KEY, T0, 3, price=50.0))
+        await store.write(batch(KEY, T0 + 5 * MIN, 1, closed=False))
+        await store.write(batch(OTHER, T0, 2))
+        series = await store.series(KEY)
+        assert series.timestamps.tolist() == [T0 + i * MIN for i in range(5)]
+        assert series.close.tolist() == [50.5, 51.5, 52.5, 100.5, 101.5]
+        assert series.closed.all()

@@ -161,9 +161,7 @@ async def open_exchange(
     fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
     runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
     try:
-        await _open_source(
-            source, limiter, policy, exchange_events, forever=request.mode == "live"
-        )
+        await _open_source(source, limiter, policy, exchange_events, forever=request.mode == "live")
         runtime.keys = await _job_keys(cfg, source, request)
     except BaseException:
         await source.close()

@@ -17,7 +17,6 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from .events import EventLog
 from .indicators import IndicatorSpec, IndicatorState, compute, initial_state, provisional
 from .models import CandleBatch, Column, JobKey
 from .protocols import CandleStore
+from .state import connect_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS indicator_series (
@@ -66,12 +66,7 @@ class IndicatorStage:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open(self) -> None:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = connect_sqlite(self._path, _SCHEMA)
 
     def _read(self, keys: list[JobKey]) -> dict[JobKey, tuple[int | None, str | None, int | None]]:
         assert self._db is not None

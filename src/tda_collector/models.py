@@ -71,6 +71,21 @@ class CandleBatch:
         closed_ts = self.timestamps[self.closed]
         return int(closed_ts[-1]) if len(closed_ts) else None
 
+    @classmethod
+    def closed_from_arrow(cls, key: JobKey, table: pa.Table) -> CandleBatch:
+        """Closed candles from a query result with columns ts (epoch ms) and the prices."""
+        column = {name: table.column(name).to_numpy() for name in table.column_names}
+        return cls(
+            key=key,
+            timestamps=column["ts"].astype(np.int64),
+            open=column["open"],
+            high=column["high"],
+            low=column["low"],
+            close=column["close"],
+            volume=column["volume"],
+            closed=np.ones(table.num_rows, dtype=bool),
+        )
+
     def to_arrow(self, ingested_at: datetime) -> pa.Table:
         """The batch as table rows (UTC timestamps), ready for a bulk insert or load job."""
         n = len(self)

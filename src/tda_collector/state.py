@@ -88,6 +88,19 @@ class RunRecord:
     finished_ms: int | None
 
 
+def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
+    """A connection for one worker thread, in WAL mode (readers never block the writer), with
+    `schema` applied. Several components share the state file, each with its own connection."""
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    return db
+
+
 class StateStore:
     def __init__(self, path: str) -> None:
         self._path = path
@@ -98,12 +111,7 @@ class StateStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open(self) -> None:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
-        self._db.executescript(_SCHEMA)
+        self._db = connect_sqlite(self._path, _SCHEMA)
 
     async def open(self) -> None:
         await self._run(self._open)

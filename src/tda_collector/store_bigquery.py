@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import google.auth
-import numpy as np
 import pyarrow as pa
 import requests
 from google.api_core import exceptions as api_errors
@@ -370,17 +369,7 @@ class BigQueryStore:
     def _series(self, key: JobKey) -> CandleBatch:
         sql, config = series_query(self._names, key)
         table = self._client().query(sql, job_config=config).to_arrow(create_bqstorage_client=False)
-        column = {name: table.column(name).to_numpy() for name in table.column_names}
-        return CandleBatch(
-            key=key,
-            timestamps=column["ts"].astype(np.int64),
-            open=column["open"],
-            high=column["high"],
-            low=column["low"],
-            close=column["close"],
-            volume=column["volume"],
-            closed=np.ones(table.num_rows, dtype=bool),
-        )
+        return CandleBatch.closed_from_arrow(key, table)
 
     def _close_client(self) -> None:
         if self._client_instance is not None:

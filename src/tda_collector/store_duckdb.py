@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from .events import EventLog
@@ -134,17 +133,7 @@ class DuckDBStore:
             )
             .to_arrow_table()
         )
-        columns = {name: table.column(name).to_numpy() for name in table.column_names}
-        return CandleBatch(
-            key=key,
-            timestamps=columns["ts"].astype(np.int64),
-            open=columns["open"],
-            high=columns["high"],
-            low=columns["low"],
-            close=columns["close"],
-            volume=columns["volume"],
-            closed=np.ones(table.num_rows, dtype=bool),
-        )
+        return CandleBatch.closed_from_arrow(key, table)
 
     async def series(self, key: JobKey) -> CandleBatch:
         """Stored closed candles of one series in time order (for recomputing indicators)."""
