@@ -10,12 +10,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from .app import EXIT_USAGE, RunRequest, ccxt_source_factory, run
+from .app import EXIT_USAGE, run
 from .config import load_config, resolve_credentials
 from .errors import UsageError
 from .events import EventLog, build_logger
 from .loki import build_loki_handler
 from .metrics import Metrics
+from .runtime import RunRequest, ccxt_source_factory
 from .timeframes import timeframe_ms
 
 PROG = "tda-collector"

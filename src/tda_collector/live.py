@@ -37,7 +37,7 @@ from .state import StateStore
 from .timeframes import closed_before, timeframe_ms
 
 if TYPE_CHECKING:
-    from .app import ExchangeRuntime
+    from .runtime import ExchangeRuntime
 
 
 PERSIST_DRAIN_S = 0.6  # of the 1 s stop budget, for in-flight writes
