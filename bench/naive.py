@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 import ccxt.async_support as ccxt
 
@@ -25,6 +26,8 @@ async def backfill(base_url: str, symbols: list[str], start_ms: int, end_ms: int
     )
     collected: list[list[float]] = []
     requests = 0
+    await exchange.load_markets()
+    started = time.monotonic()
     try:
         for symbol in symbols:
             since = start_ms
@@ -38,7 +41,8 @@ async def backfill(base_url: str, symbols: list[str], start_ms: int, end_ms: int
                 since = rows[-1][0] + 60_000
     finally:
         await exchange.close()
-    print(json.dumps({"candles": len(collected), "requests": requests}))
+    seconds = time.monotonic() - started
+    print(json.dumps({"candles": len(collected), "requests": requests, "seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ START_MS = 1_672_531_200_000  # 2023-01-01
 def build(jobs: int) -> tuple[JobRegistry, Progress]:
     registry = JobRegistry("history", metrics=Metrics())
     for i in range(jobs):
-        job = Job(JobKey("binance", f"SYM{i:04d}/USDT", "1m"), "history", MIN_MS,
-                  start_ms=START_MS, end_ms=START_MS + YEAR_MS, cursor_ms=START_MS)
+        job = Job(
+            JobKey("binance", f"SYM{i:04d}/USDT", "1m"),
+            "history",
+            MIN_MS,
+            start_ms=START_MS,
+            end_ms=START_MS + YEAR_MS,
+            cursor_ms=START_MS,
+        )
         registry.add(job)
     registry.track_budget("binance", 20.0, 18.0, lambda: 0)
     return registry, Progress(registry)
@@ -59,14 +65,18 @@ async def churn(registry: JobRegistry, progress: Progress, pages_per_s: float) -
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p = statistics.quantiles(ordered, n=100)
-    return (f"p50 {p[49] * 1000:.3f} ms, p99 {p[98] * 1000:.3f} ms, "
-            f"max {ordered[-1] * 1000:.3f} ms")
+    return f"p50 {p[49] * 1000:.3f} ms, p99 {p[98] * 1000:.3f} ms, max {ordered[-1] * 1000:.3f} ms"
 
 
 async def measure(jobs: int, requests: int, pages_per_s: float) -> None:
     registry, progress = build(jobs)
-    server = AdminServer("127.0.0.1", 0, Metrics(), _ready,
-                         jobs_routes(registry, progress, "127.0.0.1", None, "TDA_ADMIN_TOKEN"))
+    server = AdminServer(
+        "127.0.0.1",
+        0,
+        Metrics(),
+        _ready,
+        jobs_routes(registry, progress, "127.0.0.1", None, "TDA_ADMIN_TOKEN"),
+    )
     await server.start()
     load = asyncio.create_task(churn(registry, progress, pages_per_s))
     try:
@@ -92,12 +102,16 @@ async def measure(jobs: int, requests: int, pages_per_s: float) -> None:
         load.cancel()
         await server.stop()
     assert body["jobs"]["total"] == jobs and listed["total"] == jobs
-    print(f"GET /progress with {jobs:,} jobs, {requests:,} requests, "
-          f"{pages_per_s:,.0f} pages/s recorded meanwhile")
+    print(
+        f"GET /progress with {jobs:,} jobs, {requests:,} requests, "
+        f"{pages_per_s:,.0f} pages/s recorded meanwhile"
+    )
     print(f"  handler (summary + JSON): {percentiles(handler)}")
     print(f"  HTTP round trip:          {percentiles(round_trips)}")
-    print(f"  candles counted: {body['candles']:,}; covered {body['covered']:.4%}; "
-          f"ETA {body['eta_s']} s")
+    print(
+        f"  candles counted: {body['candles']:,}; covered {body['covered']:.4%}; "
+        f"ETA {body['eta_s']} s"
+    )
     print(f"GET /jobs (all {jobs:,}): {list_s * 1000:.1f} ms, for comparison")
 
 

@@ -39,6 +39,7 @@ class Row:
     status_429: int
     status_418: int
     target_rps: float
+    sustained_rps: float  # between the first and the last page: start-up and the tail excluded
 
     @property
     def rps(self) -> float:
@@ -50,6 +51,7 @@ class Row:
             str(self.symbols),
             f"{self.rps:.1f}",
             f"{self.rps / self.target_rps:.3f}",
+            f"{self.sustained_rps / self.target_rps:.3f}",
             f"{self.candles / self.seconds:,.0f}",
             str(self.status_429),
             str(self.status_418),
@@ -58,11 +60,22 @@ class Row:
         ]
 
 
+def _sustained_rps(events: list[dict]) -> float:
+    """Pages per second between the first and the last page written (one request a page)."""
+    stamps = [
+        datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+        for e in events
+        if e["event"] == "history_page_done"
+    ]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+
+
 HEADER = [
     "run",
     "symbols",
     "req/s",
     "req/s ÷ (B×safety)",
+    "sustained ÷ (B×safety)",
     "candles/s",
     "429",
     "418",
@@ -117,6 +130,7 @@ def run_collector(
         fake.counters.get("429", 0),
         fake.counters.get("418", 0),
         budget * safety,
+        _sustained_rps(events),
     )
 
 
@@ -148,6 +162,7 @@ def run_baseline(symbols: int, budget: int, safety: float, latency_ms: float, re
         fake.counters.get("429", 0),
         fake.counters.get("418", 0),
         budget * safety,
+        result["requests"] / result["seconds"],
     )
 
 
