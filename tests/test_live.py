@@ -101,7 +101,7 @@ class Harness:
         state = StateStore(str(self.tmp_path / "state.sqlite"))
         await state.open()
         if indicators is not None:
-            await self.vt.track(indicators.load(keys))
+            await self.vt.track(indicators.load(keys, await self.store.newest(keys)))
         live = self.live(TrackedState(state, self.vt), indicators)
         cursors = await self.store.newest(keys)
         jobs = [

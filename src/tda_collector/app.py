@@ -219,13 +219,18 @@ async def _run_mode(
             raise failure
         await state.open()
         await store.ensure()
+        keys = [k for rt in runtimes for k in rt.keys]
+        live = request.mode == "live"
+        # One query serves both: indicator states are checked against it, and it gives live
+        # mode its cursors (on BigQuery each query scans the table).
+        newest_closed = await store.newest(keys) if live or indicators is not None else {}
         if indicators is not None:
-            await indicators.load([k for rt in runtimes for k in rt.keys])
+            await indicators.load(keys, newest_closed)
         readiness.store_ready = True
         _track_budgets(registry, runtimes)
         bar = terminal_bar(request.mode, events.logger)
         async with JobMonitor(registry, progress, events, bar):
-            if request.mode == "history":
+            if not live:
                 return await run_history(
                     config, request, events, runtimes, store, state, metrics, indicators, registry
                 )
@@ -239,6 +244,7 @@ async def _run_mode(
                 metrics,
                 indicators,
                 registry,
+                cursors=newest_closed,
             )
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -81,12 +81,12 @@ class IndicatorStage:
             if JobKey(e, s, tf) in wanted
         }
 
-    async def load(self, keys: list[JobKey]) -> None:
-        """Read saved states, and which series already have rows (one store query)."""
+    async def load(self, keys: list[JobKey], stored: Mapping[JobKey, int]) -> None:
+        """Read saved states. `stored` is the newest stored closed candle per key (the
+        caller's one `newest` query, which live mode also uses as its cursors)."""
         if self._db is None:
             await self._run(self._open)
         saved = await self._run(self._read, keys)
-        stored = await self._store.newest(keys, closed_only=True)
         for key in keys:
             last, text, dirty = saved.get(key, (None, None, None))
             state = IndicatorState.from_json(text) if text else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from .events import EventLog
@@ -95,7 +95,7 @@ async def finish_history_run(registry: JobRegistry, state: StateStore) -> None:
 
 
 async def register_live_jobs(
-    registry: JobRegistry, state: StateStore, keys: list[JobKey], cursors: dict[JobKey, int]
+    registry: JobRegistry, state: StateStore, keys: list[JobKey], cursors: Mapping[JobKey, int]
 ) -> None:
     saved = {r.key: r for r in await state.load_jobs("live")}
     for key in keys:

@@ -15,7 +15,7 @@ everything since its cursor. A cancelled job's task stops; the other jobs go on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -321,10 +321,12 @@ async def run_live(
     metrics: Metrics,
     indicators: IndicatorStage | None = None,
     registry: JobRegistry | None = None,
+    *,
+    cursors: Mapping[JobKey, int],
 ) -> int:
-    """Run every configured job live until cancelled (SIGTERM/SIGINT)."""
+    """Run every configured job live until cancelled (SIGTERM/SIGINT), each from its cursor:
+    the newest stored closed candle, as the store reported it at start."""
     keys = [k for rt in runtimes for k in rt.keys]
-    cursors = await store.newest(keys)
     registry = registry or JobRegistry("live", state, metrics, events)
     await register_live_jobs(registry, state, keys, cursors)
     for key, open_ms in cursors.items():
