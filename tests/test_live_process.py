@@ -9,7 +9,7 @@ from datetime import UTC
 
 import pytest
 
-from collector_support import start_subprocess, write_config
+from collector_support import free_port, start_subprocess, write_config
 from fake_exchange import FakeExchange, SymbolSpec, candle
 from store_support import read_duckdb_rows
 from tda_collector.models import JobKey
@@ -127,11 +127,7 @@ def test_every_closed_minute_is_stored_within_seconds_of_its_close_in_real_time(
 
 
 def test_an_exchange_down_at_boot_is_waited_for_not_fatal(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     fake = FakeExchange([SymbolSpec(s) for s in SYMBOLS], port=port)
     config = write_config(tmp_path, f"http://127.0.0.1:{port}", SYMBOLS, ["1m"])
     proc = start_subprocess(config, "--mode=live")

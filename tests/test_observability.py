@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
 from collector_support import (
     FROZEN_NOW_S,
     events_named,
+    free_port,
     parse_events,
     run_in_process,
     start_subprocess,
@@ -22,12 +22,6 @@ from test_live_process import stop, wait_for_event
 
 SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")]
 ARGS = ("--mode=history", "--start=2024-02-27", "--end=2024-03-01")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
