@@ -7,6 +7,7 @@ from tda_collector.indicators import (
     IndicatorSpec,
     IndicatorState,
     compute,
+    decay_filter,
     initial_state,
     provisional,
 )
@@ -228,3 +229,25 @@ def test_empty_chunk_keeps_state(closes):
     columns, after = compute(np.empty(0), state, DEFAULT)
     assert after == state
     assert all(len(v) == 0 for v in columns.values())
+
+
+def recursion(x: np.ndarray, alpha: float, start: list[float]) -> np.ndarray:
+    """The definition, one step at a time."""
+    out = np.empty_like(x)
+    for row, previous in enumerate(start):
+        for t, value in enumerate(x[row]):
+            previous = (1.0 - alpha) * previous + alpha * value
+            out[row, t] = previous
+    return out
+
+
+@pytest.mark.parametrize("alpha", [2 / 3, 0.2, 2 / 13, 1 / 14, 2 / 27, 1 / 24, 2 / 201])
+@pytest.mark.parametrize("length", [0, 1, 2, 5, 40, 41, 42, 999, 5_000])
+def test_decay_filter_is_the_recursion(alpha, length):
+    """Block lengths differ per alpha; lengths around them cover partial and exact blocks."""
+    rng = np.random.default_rng(length)
+    x = np.vstack([rng.normal(0, 1, length), 30_000 * np.exp(rng.normal(0, 0.01, length))])
+    start = [-0.25, 30_100.0]
+    expected = recursion(x, alpha, start)
+    # Where row 0 (values ~1) crosses zero, rounding is absolute: ~1e-16 of the inputs.
+    np.testing.assert_allclose(decay_filter(x, alpha, start), expected, rtol=1e-12, atol=1e-14)

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ccxt.async_support as ccxt_async
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 from ccxt.base import errors as ccxt_errors
 
 from .errors import ExchangeFault, PermanentFault, RateLimited, TransientFault, UsageError
+from .models import RawCandles
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,9 @@ class Capabilities:
     max_page_size: int = 500
     ohlcv_request_cost: float = 1.0  # budget units one candle request consumes
     # A ccxt implicit-API method answering Binance-style kline arrays for spot markets. Asking
-    # it directly skips ccxt's per-candle parsing (about 10 µs a candle, most of our CPU);
-    # ccxt still builds, sends and error-checks the request.
+    # it directly skips ccxt's per-candle parsing (about 10 µs a candle, most of our CPU), and
+    # its body is parsed straight to floats (`klines_matrix`); ccxt still builds, sends and
+    # error-checks the request.
     raw_klines_method: str | None = None
 
 
@@ -57,6 +62,8 @@ class _ResponseMeta:
     status: int | None = None
     headers: dict[str, str] | None = None
     body: str = ""
+    parse_klines: bool = False  # try `klines_matrix` on a 200 body before ccxt parses it
+    klines: np.ndarray | None = None
 
 
 # Each asyncio task sees its own response metadata; ccxt's `last_response_headers` is shared
@@ -87,6 +94,38 @@ def _is_json_array(body: str) -> bool:
         return isinstance(json.loads(body), list)
     except ValueError:
         return False
+
+
+_KLINE_FIELDS = [f"f{i}" for i in range(6)]  # open time, open, high, low, close, volume
+_KLINES_CSV_READ = pa_csv.ReadOptions(autogenerate_column_names=True, use_threads=False)
+_KLINES_CSV_CONVERT = pa_csv.ConvertOptions(
+    column_types=dict.fromkeys(_KLINE_FIELDS, pa.float64()), include_columns=_KLINE_FIELDS
+)
+
+
+def klines_matrix(body: str) -> np.ndarray | None:
+    """A kline-array body (`[[0,"1.5",...],...]`, as Binance sends it) as an (n, 6) float64
+    matrix, or None when the text is anything but that plain shape (then it is parsed as JSON).
+
+    Read as CSV by Arrow: JSON parsing plus numpy's conversion of the price strings cost
+    ~2 µs a candle, this ~1 µs. Arrow's float parsing is correctly rounded, as `float()` is.
+    """
+    text = body.strip()
+    if text == "[]":
+        return np.empty((0, 6))
+    if not (text.startswith("[[") and text.endswith("]]")):
+        return None
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(text[2:-2].replace("],[", "\n").encode()),
+            read_options=_KLINES_CSV_READ,
+            convert_options=_KLINES_CSV_CONVERT,
+        )
+    except (pa.ArrowInvalid, pa.ArrowKeyError):  # another shape, or not numbers
+        return None
+    if table.num_rows != text.count("],[") + 1 or any(c.null_count for c in table.columns):
+        return None
+    return np.column_stack([column.to_numpy() for column in table.columns])
 
 
 def translate(exc: Exception, meta: _ResponseMeta | None = None) -> ExchangeFault:
@@ -144,9 +183,14 @@ class CcxtExchange:
         return Capabilities().max_page_size
 
     def _record_response(self, code, reason, url, method, headers, body, req_headers, req_body):
+        """ccxt's hook before it parses a body: what we return is what ccxt parses."""
         meta = _current_response.get()
         if meta is not None:
             meta.status, meta.headers, meta.body = code, dict(headers or {}), body
+            if meta.parse_klines and code == 200:
+                meta.klines = klines_matrix(body)
+                if meta.klines is not None:
+                    return "[]"  # parsed already: spare ccxt the work
         return body.strip()
 
     @property
@@ -167,9 +211,9 @@ class CcxtExchange:
         return result
 
     async def _call_with_meta(
-        self, method: str, *args: Any, **kwargs: Any
+        self, method: str, *args: Any, parse_klines: bool = False, **kwargs: Any
     ) -> tuple[Any, _ResponseMeta]:
-        meta = _ResponseMeta()
+        meta = _ResponseMeta(parse_klines=parse_klines)
         token = _current_response.set(meta)
         try:
             return await getattr(self._client, method)(*args, **kwargs), meta
@@ -213,10 +257,11 @@ class CcxtExchange:
 
     async def fetch_ohlcv(
         self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
-    ) -> list[list[Any]]:
+    ) -> RawCandles:
         """Candles opening in [since_ms, until_ms] (inclusive, as ccxt's `until`), oldest first.
 
-        Rows start with [open_ms, open, high, low, close, volume], as numbers or numeric strings.
+        Rows start with [open_ms, open, high, low, close, volume], as numbers or numeric strings
+        (or, from the klines fast path, as an (n, 6) float64 matrix).
         """
         method = self.capabilities.raw_klines_method
         if method and self._client.market(symbol).get("spot"):
@@ -236,7 +281,7 @@ class CcxtExchange:
 
     async def _raw_klines(
         self, method: str, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
-    ) -> list[list[Any]]:
+    ) -> RawCandles:
         request = {
             "symbol": self._client.market_id(symbol),
             "interval": self._client.timeframes[timeframe],
@@ -244,7 +289,9 @@ class CcxtExchange:
             "endTime": until_ms,
             "limit": limit,
         }
-        rows = await self._call(method, request)
+        rows, meta = await self._call_with_meta(method, request, parse_klines=True)
+        if meta.klines is not None:
+            return meta.klines
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows[:1]):
             raise TransientFault(f"unparsable klines body: {str(rows)[:80]!r}")
         return [row[:6] for row in rows]

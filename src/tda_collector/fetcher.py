@@ -14,14 +14,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from .errors import ExchangeFault, PermanentFault, RateLimited, TransientFault
 from .events import EventLog
 from .metrics import Metrics
-from .models import JobKey
+from .models import JobKey, RawCandles
 from .protocols import CandleSource
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
@@ -102,7 +101,7 @@ class Fetcher:
 
     async def candles(
         self, key: JobKey, since_ms: int, until_ms: int, limit: int
-    ) -> list[list[Any]]:
+    ) -> RawCandles:
         """One page of raw candles opening in [since_ms, until_ms], retried as the policy says."""
         tally = _Tally()
         retrying = AsyncRetrying(

@@ -20,7 +20,7 @@ from .events import EventLog
 from .exchange import Capabilities, MarketInfo
 from .intervals import subtract
 from .jobs import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRegistry
-from .models import JobKey
+from .models import JobKey, RawCandles
 from .progress import Progress
 from .progress_bar import ProgressBar
 from .protocols import CandleSource
@@ -163,7 +163,7 @@ class GatedSource:
 
     async def fetch_ohlcv(
         self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
-    ) -> list[list[Any]]:
+    ) -> RawCandles:
         self._gate(JobKey(self.inner.id, symbol, timeframe))
         return await self.inner.fetch_ohlcv(symbol, timeframe, since_ms, until_ms, limit)
 

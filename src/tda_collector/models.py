@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+# One exchange page: rows starting [open_ms, open, high, low, close, volume] (numbers or numeric
+# strings), or the same as an (n, 6) float64 matrix.
+RawCandles = list[list[Any]] | np.ndarray
 
 TABLE_NAME = "market_data_ohlcv"
 KEY_COLUMNS = ("exchange", "symbol", "timeframe", "timestamp")

@@ -6,10 +6,10 @@ new exchange library or store plugs in without touching the rest, and tests can 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from .exchange import Capabilities, MarketInfo
-from .models import CandleBatch, JobKey
+from .models import CandleBatch, JobKey, RawCandles
 
 
 class CandleSource(Protocol):
@@ -32,7 +32,7 @@ class CandleSource(Protocol):
 
     async def fetch_ohlcv(
         self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
-    ) -> list[list[Any]]: ...
+    ) -> RawCandles: ...
 
     async def close(self) -> None: ...
 
@@ -46,8 +46,8 @@ class CandleStore(Protocol):
     """
 
     name: str
-    # How many pages of one job may be written at once: 1 where a write is quick and final
-    # (DuckDB), more where writes are batched into jobs that take seconds (BigQuery loads).
+    # How many pages of one job may be written at once: more than 1 where writes wait to be
+    # gathered into one commit (DuckDB) or a load job that takes seconds (BigQuery loads).
     pipeline_pages: int
 
     async def ensure(self) -> None: ...
