@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,31 @@ class Measured:
     max_rss_mib: float
     returncode: int
     stdout: str
+    # CPU seconds used so far, read each time a stdout line holds one of the `cpu_marks`
+    cpu_at_marks: list[tuple[str, float]] = field(default_factory=list)
 
 
-def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured:
+def _cpu_so_far(pid: int) -> float:
+    """utime + stime of a running process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(
+    argv: list[str], env: dict[str, str] | None = None, cpu_marks: tuple[str, ...] = ()
+) -> Measured:
     """Run a child to completion; whole-process CPU and peak RSS come from wait4's rusage."""
     started = time.monotonic()
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     )
     assert proc.stdout is not None
-    out = proc.stdout.read()
+    lines, marks = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if any(mark in line for mark in cpu_marks):
+            marks.append((line, _cpu_so_far(proc.pid)))
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return Measured(
@@ -44,7 +59,8 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Measured
         cpu_s=usage.ru_utime + usage.ru_stime,
         max_rss_mib=usage.ru_maxrss / 1024,
         returncode=proc.returncode,
-        stdout=out,
+        stdout="".join(lines),
+        cpu_at_marks=marks,
     )
 
 

@@ -40,6 +40,7 @@ class Row:
     status_418: int
     target_rps: float
     sustained_rps: float  # between the first and the last page: start-up and the tail excluded
+    steady_cpu_us: float | None = None  # CPU per candle between the first and the last page
 
     @property
     def rps(self) -> float:
@@ -56,8 +57,18 @@ class Row:
             str(self.status_429),
             str(self.status_418),
             f"{self.cpu_s * 1e6 / max(1, self.candles):.2f}",
+            "" if self.steady_cpu_us is None else f"{self.steady_cpu_us:.2f}",
             f"{self.rss_mib:.0f}",
         ]
+
+
+def _steady_cpu_us(marks: list[tuple[str, float]]) -> float | None:
+    """CPU per candle stored between the first and the last page: no start-up, no shutdown."""
+    pages = [(json.loads(line), cpu) for line, cpu in marks]
+    if len(pages) < 2:
+        return None
+    rows = sum(event["rows"] for event, _ in pages[1:])
+    return (pages[-1][1] - pages[0][1]) * 1e6 / max(1, rows)
 
 
 def _sustained_rps(events: list[dict]) -> float:
@@ -80,6 +91,7 @@ HEADER = [
     "429",
     "418",
     "CPU µs/candle",
+    "steady CPU µs/candle",
     "peak RSS MiB",
 ]
 
@@ -115,7 +127,8 @@ def run_collector(
                 "--mode=history",
                 f"--start={_iso(start_ms)}",
                 f"--end={_iso(end_ms)}",
-            ]
+            ],
+            cpu_marks=('"history_page_done"',),
         )
     events = [json.loads(line) for line in measured.stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in reversed(events) if e["event"] == "history_complete")
@@ -131,6 +144,7 @@ def run_collector(
         fake.counters.get("418", 0),
         budget * safety,
         _sustained_rps(events),
+        _steady_cpu_us(measured.cpu_at_marks),
     )
 
 

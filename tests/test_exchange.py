@@ -62,6 +62,8 @@ GOOD = kline(0, ["1", "2", "0.5", "1.5", "10"])
         '[[0,"1","2","0.5","1.5","abc"]]',  # not a number
         '[[0,"1","2","0.5","1.5",null]]',
         '[[0,[1],"2","0.5","1.5","1"]]',  # nested
+        f"[{GOOD},[],{GOOD}]",  # an empty row
+        f"[{GOOD},\n{GOOD}]",  # a line break between rows
     ],
 )
 def test_anything_but_the_plain_shape_is_left_to_the_json_parser(body):

@@ -113,17 +113,17 @@ def klines_matrix(body: str) -> np.ndarray | None:
     text = body.strip()
     if text == "[]":
         return np.empty((0, 6))
-    if not (text.startswith("[[") and text.endswith("]]")):
+    if not (text.startswith("[[") and text.endswith("]]")) or "\n" in text or "\r" in text:
         return None
+    lines = text[2:-2].replace("],[", "\n").encode()  # one line a row, as nothing else breaks
     try:
         table = pa_csv.read_csv(
-            pa.py_buffer(text[2:-2].replace("],[", "\n").encode()),
-            read_options=_KLINES_CSV_READ,
-            convert_options=_KLINES_CSV_CONVERT,
+            pa.py_buffer(lines), read_options=_KLINES_CSV_READ, convert_options=_KLINES_CSV_CONVERT
         )
     except (pa.ArrowInvalid, pa.ArrowKeyError):  # another shape, or not numbers
         return None
-    if table.num_rows != text.count("],[") + 1 or any(c.null_count for c in table.columns):
+    # The CSV reader skips empty lines, which an empty row (`[]`) would leave.
+    if table.num_rows != lines.count(b"\n") + 1 or any(c.null_count for c in table.columns):
         return None
     return np.column_stack([column.to_numpy() for column in table.columns])
 
