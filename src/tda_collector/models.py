@@ -94,17 +94,21 @@ class CandleBatch:
     def to_arrow(self, ingested_at: datetime) -> pa.Table:
         """The batch as table rows (UTC timestamps), ready for a bulk insert or load job."""
         n = len(self)
+
+        def constant(value: object, arrow_type: pa.DataType) -> pa.Array:
+            return pa.repeat(pa.scalar(value, arrow_type), n)  # no Python list of n values
+
         columns = {
             "timestamp": pa.array(self.timestamps, pa.timestamp("ms")),
-            "exchange": pa.array([self.key.exchange] * n, pa.string()),
-            "symbol": pa.array([self.key.symbol] * n, pa.string()),
-            "timeframe": pa.array([self.key.timeframe] * n, pa.string()),
+            "exchange": constant(self.key.exchange, pa.string()),
+            "symbol": constant(self.key.symbol, pa.string()),
+            "timeframe": constant(self.key.timeframe, pa.string()),
             "open": pa.array(self.open, pa.float64()),
             "high": pa.array(self.high, pa.float64()),
             "low": pa.array(self.low, pa.float64()),
             "close": pa.array(self.close, pa.float64()),
             "volume": pa.array(self.volume, pa.float64()),
-            "ingested_at": pa.array([ingested_at.replace(tzinfo=None)] * n, pa.timestamp("us")),
+            "ingested_at": constant(ingested_at.replace(tzinfo=None), pa.timestamp("us")),
             "is_closed": pa.array(self.closed, pa.bool_()),
         }
         for name, values in self.extra.items():
