@@ -35,6 +35,12 @@ def read_duckdb_rows(path: str, key: JobKey) -> list[dict]:
         return _rows(con, key)
 
 
+async def stored_rows(store: DuckDBStore, key: JobKey) -> list[dict]:
+    """What users query, read while the store is open: DuckDB allows one writer process, so
+    through the store's own connection thread."""
+    return await store._run(lambda: _rows(store._connection(), key))
+
+
 @asynccontextmanager
 async def duckdb_store(tmp_path):
     path = str(tmp_path / "ohlcv.duckdb")
@@ -42,8 +48,7 @@ async def duckdb_store(tmp_path):
     await store.ensure()
 
     async def rows(key: JobKey) -> list[dict]:
-        # DuckDB allows one writer process; read through the store's own connection thread.
-        return await store._run(lambda: _rows(store._connection(), key))
+        return await stored_rows(store, key)
 
     try:
         yield store, rows

@@ -54,6 +54,16 @@ def test_bad_backend_names_the_field_and_the_choices(tmp_path):
     assert error_line(tmp_path, text) == "storage.backend: must be one of duckdb, bigquery"
 
 
+def test_duckdb_group_commit_defaults_and_limits_name_the_field(tmp_path):
+    duckdb = load_config(write(tmp_path, MINIMAL), {}).storage.duckdb
+    assert (duckdb.batch_rows, duckdb.batch_seconds) == (16_000, 0.05)
+    text = MINIMAL + "storage:\n  duckdb: {batch_rows: 0, batch_seconds: 0}\n"
+    assert error_line(tmp_path, text) == (
+        "storage.duckdb.batch_rows: Input should be greater than 0; "
+        "storage.duckdb.batch_seconds: Input should be greater than 0"
+    )
+
+
 def test_unknown_key_is_an_error(tmp_path):
     assert error_line(tmp_path, MINIMAL + "stroage: {}\n") == "stroage: unknown key"
 

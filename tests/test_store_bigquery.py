@@ -11,7 +11,6 @@ import asyncio
 from datetime import UTC, datetime
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
@@ -25,7 +24,6 @@ from bigquery_support import (
     recording_events,
     unique_dataset,
 )
-from tda_collector.bigquery_load import LoadBuffer
 from tda_collector.bigquery_schema import (
     RowErrors,
     TableNames,
@@ -342,41 +340,6 @@ def test_row_ids_name_a_version_of_a_row():
     assert len(set(ids)) == 3
     assert set(stream_rows(later)[1]).isdisjoint(ids)  # a newer version: new ids
     assert rows[0]["timestamp"] == "2024-01-01 00:00:00.000000Z"
-
-
-async def test_load_buffer_flushes_before_a_job_would_touch_too_many_partitions():
-    jobs: list[int] = []
-
-    async def load(tables):
-        jobs.append(sum(t.num_rows for t in tables))
-
-    buffer = LoadBuffer(load, max_rows=1_000, max_wait_s=3600, max_partitions=3)
-    page = pa.table({"x": [1, 2]})
-    writes = [
-        asyncio.create_task(buffer.add(page, partitions))
-        for partitions in ({1, 2}, {2, 3}, {4}, {4, 5})
-    ]
-    await asyncio.wait_for(writes[0], timeout=1)
-    assert jobs == [4]  # {1, 2, 3} then {4, 5}: the third write would have made it four
-    await buffer.close()
-    await asyncio.gather(*writes)
-    assert jobs == [4, 4]
-
-
-async def test_load_buffer_leaves_out_writes_whose_writer_was_cancelled():
-    jobs: list[int] = []
-
-    async def load(tables):
-        jobs.append(sum(t.num_rows for t in tables))
-
-    buffer = LoadBuffer(load, max_rows=1_000, max_wait_s=3600)
-    gone = asyncio.create_task(buffer.add(pa.table({"x": [1, 2, 3]}), {1}))
-    kept = asyncio.create_task(buffer.add(pa.table({"x": [4]}), {1}))
-    await asyncio.sleep(0)
-    gone.cancel()
-    await buffer.close()
-    await kept
-    assert jobs == [1]
 
 
 async def test_a_missing_credentials_file_is_a_one_line_usage_error(tmp_path):

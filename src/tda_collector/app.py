@@ -44,9 +44,17 @@ def build_store(
     extra_columns: tuple[Column, ...] = (),
     environ: Mapping[str, str] | None = None,
 ) -> CandleStore:
-    """DuckDB, or BigQuery: streaming inserts for live mode, batched load jobs for history."""
+    """DuckDB (writes grouped into commits), or BigQuery: streaming inserts for live mode,
+    batched load jobs for history."""
     if config.storage.backend == "duckdb":
-        return DuckDBStore(config.storage.duckdb.path, events, extra_columns)
+        duck = config.storage.duckdb
+        return DuckDBStore(
+            duck.path,
+            events,
+            extra_columns,
+            batch_rows=duck.batch_rows,
+            batch_seconds=duck.batch_seconds,
+        )
     from .store_bigquery import BigQueryStore  # the Google libraries take ~0.5 s to import
 
     bq = config.storage.bigquery

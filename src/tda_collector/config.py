@@ -110,6 +110,15 @@ class IndicatorsConfig(_Section):
 
 class DuckDBConfig(_Section):
     path: str = Field("data/ohlcv.duckdb", description="The DuckDB database file.")
+    batch_rows: int = Field(
+        16_000, gt=0, description="Commit once this many written rows wait (group commit)."
+    )
+    batch_seconds: float = Field(
+        0.05,
+        gt=0,
+        description="Commit at most this long after the first waiting write: long enough to "
+        "gather the pages of many jobs, short enough that a job waiting for it stays busy.",
+    )
 
 
 class BigQueryConfig(_Section):

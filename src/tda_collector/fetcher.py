@@ -99,9 +99,7 @@ class Fetcher:
             attempt=attempt,
         )
 
-    async def candles(
-        self, key: JobKey, since_ms: int, until_ms: int, limit: int
-    ) -> RawCandles:
+    async def candles(self, key: JobKey, since_ms: int, until_ms: int, limit: int) -> RawCandles:
         """One page of raw candles opening in [since_ms, until_ms], retried as the policy says."""
         tally = _Tally()
         retrying = AsyncRetrying(

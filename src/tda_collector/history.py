@@ -2,8 +2,8 @@
 
 A job pages forward through the parts of its range the ledger does not cover yet. Each page is
 normalised, written (durably), and only then added to the ledger, together with the job row that
-counts it; so a rerun of a finished range asks for nothing, and a crash costs at most the page
-that was in flight. A paused job stops between pages (and no request of it leaves: see
+counts it; so a rerun of a finished range asks for nothing, and a crash costs at most the pages
+that were in flight. A paused job stops between pages (and no request of it leaves: see
 `GatedSource`); resuming runs it again from the ledger, which is exactly where it stopped.
 """
 
@@ -83,9 +83,9 @@ class HistoryBackfill:
 
     async def _fill(self, job: Job, gap: tuple[int, int], result: JobResult) -> None:
         """Page through `gap`. Up to the store's `pipeline_pages` writes of the job may be under
-        way while the next page is fetched (1 for DuckDB: a crash refetches at most one page;
-        more for BigQuery load jobs, which batch many pages). The ledger is a set of intervals,
-        so pages may become durable in any order."""
+        way while the next page is fetched, since stores gather pages of many jobs into one
+        commit or load job; a crash refetches at most that many pages. The ledger is a set of
+        intervals, so pages may become durable in any order."""
         key, tf_ms = job.key, job.tf_ms
         since, end = gap
         pending: deque[Awaitable[int]] = deque()

@@ -180,7 +180,7 @@ class IndicatorStage:
                 continue
             values, state = compute(stored.close, initial_state(self.spec), self.spec)
             tail = stored.timestamps >= (series.dirty_from_ms or 0)
-            enriched = _select(replace(stored, extra=values), tail)
+            enriched = replace(stored, extra=values).select(tail)
             rewritten += await write(enriched)
             repaired = _Series(int(stored.timestamps[-1]), state, None, has_stored_rows=True)
             self._series[key] = repaired
@@ -200,17 +200,3 @@ class IndicatorStage:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
-
-
-def _select(batch: CandleBatch, mask: np.ndarray) -> CandleBatch:
-    return CandleBatch(
-        key=batch.key,
-        timestamps=batch.timestamps[mask],
-        open=batch.open[mask],
-        high=batch.high[mask],
-        low=batch.low[mask],
-        close=batch.close[mask],
-        volume=batch.volume[mask],
-        closed=batch.closed[mask],
-        extra={name: values[mask] for name, values in batch.extra.items()},
-    )

@@ -71,6 +71,20 @@ class CandleBatch:
     def __len__(self) -> int:
         return len(self.timestamps)
 
+    def select(self, mask: np.ndarray) -> CandleBatch:
+        """The candles where `mask` (boolean, or indices) selects them."""
+        return CandleBatch(
+            key=self.key,
+            timestamps=self.timestamps[mask],
+            open=self.open[mask],
+            high=self.high[mask],
+            low=self.low[mask],
+            close=self.close[mask],
+            volume=self.volume[mask],
+            closed=self.closed[mask],
+            extra={name: values[mask] for name, values in self.extra.items()},
+        )
+
     @property
     def newest_closed_ms(self) -> int | None:
         closed_ts = self.timestamps[self.closed]

@@ -31,7 +31,7 @@ from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from .bigquery_load import LoadBuffer, parquet_bytes
+from .bigquery_load import MAX_PARTITIONS_PER_JOB, parquet_bytes
 from .bigquery_schema import (
     RETRYABLE_REASONS,
     RowErrors,
@@ -53,6 +53,7 @@ from .errors import StoreFault, UsageError
 from .events import EventLog
 from .models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from .retry import RetryPolicy
+from .write_buffer import WriteBuffer
 
 WriteMode = Literal["stream", "load"]
 CLUSTERING = ("exchange", "symbol", "timeframe")
@@ -118,7 +119,7 @@ class BigQueryStore:
     """A `CandleStore` on a BigQuery table, partitioned by day (or month) and clustered by key.
 
     `mode="stream"` inserts each write at once; `mode="load"` buffers writes into one load job
-    per `flush_rows` rows or `flush_seconds` after the first buffered write (see `LoadBuffer`),
+    per `flush_rows` rows or `flush_seconds` after the first buffered write (see `WriteBuffer`),
     and each `write` returns when the job that carried its rows has succeeded.
     `load_jobs` and `insert_requests` count what was sent, for tests and metrics.
     """
@@ -159,7 +160,9 @@ class BigQueryStore:
         self._client_lock = threading.Lock()
         self._client_instance: bigquery.Client | None = None
         self._buffer = (
-            LoadBuffer(self._load_pages, flush_rows, flush_seconds) if mode == "load" else None
+            WriteBuffer(self._load_pages, len, flush_rows, flush_seconds, MAX_PARTITIONS_PER_JOB)
+            if mode == "load"
+            else None
         )
         self._closed = False
         self.pipeline_pages = PIPELINE_PAGES if mode == "load" else 1
@@ -301,8 +304,9 @@ class BigQueryStore:
             self._names.table_id, rows, row_ids=ids, retry=None, timeout=_REQUEST_TIMEOUT_S
         )
 
-    async def _load_pages(self, tables: list[pa.Table]) -> None:
-        """One load job (Parquet, WRITE_APPEND: all rows or none) for the buffered pages."""
+    async def _load_pages(self, tables: list[pa.Table]) -> list[None]:
+        """One load job (Parquet, WRITE_APPEND: all rows or none) for the buffered pages;
+        raises if it failed."""
         table = pa.concat_tables(tables)
         data = await self._run(parquet_bytes, table)
         started = time.monotonic()
@@ -325,6 +329,7 @@ class BigQueryStore:
             rows=table.num_rows,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+        return [None] * len(tables)
 
     def _load(self, data: bytes) -> None:
         config = bigquery.LoadJobConfig(
