@@ -248,18 +248,36 @@ async def test_writing_before_ensure_is_refused(tmp_path):
         await store.close()
 
 
-async def test_the_configured_batch_size_reaches_the_store(tmp_path):
-    duckdb_config = {"path": str(tmp_path / "ohlcv.duckdb"), "batch_rows": 2, "batch_seconds": 3600}
-    config = Config.model_validate(
+def configured(tmp_path, **duckdb_config) -> Config:
+    return Config.model_validate(
         {
             "exchanges": [{"id": "binance", "symbols": ["BTC/USDT"]}],
-            "storage": {"duckdb": duckdb_config},
+            "storage": {"duckdb": {"path": str(tmp_path / "ohlcv.duckdb"), **duckdb_config}},
         }
     )
+
+
+async def test_the_configured_batch_size_reaches_the_store(tmp_path):
+    config = configured(tmp_path, batch_rows=2, batch_seconds=3600)
     store = build_store(config, quiet_events(), "history")
     await store.ensure()
     try:
         await asyncio.wait_for(store.write(batch(KEY, T0, 2)), timeout=5)  # 2 rows: no waiting
         assert store.commits == 1
+    finally:
+        await store.close()
+
+
+async def test_live_mode_commits_without_waiting_for_more_writes(tmp_path):
+    store = build_store(configured(tmp_path, batch_seconds=3600), quiet_events(), "live")
+    await store.ensure()
+    try:
+        # Writes made in the same turn of the event loop share a commit; nothing waits longer.
+        await asyncio.wait_for(
+            asyncio.gather(store.write(batch(KEY, T0, 2)), store.write(batch(OTHER, T0, 2))),
+            timeout=5,
+        )
+        await asyncio.wait_for(store.write(batch(KEY, T0 + 2 * MIN, 1)), timeout=5)
+        assert store.commits == 2
     finally:
         await store.close()

@@ -116,8 +116,9 @@ class DuckDBConfig(_Section):
     batch_seconds: float = Field(
         0.05,
         gt=0,
-        description="Commit at most this long after the first waiting write: long enough to "
-        "gather the pages of many jobs, short enough that a job waiting for it stays busy.",
+        description="History: commit at most this long after the first waiting write, long "
+        "enough to gather the pages of many jobs, short enough that a job waiting for it stays "
+        "busy. Live mode commits without waiting.",
     )
 
 
