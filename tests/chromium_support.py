@@ -22,8 +22,14 @@ from typing import Any
 import aiohttp
 
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 )
 INSTALL_TIMEOUT_S = 500
 
@@ -38,8 +44,9 @@ def find_chromium() -> tuple[str | None, str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
         try:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                  timeout=INSTALL_TIMEOUT_S)
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
+            )
         except subprocess.TimeoutExpired:
             return None, f"{' '.join(argv)} took longer than {INSTALL_TIMEOUT_S}s"
         if done.returncode != 0:
@@ -56,10 +63,17 @@ class Browser:
             prefix="tda-chromium-", ignore_cleanup_errors=True
         )
         self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self._profile.name}",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-             "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # its helper processes too are stopped by `close`
         )
         self.port = self._devtools_port()
@@ -110,8 +124,9 @@ class Page:
                 return message["result"]
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                                 awaitPromise=True)
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")

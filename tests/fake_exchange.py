@@ -30,20 +30,30 @@ import numpy as np
 from aiohttp import web
 
 TIMEFRAME_MS = {
-    '1m': 60_000, '3m': 180_000, '5m': 300_000, '15m': 900_000, '30m': 1_800_000,
-    '1h': 3_600_000, '2h': 7_200_000, '4h': 14_400_000, '6h': 21_600_000,
-    '8h': 28_800_000, '12h': 43_200_000, '1d': 86_400_000, '1w': 604_800_000,
+    "1m": 60_000,
+    "3m": 180_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "30m": 1_800_000,
+    "1h": 3_600_000,
+    "2h": 7_200_000,
+    "4h": 14_400_000,
+    "6h": 21_600_000,
+    "8h": 28_800_000,
+    "12h": 43_200_000,
+    "1d": 86_400_000,
+    "1w": 604_800_000,
 }
 _WEEK_OFFSET_MS = 4 * 86_400_000  # Binance weeks open on Monday; the epoch was a Thursday.
 DEFAULT_KLINES_LIMIT = 500
 MAX_KLINES_LIMIT = 1000
 DEFAULT_LISTED_AT_MS = 1_672_531_200_000  # 2023-01-01T00:00:00Z
-FAULT_KINDS = ('500', '502', '503', 'stall', 'truncated', 'garbage')  # transient: retry them
-INJECTABLE_KINDS = (*FAULT_KINDS, '429', '418', '400')  # '400' is permanent: do not retry
-_REAL_PRICES = {'BTC': 60_000, 'ETH': 3_000, 'BNB': 550, 'SOL': 150, 'XRP': 0.5, 'DOGE': 0.15}
-REAL_SYMBOLS = tuple(f'{base}/USDT' for base in _REAL_PRICES)
+FAULT_KINDS = ("500", "502", "503", "stall", "truncated", "garbage")  # transient: retry them
+INJECTABLE_KINDS = (*FAULT_KINDS, "429", "418", "400")  # '400' is permanent: do not retry
+_REAL_PRICES = {"BTC": 60_000, "ETH": 3_000, "BNB": 550, "SOL": 150, "XRP": 0.5, "DOGE": 0.15}
+REAL_SYMBOLS = tuple(f"{base}/USDT" for base in _REAL_PRICES)
 
-_API_PREFIX = '/api/v3/'
+_API_PREFIX = "/api/v3/"
 _VOLUME_DECIMALS = 3
 _BLOCK = 1000  # candles per cached text block
 
@@ -59,25 +69,25 @@ class SymbolSpec:
     listed_at_ms: int = DEFAULT_LISTED_AT_MS
     gaps: Sequence[tuple[int, int]] = ()
     quote_volume: float | None = None  # None: derived deterministically from the symbol
-    status: str = 'TRADING'
+    status: str = "TRADING"
 
     def __post_init__(self) -> None:
-        if self.symbol.count('/') != 1:
-            raise ValueError(f'symbol must look like BASE/QUOTE: {self.symbol!r}')
+        if self.symbol.count("/") != 1:
+            raise ValueError(f"symbol must look like BASE/QUOTE: {self.symbol!r}")
         if any(a >= b for a, b in self.gaps):
-            raise ValueError(f'gaps must be non-empty [start, end) intervals: {self.gaps!r}')
-        object.__setattr__(self, 'gaps', _merge_gaps(self.gaps))
+            raise ValueError(f"gaps must be non-empty [start, end) intervals: {self.gaps!r}")
+        object.__setattr__(self, "gaps", _merge_gaps(self.gaps))
 
     @property
     def id(self) -> str:
         """Binance market id, e.g. ``BTCUSDT``."""
-        return self.symbol.replace('/', '')
+        return self.symbol.replace("/", "")
 
     @property
     def volume_24h(self) -> float:
         if self.quote_volume is not None:
             return self.quote_volume
-        return round(10 ** (5 + 4 * _hash64(self.symbol, 'volume') / 2**64), 2)
+        return round(10 ** (5 + 4 * _hash64(self.symbol, "volume") / 2**64), 2)
 
 
 def _merge_gaps(gaps: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -99,7 +109,7 @@ def make_symbols(
     gives back the list order.
     """
     names = list(REAL_SYMBOLS[:count]) if real_names else []
-    names += [f'SYM{i:04d}/USDT' for i in range(1, count - len(names) + 1)]
+    names += [f"SYM{i:04d}/USDT" for i in range(1, count - len(names) + 1)]
     return [
         SymbolSpec(name, listed_at_ms=listed_at_ms, quote_volume=1e9 / (rank + 1))
         for rank, name in enumerate(names)
@@ -111,15 +121,16 @@ def make_symbols(
 
 def _hash64(*parts: str) -> int:
     """Stable 64-bit hash (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b('|'.join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little')
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @cache
 def _price_params(symbol: str) -> tuple[int, int]:
     """(base price in ticks, price decimals): ~7 significant digits, 0.01 to 50000."""
-    price = (_REAL_PRICES.get(symbol.split('/')[0])
-             or 10 ** (-2 + 6.7 * _hash64(symbol, 'price') / 2**64))
+    price = _REAL_PRICES.get(symbol.split("/")[0]) or 10 ** (
+        -2 + 6.7 * _hash64(symbol, "price") / 2**64
+    )
     decimals = min(8, 6 - math.floor(math.log10(price)))
     return round(price * 10**decimals), decimals
 
@@ -128,11 +139,11 @@ def _tf_ms(timeframe: str) -> int:
     try:
         return TIMEFRAME_MS[timeframe]
     except KeyError:
-        raise ValueError(f'unsupported timeframe {timeframe!r}') from None
+        raise ValueError(f"unsupported timeframe {timeframe!r}") from None
 
 
 def _offset(timeframe: str) -> int:
-    return _WEEK_OFFSET_MS if timeframe == '1w' else 0
+    return _WEEK_OFFSET_MS if timeframe == "1w" else 0
 
 
 def _block_start(timeframe: str, open_ms: int) -> int:
@@ -154,7 +165,8 @@ def _mix(z: np.ndarray) -> np.ndarray:
 def _ticks(symbol: str, timeframe: str, times: np.ndarray) -> np.ndarray:
     """Final open, high, low, close, volume, trades in integer ticks: a (6, len(times)) array."""
     key = times.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(
-        _hash64(symbol, timeframe))
+        _hash64(symbol, timeframe)
+    )
     a, b = _mix(key), _mix(~key)
     r1, r2, r3, r4 = (((a >> shift) & 0xFFFF).astype(np.int64) for shift in (0, 16, 32, 48))
     base = _price_params(symbol)[0]
@@ -192,12 +204,13 @@ def _closed_block(symbol: str, timeframe: str, block_start: int) -> list[tuple]:
     return _as_tuples(symbol, times, _ticks(symbol, timeframe, times))
 
 
-def candle(symbol: str, timeframe: str, open_ms: int) -> tuple[int, float, float, float, float,
-                                                               float]:
+def candle(
+    symbol: str, timeframe: str, open_ms: int
+) -> tuple[int, float, float, float, float, float]:
     """Final (open_ms, open, high, low, close, volume) of a candle, exactly as ccxt parses it."""
     tf_ms = _tf_ms(timeframe)
     if (open_ms - _offset(timeframe)) % tf_ms:
-        raise ValueError(f'{open_ms} is not a {timeframe} candle open time')
+        raise ValueError(f"{open_ms} is not a {timeframe} candle open time")
     block_start = _block_start(timeframe, open_ms)
     return _closed_block(symbol, timeframe, block_start)[(open_ms - block_start) // tf_ms]
 
@@ -209,8 +222,9 @@ def provisional_candle(symbol: str, timeframe: str, open_ms: int, now_ms: int) -
 
 
 # Binance's 12-field kline; each decimal is a (whole, 8-digit fraction) pair of 8-decimal ticks
-_KLINE = ('[%d,"%d.%08d","%d.%08d","%d.%08d","%d.%08d","%d.%08d",%d,"%d.%08d",%d,'
-          '"%d.%08d","%d.%08d","0"]')
+_KLINE = (
+    '[%d,"%d.%08d","%d.%08d","%d.%08d","%d.%08d","%d.%08d",%d,"%d.%08d",%d,"%d.%08d","%d.%08d","0"]'
+)
 
 
 def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> list[str]:
@@ -222,10 +236,19 @@ def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> li
     # quote volume = volume * mid price, in 8-decimal ticks, ordered to stay within int64
     quote8 = volume * (o + c) * 10 ** max(0, 5 - decimals) // (2 * 10 ** max(0, decimals - 5))
     columns: list[np.ndarray] = []
-    for values, decimal in ((times, False), (o * to8, True), (h * to8, True),
-                            (low * to8, True), (c * to8, True), (volume8, True),
-                            (times + tf_ms - 1, False), (quote8, True), (trades, False),
-                            (volume8 // 2, True), (quote8 // 2, True)):
+    for values, decimal in (
+        (times, False),
+        (o * to8, True),
+        (h * to8, True),
+        (low * to8, True),
+        (c * to8, True),
+        (volume8, True),
+        (times + tf_ms - 1, False),
+        (quote8, True),
+        (trades, False),
+        (volume8 // 2, True),
+        (quote8 // 2, True),
+    ):
         columns += np.divmod(values, 10**8) if decimal else [values]
     return [_KLINE % tuple(row) for row in np.stack(columns, axis=1).tolist()]
 
@@ -266,8 +289,9 @@ def _take(runs: list[range], limit: int, newest: bool) -> list[range]:
     return taken[::-1] if newest else taken
 
 
-def expected_candles(spec: SymbolSpec, timeframe: str, start_ms: int, end_ms: int,
-                     now_ms: int) -> list[tuple]:
+def expected_candles(
+    spec: SymbolSpec, timeframe: str, start_ms: int, end_ms: int, now_ms: int
+) -> list[tuple]:
     """Closed candles the exchange holds with open time in ``[start_ms, end_ms)`` at ``now_ms``."""
     last_closed_open = now_ms - _tf_ms(timeframe)
     runs = _runs(spec, timeframe, start_ms, min(end_ms - 1, last_closed_open))
@@ -286,8 +310,9 @@ class _KlineCache:
         block = self._blocks.get(key)
         if block is None:
             times = _block_times(timeframe, block_start)
-            block = _render(symbol, TIMEFRAME_MS[timeframe], times,
-                            _ticks(symbol, timeframe, times))
+            block = _render(
+                symbol, TIMEFRAME_MS[timeframe], times, _ticks(symbol, timeframe, times)
+            )
             self._blocks[key] = block
             if len(self._blocks) > self._max_blocks:
                 self._blocks.popitem(last=False)
@@ -302,7 +327,7 @@ class _KlineCache:
             block_start = _block_start(timeframe, t)
             i = (t - block_start) // run.step
             j = min(_BLOCK, (last - block_start) // run.step + 1)
-            yield ','.join(self._block(symbol, timeframe, block_start)[i:j])
+            yield ",".join(self._block(symbol, timeframe, block_start)[i:j])
             t = block_start + _BLOCK * run.step
 
 
@@ -352,37 +377,48 @@ class _RateBudget:
         if self.per_second is None:
             return None
         if now < self._banned_until:
-            return '418', math.ceil(self._banned_until - now)
+            return "418", math.ceil(self._banned_until - now)
         if now < self._retry_until:
             self._strikes += 1
             if self._strikes > self.ban_after:
                 self._banned_until = now + self.ban_seconds
-                return '418', self.ban_seconds
-            return '429', math.ceil(self._retry_until - now)
+                return "418", self.ban_seconds
+            return "429", math.ceil(self._retry_until - now)
         while self._second and self._second[0][0] <= now - 1:
             self._second_used -= self._second.popleft()[1]
         if self._second_used + weight > self.per_second:
             self._retry_until, self._strikes = now + 1, 0
-            return '429', 1
+            return "429", 1
         self._second.append((now, weight))
         self._second_used += weight
         return None
 
 
 def _json_response(obj: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(obj, separators=(',', ':')),
-                        content_type='application/json')
+    return web.Response(
+        status=status, text=json.dumps(obj, separators=(",", ":")), content_type="application/json"
+    )
 
 
 _FAULT_RESPONSES = {  # kind: (status, content type, body); Binance sends both kinds of body
-    '500': (500, 'application/json',
-            '{"code":-1000,"msg":"An unknown error occurred while processing the request."}'),
-    '502': (502, 'text/html', '<html><body><h1>502 Bad Gateway</h1></body></html>'),
-    '503': (503, 'application/json', '{"code":-1008,"msg":"Server is currently overloaded '
-            'with other requests. Please try again in a few minutes."}'),
-    'garbage': (200, 'text/html', '<html>Service temporarily unavailable</html>'),
-    '400': (400, 'application/json',
-            '{"code":-1100,"msg":"Illegal characters found in a parameter."}'),
+    "500": (
+        500,
+        "application/json",
+        '{"code":-1000,"msg":"An unknown error occurred while processing the request."}',
+    ),
+    "502": (502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "503": (
+        503,
+        "application/json",
+        '{"code":-1008,"msg":"Server is currently overloaded '
+        'with other requests. Please try again in a few minutes."}',
+    ),
+    "garbage": (200, "text/html", "<html>Service temporarily unavailable</html>"),
+    "400": (
+        400,
+        "application/json",
+        '{"code":-1100,"msg":"Illegal characters found in a parameter."}',
+    ),
 }
 
 
@@ -390,11 +426,13 @@ def _fault_response(kind: str, retry_after: int) -> web.Response:
     if kind in _FAULT_RESPONSES:
         status, content_type, text = _FAULT_RESPONSES[kind]
         return web.Response(status=status, content_type=content_type, text=text)
-    message = ('Too many requests; current limit is exceeded, please use the Retry-After '
-               'header.' if kind == '429' else
-               f'Way too many requests; IP banned for {retry_after} seconds.')
-    response = _json_response({'code': -1003, 'msg': message}, int(kind))
-    response.headers['Retry-After'] = str(retry_after)
+    message = (
+        "Too many requests; current limit is exceeded, please use the Retry-After header."
+        if kind == "429"
+        else f"Way too many requests; IP banned for {retry_after} seconds."
+    )
+    response = _json_response({"code": -1003, "msg": message}, int(kind))
+    response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -419,7 +457,7 @@ class FakeExchange:
         symbols: Sequence[SymbolSpec] | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        host: str = '127.0.0.1',
+        host: str = "127.0.0.1",
         port: int = 0,
         requests_per_second: int | None = None,
         klines_weight: int = 1,
@@ -437,7 +475,7 @@ class FakeExchange:
     ) -> None:
         unknown = set(fault_kinds) - set(INJECTABLE_KINDS)
         if unknown:
-            raise ValueError(f'unknown fault kinds {sorted(unknown)}; use {INJECTABLE_KINDS}')
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; use {INJECTABLE_KINDS}")
         specs = list(symbols) if symbols is not None else make_symbols(5)
         self.specs = {spec.id: spec for spec in specs}
         self.clock, self.host, self.port = clock, host, port
@@ -450,7 +488,7 @@ class FakeExchange:
         self._cache = _KlineCache(cache_blocks)
         self._lock = threading.Lock()
         self._log: deque[RequestRecord] = deque(maxlen=log_size)
-        self._counters = dict.fromkeys(('requests', '429', '418', 'faults'), 0)
+        self._counters = dict.fromkeys(("requests", "429", "418", "faults"), 0)
         self._scripted: list[list] = []  # [kind, remaining, path, retry_after]
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -459,16 +497,17 @@ class FakeExchange:
 
     @property
     def base_url(self) -> str:
-        return f'http://{self.host}:{self.port}'
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> str:
         """Serve in a background thread; returns the base URL. Restarts reuse the port."""
         if self._thread is not None:
-            raise RuntimeError('FakeExchange is already running')
+            raise RuntimeError("FakeExchange is already running")
         ready = threading.Event()
         failure: list[BaseException] = []
-        self._thread = threading.Thread(target=self._serve, args=(ready, failure),
-                                        name='fake-exchange', daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(ready, failure), name="fake-exchange", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if failure:
@@ -518,16 +557,21 @@ class FakeExchange:
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._gate])
-        for name, handler in (('ping', self._ping), ('time', self._time),
-                              ('exchangeInfo', self._exchange_info), ('klines', self._klines),
-                              ('ticker/24hr', self._ticker_24hr)):
+        for name, handler in (
+            ("ping", self._ping),
+            ("time", self._time),
+            ("exchangeInfo", self._exchange_info),
+            ("klines", self._klines),
+            ("ticker/24hr", self._ticker_24hr),
+        ):
             app.router.add_get(_API_PREFIX + name, handler)
         return app
 
     # ---- faults, log and counters
 
-    def inject(self, kind: str, count: int = 1, path: str | None = 'klines',
-               retry_after: int | None = None) -> None:
+    def inject(
+        self, kind: str, count: int = 1, path: str | None = "klines", retry_after: int | None = None
+    ) -> None:
         """Answer the next ``count`` requests to endpoint ``path`` (None: any) with ``kind``.
 
         ``path`` is the part after ``/api/v3/``, e.g. ``klines`` or ``exchangeInfo``.
@@ -535,9 +579,9 @@ class FakeExchange:
         (default ``ban_seconds``) responses.
         """
         if kind not in INJECTABLE_KINDS:
-            raise ValueError(f'unknown fault kind {kind!r}; use {INJECTABLE_KINDS}')
+            raise ValueError(f"unknown fault kind {kind!r}; use {INJECTABLE_KINDS}")
         if retry_after is None:
-            retry_after = self._budget.ban_seconds if kind == '418' else 1
+            retry_after = self._budget.ban_seconds if kind == "418" else 1
         with self._lock:
             self._scripted.append([kind, count, path, retry_after])
 
@@ -547,9 +591,12 @@ class FakeExchange:
 
     def klines_requests(self, symbol: str | None = None) -> list[RequestRecord]:
         """Logged klines requests, optionally for one symbol (``BTC/USDT`` or ``BTCUSDT``)."""
-        market_id = symbol.replace('/', '') if symbol else None
-        return [r for r in self.request_log() if r.path == _API_PREFIX + 'klines'
-                and market_id in (None, r.params.get('symbol'))]
+        market_id = symbol.replace("/", "") if symbol else None
+        return [
+            r
+            for r in self.request_log()
+            if r.path == _API_PREFIX + "klines" and market_id in (None, r.params.get("symbol"))
+        ]
 
     @property
     def counters(self) -> dict[str, int]:
@@ -572,17 +619,20 @@ class FakeExchange:
                     if entry[1] <= 0:
                         self._scripted.remove(entry)
                     return kind, retry_after
-        if (self.fault_rate and (self.fault_paths is None or endpoint in self.fault_paths)
-                and self._fault_rng.random() < self.fault_rate):
+        if (
+            self.fault_rate
+            and (self.fault_paths is None or endpoint in self.fault_paths)
+            and self._fault_rng.random() < self.fault_rate
+        ):
             return self._fault_rng.choice(self.fault_kinds), 1
         return None
 
     def _record(self, record: RequestRecord) -> None:
         with self._lock:
             self._log.append(record)
-            self._counters['requests'] += 1
+            self._counters["requests"] += 1
             if record.fault is not None:
-                self._counters['faults'] += 1
+                self._counters["faults"] += 1
             if record.status in (429, 418):
                 self._counters[str(record.status)] += 1
 
@@ -591,30 +641,40 @@ class FakeExchange:
         """Budget, faults, latency, logging and the weight header around every endpoint."""
         arrival = time.monotonic()
         endpoint = request.path.removeprefix(_API_PREFIX)
-        weight = self.klines_weight if endpoint == 'klines' else 1
+        weight = self.klines_weight if endpoint == "klines" else 1
         used = self._budget.used_last_minute(arrival, weight)
         rejected = self._budget.reject(arrival, weight)
         fault = None if rejected else self._pick_fault(endpoint)
         kind, retry_after = rejected or fault or (None, 0)
         delay = self.latency_s + self._latency_rng.uniform(0, self.latency_jitter_s)
-        if kind in ('stall', 'truncated', None):
+        if kind in ("stall", "truncated", None):
             try:
                 response = await handler(request)
             except _ApiError as exc:
-                response = _json_response({'code': exc.code, 'msg': exc.msg}, exc.status)
+                response = _json_response({"code": exc.code, "msg": exc.msg}, exc.status)
             except web.HTTPException as exc:
                 response = web.Response(status=exc.status, text=exc.text)
-            if kind == 'stall':
+            if kind == "stall":
                 delay += self.stall_seconds
-            elif kind == 'truncated':
+            elif kind == "truncated":
                 body = response.body
-                response = web.Response(status=response.status, body=body[:len(body) // 2],
-                                        content_type=response.content_type)
+                response = web.Response(
+                    status=response.status,
+                    body=body[: len(body) // 2],
+                    content_type=response.content_type,
+                )
         else:
             response = _fault_response(kind, retry_after)
-        response.headers['X-MBX-USED-WEIGHT-1M'] = str(used)
-        self._record(RequestRecord(arrival, request.path, dict(request.query), response.status,
-                                   fault[0] if fault else None))
+        response.headers["X-MBX-USED-WEIGHT-1M"] = str(used)
+        self._record(
+            RequestRecord(
+                arrival,
+                request.path,
+                dict(request.query),
+                response.status,
+                fault[0] if fault else None,
+            )
+        )
         if delay > 0:
             await asyncio.sleep(delay)
         return response
@@ -626,45 +686,62 @@ class FakeExchange:
 
     def _spec(self, market_id: str | None) -> SymbolSpec:
         if not market_id:
-            raise _ApiError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/"
-                            'null, or malformed.')
+            raise _ApiError(
+                400,
+                -1102,
+                "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.",
+            )
         try:
             return self.specs[market_id]
         except KeyError:
-            raise _ApiError(400, -1121, 'Invalid symbol.') from None
+            raise _ApiError(400, -1121, "Invalid symbol.") from None
 
     async def _ping(self, request: web.Request) -> web.Response:
         return _json_response({})
 
     async def _time(self, request: web.Request) -> web.Response:
-        return _json_response({'serverTime': self._now_ms()})
+        return _json_response({"serverTime": self._now_ms()})
 
     async def _exchange_info(self, request: web.Request) -> web.Response:
         limits = []
         if self._budget.per_second is not None:
-            limits.append({'rateLimitType': 'REQUEST_WEIGHT', 'interval': 'SECOND',
-                           'intervalNum': 1, 'limit': self._budget.per_second})
-        return _json_response({
-            'timezone': 'UTC', 'serverTime': self._now_ms(), 'rateLimits': limits,
-            'exchangeFilters': [], 'symbols': [_market(s) for s in self.specs.values()],
-        })
+            limits.append(
+                {
+                    "rateLimitType": "REQUEST_WEIGHT",
+                    "interval": "SECOND",
+                    "intervalNum": 1,
+                    "limit": self._budget.per_second,
+                }
+            )
+        return _json_response(
+            {
+                "timezone": "UTC",
+                "serverTime": self._now_ms(),
+                "rateLimits": limits,
+                "exchangeFilters": [],
+                "symbols": [_market(s) for s in self.specs.values()],
+            }
+        )
 
     async def _klines(self, request: web.Request) -> web.Response:
         query = request.query
-        spec = self._spec(query.get('symbol'))
-        timeframe = query.get('interval')
+        spec = self._spec(query.get("symbol"))
+        timeframe = query.get("interval")
         if timeframe not in TIMEFRAME_MS:
-            raise _ApiError(400, -1120, 'Invalid interval.')
+            raise _ApiError(400, -1120, "Invalid interval.")
         tf_ms = TIMEFRAME_MS[timeframe]
-        limit = _int_param(query, 'limit') or DEFAULT_KLINES_LIMIT
+        limit = _int_param(query, "limit") or DEFAULT_KLINES_LIMIT
         limit = max(1, min(limit, MAX_KLINES_LIMIT))
-        start, end = _int_param(query, 'startTime'), _int_param(query, 'endTime')
+        start, end = _int_param(query, "startTime"), _int_param(query, "endTime")
         if start is not None and end is not None and start > end:
-            raise _ApiError(400, -1023, 'Start time is greater than end time.')
+            raise _ApiError(400, -1023, "Start time is greater than end time.")
         now_ms = self._now_ms()
         hi = now_ms if end is None else min(end, now_ms)
-        runs = _take(_runs(spec, timeframe, -2**62 if start is None else start, hi), limit,
-                     newest=start is None)
+        runs = _take(
+            _runs(spec, timeframe, -(2**62) if start is None else start, hi),
+            limit,
+            newest=start is None,
+        )
         parts = []
         open_row = None
         if runs and runs[-1][-1] + tf_ms > now_ms:  # the in-progress candle
@@ -677,57 +754,92 @@ class FakeExchange:
                 parts.extend(self._cache.slices(spec.symbol, timeframe, run))
         if open_row is not None:
             parts.append(open_row)
-        return web.Response(text='[' + ','.join(parts) + ']', content_type='application/json')
+        return web.Response(text="[" + ",".join(parts) + "]", content_type="application/json")
 
     async def _ticker_24hr(self, request: web.Request) -> web.Response:
         now_ms = self._now_ms()
-        if 'symbol' in request.query:
-            return _json_response(_ticker(self._spec(request.query['symbol']), now_ms))
+        if "symbol" in request.query:
+            return _json_response(_ticker(self._spec(request.query["symbol"]), now_ms))
         specs = self.specs.values()
-        if 'symbols' in request.query:
+        if "symbols" in request.query:
             try:
-                market_ids = json.loads(request.query['symbols'])
+                market_ids = json.loads(request.query["symbols"])
             except ValueError:
-                raise _ApiError(400, -1100, "Illegal characters found in parameter 'symbols'.") \
-                    from None
+                raise _ApiError(
+                    400, -1100, "Illegal characters found in parameter 'symbols'."
+                ) from None
             specs = [self._spec(market_id) for market_id in market_ids]
         return _json_response([_ticker(spec, now_ms) for spec in specs])
 
 
 def _market(spec: SymbolSpec) -> dict:
     """A Binance exchangeInfo symbol entry with the fields and filters ccxt parses."""
-    base, quote = spec.symbol.split('/')
-    tick = f'{10.0 ** -_price_params(spec.symbol)[1]:.8f}'
+    base, quote = spec.symbol.split("/")
+    tick = f"{10.0 ** -_price_params(spec.symbol)[1]:.8f}"
     return {
-        'symbol': spec.id, 'status': spec.status, 'baseAsset': base, 'baseAssetPrecision': 8,
-        'quoteAsset': quote, 'quotePrecision': 8, 'quoteAssetPrecision': 8,
-        'orderTypes': ['LIMIT', 'LIMIT_MAKER', 'MARKET'],
-        'isSpotTradingAllowed': True, 'isMarginTradingAllowed': False,
-        'filters': [
-            {'filterType': 'PRICE_FILTER', 'minPrice': tick, 'maxPrice': '1000000.00000000',
-             'tickSize': tick},
-            {'filterType': 'LOT_SIZE', 'minQty': '0.00100000', 'maxQty': '9000000.00000000',
-             'stepSize': '0.00100000'},
-            {'filterType': 'NOTIONAL', 'minNotional': '5.00000000', 'applyMinToMarket': True,
-             'maxNotional': '9000000.00000000', 'applyMaxToMarket': False, 'avgPriceMins': 5},
+        "symbol": spec.id,
+        "status": spec.status,
+        "baseAsset": base,
+        "baseAssetPrecision": 8,
+        "quoteAsset": quote,
+        "quotePrecision": 8,
+        "quoteAssetPrecision": 8,
+        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET"],
+        "isSpotTradingAllowed": True,
+        "isMarginTradingAllowed": False,
+        "filters": [
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": tick,
+                "maxPrice": "1000000.00000000",
+                "tickSize": tick,
+            },
+            {
+                "filterType": "LOT_SIZE",
+                "minQty": "0.00100000",
+                "maxQty": "9000000.00000000",
+                "stepSize": "0.00100000",
+            },
+            {
+                "filterType": "NOTIONAL",
+                "minNotional": "5.00000000",
+                "applyMinToMarket": True,
+                "maxNotional": "9000000.00000000",
+                "applyMaxToMarket": False,
+                "avgPriceMins": 5,
+            },
         ],
-        'permissions': ['SPOT'], 'permissionSets': [['SPOT']],
+        "permissions": ["SPOT"],
+        "permissionSets": [["SPOT"]],
     }
 
 
 def _ticker(spec: SymbolSpec, now_ms: int) -> dict:
     """24h statistics; prices follow the current daily candle, quoteVolume is the spec's."""
-    day_open = now_ms - now_ms % TIMEFRAME_MS['1d']
-    _, o, h, low, c, _ = provisional_candle(spec.symbol, '1d', day_open, now_ms)
+    day_open = now_ms - now_ms % TIMEFRAME_MS["1d"]
+    _, o, h, low, c, _ = provisional_candle(spec.symbol, "1d", day_open, now_ms)
     return {
-        'symbol': spec.id, 'priceChange': f'{c - o:.8f}',
-        'priceChangePercent': f'{(c - o) / o * 100:.3f}', 'weightedAvgPrice': f'{(o + c) / 2:.8f}',
-        'prevClosePrice': f'{o:.8f}', 'lastPrice': f'{c:.8f}', 'lastQty': '1.00000000',
-        'bidPrice': f'{c:.8f}', 'bidQty': '1.00000000', 'askPrice': f'{c:.8f}',
-        'askQty': '1.00000000', 'openPrice': f'{o:.8f}', 'highPrice': f'{h:.8f}',
-        'lowPrice': f'{low:.8f}', 'volume': f'{spec.volume_24h / c:.8f}',
-        'quoteVolume': f'{spec.volume_24h:.8f}', 'openTime': now_ms - TIMEFRAME_MS['1d'],
-        'closeTime': now_ms, 'firstId': 1, 'lastId': 1000, 'count': 1000,
+        "symbol": spec.id,
+        "priceChange": f"{c - o:.8f}",
+        "priceChangePercent": f"{(c - o) / o * 100:.3f}",
+        "weightedAvgPrice": f"{(o + c) / 2:.8f}",
+        "prevClosePrice": f"{o:.8f}",
+        "lastPrice": f"{c:.8f}",
+        "lastQty": "1.00000000",
+        "bidPrice": f"{c:.8f}",
+        "bidQty": "1.00000000",
+        "askPrice": f"{c:.8f}",
+        "askQty": "1.00000000",
+        "openPrice": f"{o:.8f}",
+        "highPrice": f"{h:.8f}",
+        "lowPrice": f"{low:.8f}",
+        "volume": f"{spec.volume_24h / c:.8f}",
+        "quoteVolume": f"{spec.volume_24h:.8f}",
+        "openTime": now_ms - TIMEFRAME_MS["1d"],
+        "closeTime": now_ms,
+        "firstId": 1,
+        "lastId": 1000,
+        "count": 1000,
     }
 
 
@@ -737,24 +849,28 @@ def _ticker(spec: SymbolSpec, now_ms: int) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; print the base URL first and the counters last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--host', default='127.0.0.1')
-    parser.add_argument('--port', type=int, default=0)
-    parser.add_argument('--symbols', type=int, default=100, help='number of markets')
-    parser.add_argument('--synthetic-only', action='store_true', help='no BTC/USDT etc.')
-    parser.add_argument('--listed-at-ms', type=int, default=DEFAULT_LISTED_AT_MS)
-    parser.add_argument('--start-time', type=float, default=None,
-                        help='epoch seconds the clock starts at (then runs in real time)')
-    parser.add_argument('--rps', type=int, default=None, help='request weight per second')
-    parser.add_argument('--klines-weight', type=int, default=1)
-    parser.add_argument('--ban-after', type=int, default=5)
-    parser.add_argument('--ban-seconds', type=int, default=10)
-    parser.add_argument('--latency-ms', type=float, default=0.0)
-    parser.add_argument('--jitter-ms', type=float, default=0.0)
-    parser.add_argument('--fault-rate', type=float, default=0.0)
-    parser.add_argument('--faults', default=','.join(FAULT_KINDS), help='comma-separated kinds')
-    parser.add_argument('--stall-seconds', type=float, default=30.0)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--cache-blocks', type=int, default=256)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--symbols", type=int, default=100, help="number of markets")
+    parser.add_argument("--synthetic-only", action="store_true", help="no BTC/USDT etc.")
+    parser.add_argument("--listed-at-ms", type=int, default=DEFAULT_LISTED_AT_MS)
+    parser.add_argument(
+        "--start-time",
+        type=float,
+        default=None,
+        help="epoch seconds the clock starts at (then runs in real time)",
+    )
+    parser.add_argument("--rps", type=int, default=None, help="request weight per second")
+    parser.add_argument("--klines-weight", type=int, default=1)
+    parser.add_argument("--ban-after", type=int, default=5)
+    parser.add_argument("--ban-seconds", type=int, default=10)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma-separated kinds")
+    parser.add_argument("--stall-seconds", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-blocks", type=int, default=256)
     args = parser.parse_args(argv)
 
     clock = time.time
@@ -765,14 +881,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             return args.start_time + time.monotonic() - started
 
     exchange = FakeExchange(
-        make_symbols(args.symbols, real_names=not args.synthetic_only,
-                     listed_at_ms=args.listed_at_ms),
-        clock=clock, host=args.host, port=args.port, requests_per_second=args.rps,
-        klines_weight=args.klines_weight, ban_after=args.ban_after,
-        ban_seconds=args.ban_seconds, fault_rate=args.fault_rate,
-        fault_kinds=args.faults.split(','), stall_seconds=args.stall_seconds,
-        latency_s=args.latency_ms / 1000, latency_jitter_s=args.jitter_ms / 1000,
-        seed=args.seed, cache_blocks=args.cache_blocks, log_size=10_000,
+        make_symbols(
+            args.symbols, real_names=not args.synthetic_only, listed_at_ms=args.listed_at_ms
+        ),
+        clock=clock,
+        host=args.host,
+        port=args.port,
+        requests_per_second=args.rps,
+        klines_weight=args.klines_weight,
+        ban_after=args.ban_after,
+        ban_seconds=args.ban_seconds,
+        fault_rate=args.fault_rate,
+        fault_kinds=args.faults.split(","),
+        stall_seconds=args.stall_seconds,
+        latency_s=args.latency_ms / 1000,
+        latency_jitter_s=args.jitter_ms / 1000,
+        seed=args.seed,
+        cache_blocks=args.cache_blocks,
+        log_size=10_000,
     )
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -786,5 +912,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(exchange.counters), flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -80,8 +80,10 @@ class Collector:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None and not what.startswith("exit"):
-                raise AssertionError(f"collector exited ({self.proc.returncode}) before {what}: "
-                                     f"{self.stderr[-2000:]}")
+                raise AssertionError(
+                    f"collector exited ({self.proc.returncode}) before {what}: "
+                    f"{self.stderr[-2000:]}"
+                )
             try:
                 value = predicate()
             except (urllib.error.URLError, ConnectionError, AssertionError):
@@ -92,8 +94,9 @@ class Collector:
         raise AssertionError(f"timed out waiting for {what}; last events {self.events[-3:]}")
 
     def wait_ready(self, jobs: int) -> None:
-        self.wait_until(lambda: self.api("GET", "/progress")[1]["jobs"]["total"] == jobs,
-                        what="the jobs API")
+        self.wait_until(
+            lambda: self.api("GET", "/progress")[1]["jobs"]["total"] == jobs, what="the jobs API"
+        )
 
     def wait_exit(self, timeout_s: float = 60) -> int:
         code = self.proc.wait(timeout=timeout_s)
@@ -128,5 +131,6 @@ def ledger(state_path: Path, symbol: str) -> list[tuple[int, int]]:
 
 def stored(tmp_path: Path, symbol: str, timeframe: str = "1m") -> list[tuple]:
     rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", symbol, timeframe))
-    return [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
-            for r in rows]
+    return [
+        (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"]) for r in rows
+    ]

@@ -46,8 +46,15 @@ def key(symbol: str, tf: str = "1m") -> JobKey:
 
 
 def history_job(symbol: str, days: int = 1, status: str = PENDING) -> Job:
-    return Job(key(symbol), "history", MIN, status=status, start_ms=T0, end_ms=T0 + days * DAY,
-               cursor_ms=T0)
+    return Job(
+        key(symbol),
+        "history",
+        MIN,
+        status=status,
+        start_ms=T0,
+        end_ms=T0 + days * DAY,
+        cursor_ms=T0,
+    )
 
 
 def test_pausing_a_completed_job_is_refused_with_its_state_in_the_message():
@@ -201,7 +208,11 @@ async def test_a_page_saves_its_job_row_with_its_ledger_interval(tmp_path):
     await reopened.open()
     [saved] = await reopened.load_jobs("history")
     assert (saved.rows, saved.pages, saved.covered_ms, saved.cursor_ms) == (
-        500, 1, 500 * MIN, T0 + 500 * MIN)
+        500,
+        1,
+        500 * MIN,
+        T0 + 500 * MIN,
+    )
     assert await reopened.coverage(job.key) == [(T0, T0 + 500 * MIN)]
     await reopened.close()
 
@@ -221,14 +232,19 @@ async def test_a_restart_of_an_unfinished_run_keeps_statuses_counts_and_coverage
     for job in jobs.values():
         if job.status == PENDING:
             registry.apply(job, "start")
-        await state.add_coverage(job.key, T0, T0 + 300 * MIN,
-                                 registry.record_page(job, T0, T0 + 300 * MIN, rows=300))
+        await state.add_coverage(
+            job.key, T0, T0 + 300 * MIN, registry.record_page(job, T0, T0 + 300 * MIN, rows=300)
+        )
     registry.apply(jobs["C/X"], "fail", error="exchange down")
     await registry.flush()
 
     _, again = await register(state, ["A/X", "B/X", "C/X", "D/X"])  # the process restarted
     assert {s: j.status for s, j in again.items()} == {
-        "A/X": PAUSED, "B/X": CANCELLED, "C/X": PENDING, "D/X": PENDING}
+        "A/X": PAUSED,
+        "B/X": CANCELLED,
+        "C/X": PENDING,
+        "D/X": PENDING,
+    }
     assert all(j.rows == 300 and j.cursor_ms == T0 + 300 * MIN for j in again.values())
     assert again["C/X"].last_error == "exchange down"
     assert again["A/X"].covered == pytest.approx(300 / 1440)

@@ -25,8 +25,14 @@ async def ready() -> None:
 def fill(registry: JobRegistry) -> None:
     for i, symbol in enumerate(("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT")):
         for tf in ("1m", "1h"):
-            job = Job(JobKey("binance", symbol, tf), "history", MIN if tf == "1m" else 60 * MIN,
-                      start_ms=T0, end_ms=T0 + 1440 * MIN, cursor_ms=T0)
+            job = Job(
+                JobKey("binance", symbol, tf),
+                "history",
+                MIN if tf == "1m" else 60 * MIN,
+                start_ms=T0,
+                end_ms=T0 + 1440 * MIN,
+                cursor_ms=T0,
+            )
             registry.add(job)
             if i == 0:
                 registry.apply(job, "start")
@@ -60,9 +66,10 @@ async def server(registry: JobRegistry) -> AsyncIterator[AdminServer]:
 
 
 async def call(server: AdminServer, method: str, path: str, **kwargs) -> tuple[int, object]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method, server.url + path, **kwargs
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, server.url + path, **kwargs) as response,
+    ):
         body = await response.json() if response.content_type == "application/json" else None
         return response.status, body
 
@@ -72,15 +79,28 @@ async def test_jobs_lists_every_job_and_filters(server: AdminServer) -> None:
     assert status == 200 and body["total"] == 8 and len(body["jobs"]) == 8
     btc = next(j for j in body["jobs"] if j["id"] == "binance:BTC-USDT:1m:history")
     assert btc == {
-        "id": "binance:BTC-USDT:1m:history", "exchange": "binance", "symbol": "BTC/USDT",
-        "timeframe": "1m", "mode": "history", "status": RUNNING, "start_ms": T0,
-        "end_ms": T0 + 1440 * MIN, "covered": 0.5, "cursor_ms": T0 + 720 * MIN, "rows": 700,
-        "pages": 1, "last_error": None, "last_run_ms": btc["last_run_ms"], "next_run_ms": None,
+        "id": "binance:BTC-USDT:1m:history",
+        "exchange": "binance",
+        "symbol": "BTC/USDT",
+        "timeframe": "1m",
+        "mode": "history",
+        "status": RUNNING,
+        "start_ms": T0,
+        "end_ms": T0 + 1440 * MIN,
+        "covered": 0.5,
+        "cursor_ms": T0 + 720 * MIN,
+        "rows": 700,
+        "pages": 1,
+        "last_error": None,
+        "last_run_ms": btc["last_run_ms"],
+        "next_run_ms": None,
         "updated_ms": btc["updated_ms"],
     }
     _, running = await call(server, "GET", "/jobs?status=running,completed&timeframe=1m")
     assert [j["id"] for j in running["jobs"]] == [
-        "binance:BTC-USDT:1m:history", "binance:ETH-USDT:1m:history"]
+        "binance:BTC-USDT:1m:history",
+        "binance:ETH-USDT:1m:history",
+    ]
     _, page = await call(server, "GET", "/jobs?q=usdt:1h&limit=2&offset=1")
     assert page["total"] == 4 and [j["symbol"] for j in page["jobs"]] == ["ETH/USDT", "SOL/USDT"]
     assert (await call(server, "GET", "/jobs?status=NAPPING"))[0] == 400
@@ -118,8 +138,14 @@ async def test_progress_answers_totals_from_memory(server: AdminServer) -> None:
     status, body = await call(server, "GET", "/progress")
     assert status == 200
     assert body["jobs"]["total"] == 8 and body["jobs"]["done"] == 1
-    assert body["jobs"]["by_status"] == {"PENDING": 5, "RUNNING": 2, "PAUSED": 0,
-                                         "COMPLETED": 1, "FAILED": 0, "CANCELLED": 0}
+    assert body["jobs"]["by_status"] == {
+        "PENDING": 5,
+        "RUNNING": 2,
+        "PAUSED": 0,
+        "COMPLETED": 1,
+        "FAILED": 0,
+        "CANCELLED": 0,
+    }
     assert body["candles"] == 700 and body["mode"] == "history" and body["running"] is True
     assert set(body["rate"]) == {"candles_per_s", "jobs_per_s", "window_s"}
     assert [x["id"] for x in body["exchanges"]] == ["binance"]

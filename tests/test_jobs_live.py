@@ -65,8 +65,9 @@ async def test_a_paused_live_job_skips_its_runs_and_catches_up_on_resume(tmp_pat
     start_boundary = int(T0 * 1000) - 30_000
     resumed_boundary = seen["resumed_ms"] // MIN * MIN
     closed = [r[:6] for r in h.store.series_rows(key("BTC/USDT")) if r[6]]
-    expected = [candle("BTC/USDT", "1m", t)
-                for t in range(start_boundary - 5 * MIN, resumed_boundary, MIN)]
+    expected = [
+        candle("BTC/USDT", "1m", t) for t in range(start_boundary - 5 * MIN, resumed_boundary, MIN)
+    ]
     assert closed[: len(expected)] == expected  # no hole where it was paused
     cycles = h.recorder.named("live_cycle_complete")
     assert any(c["jobs"] == 1 for c in cycles) and cycles[-1]["jobs"] == 2

@@ -44,8 +44,9 @@ class Rig:
 
     def __init__(self, tmp_path, concurrency: int, store: MemoryStore | None = None) -> None:
         self.specs = [SymbolSpec(s) for s in SYMBOLS]
-        self.source = MemorySource(self.specs, lambda: FROZEN_NOW_S, asyncio.sleep,
-                                   latency_s=0.005, page_size=PAGE)
+        self.source = MemorySource(
+            self.specs, lambda: FROZEN_NOW_S, asyncio.sleep, latency_s=0.005, page_size=PAGE
+        )
         self.registry = JobRegistry("history")
         self.store = store or MemoryStore()
         self.state = StateStore(str(tmp_path / "state.sqlite"))
@@ -55,16 +56,26 @@ class Rig:
         self.fetcher = Fetcher(gated, RateLimiter(10_000, 100), policy, quiet())
         self.writer = DurableWriter(self.store, policy, quiet())
         self.jobs = {
-            s: self.registry.add(Job(JobKey("binance", s, "1m"), "history", 60_000,
-                                     start_ms=START_MS, end_ms=END_MS, cursor_ms=START_MS))
+            s: self.registry.add(
+                Job(
+                    JobKey("binance", s, "1m"),
+                    "history",
+                    60_000,
+                    start_ms=START_MS,
+                    end_ms=END_MS,
+                    cursor_ms=START_MS,
+                )
+            )
             for s in SYMBOLS
         }
 
     def pool(self) -> ExchangeHistory:
-        backfill = HistoryBackfill(self.fetcher, self.writer, self.state, quiet(), PAGE,
-                                   Metrics(), self.registry)
-        return ExchangeHistory(backfill, self.registry, list(self.jobs.values()),
-                               self.concurrency, 10, quiet())
+        backfill = HistoryBackfill(
+            self.fetcher, self.writer, self.state, quiet(), PAGE, Metrics(), self.registry
+        )
+        return ExchangeHistory(
+            backfill, self.registry, list(self.jobs.values()), self.concurrency, 10, quiet()
+        )
 
     def calls(self, symbol: str, after: float = 0.0) -> list[tuple]:
         return [c for c in self.source.calls if c[1] == symbol and c[0] >= after]
@@ -99,8 +110,9 @@ async def test_a_paused_job_frees_its_worker_and_resumes_at_its_cursor(rig):
     assert {r.key.symbol: r.status for r in results} == dict.fromkeys(SYMBOLS, COMPLETED)
     since = [call[3] for call in rig.calls("A/USDT")]
     assert len(since) == len(set(since)) == 15 and cursor in since  # no page twice
-    assert rig.store.series_rows(a.key) and [r[:6] for r in rig.store.series_rows(a.key)] == \
-        expected_candles(rig.specs[0], "1m", START_MS, END_MS, NOW_MS)
+    assert rig.store.series_rows(a.key) and [
+        r[:6] for r in rig.store.series_rows(a.key)
+    ] == expected_candles(rig.specs[0], "1m", START_MS, END_MS, NOW_MS)
     assert a.rows == 1440 and a.covered == 1.0
 
 
@@ -112,7 +124,10 @@ async def test_a_cancelled_job_stops_at_once_and_the_pool_finishes(rig):
     cancelled_at = time.time()
     results = await asyncio.wait_for(run, 10)
     assert {r.key.symbol: r.status for r in results} == {
-        "A/USDT": CANCELLED, "B/USDT": COMPLETED, "C/USDT": COMPLETED}
+        "A/USDT": CANCELLED,
+        "B/USDT": COMPLETED,
+        "C/USDT": COMPLETED,
+    }
     assert rig.calls("A/USDT", after=cancelled_at) == []
     assert a.rows == len(rig.store.series_rows(a.key)) and a.covered < 1
 
@@ -195,8 +210,9 @@ class ResumedWhileLettingGo:
 
 async def test_a_job_resumed_while_its_worker_lets_go_runs_again():
     registry = JobRegistry("history")
-    job = registry.add(Job(JobKey("binance", "A/USDT", "1m"), "history", 60_000,
-                           start_ms=START_MS, end_ms=END_MS))
+    job = registry.add(
+        Job(JobKey("binance", "A/USDT", "1m"), "history", 60_000, start_ms=START_MS, end_ms=END_MS)
+    )
     backfill = ResumedWhileLettingGo(registry)
     pool = ExchangeHistory(backfill, registry, [job], 1, 10, quiet())  # type: ignore[arg-type]
     [result] = await asyncio.wait_for(pool.run(), 5)

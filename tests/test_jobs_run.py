@@ -33,9 +33,15 @@ def exchange(specs):
 
 def start(tmp_path, exchange, specs, concurrency: int) -> Collector:
     port = free_port()
-    config = write_config(tmp_path, exchange.base_url, [s.symbol for s in specs], ["1m"],
-                          page_limit=PAGE, history_concurrency=concurrency,
-                          admin={"host": "127.0.0.1", "port": port})
+    config = write_config(
+        tmp_path,
+        exchange.base_url,
+        [s.symbol for s in specs],
+        ["1m"],
+        page_limit=PAGE,
+        history_concurrency=concurrency,
+        admin={"host": "127.0.0.1", "port": port},
+    )
     collector = Collector(config, port, *ARGS)
     collector.wait_ready(len(specs))
     return collector
@@ -52,7 +58,8 @@ def requests_after(exchange, symbol: str, t: float) -> list:
 def assert_exact(tmp_path, specs) -> None:
     for spec in specs:
         assert stored(tmp_path, spec.symbol) == expected_candles(
-            spec, "1m", START_MS, END_MS, NOW_MS), spec.symbol
+            spec, "1m", START_MS, END_MS, NOW_MS
+        ), spec.symbol
 
 
 def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, exchange, specs):
@@ -65,14 +72,20 @@ def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, 
 
         # Its worker takes a waiting job: two jobs run while BTC waits.
         running = collector.wait_until(
-            lambda: {j["symbol"] for j in collector.api("GET", "/jobs?status=RUNNING")[1]["jobs"]}
-            - {"ETH/USDT"}, timeout_s=1.0, what="a waiting job to start")
+            lambda: (
+                {j["symbol"] for j in collector.api("GET", "/jobs?status=RUNNING")[1]["jobs"]}
+                - {"ETH/USDT"}
+            ),
+            timeout_s=1.0,
+            what="a waiting job to start",
+        )
         assert running <= {"SOL/USDT", "XRP/USDT"}
 
         time.sleep(max(0.0, paused_at + 2.5 - time.monotonic()))
         assert requests_after(exchange, "BTC/USDT", paused_at + 0.5) == []  # 2 s without one
         assert requests_after(exchange, "SOL/USDT", paused_at + 0.5) + requests_after(
-            exchange, "XRP/USDT", paused_at + 0.5)
+            exchange, "XRP/USDT", paused_at + 0.5
+        )
         cursor = collector.job(history_id("BTC/USDT"))["cursor_ms"]
         assert START_MS < cursor < END_MS
 
@@ -129,7 +142,8 @@ def test_progress_and_status_survive_a_restart(tmp_path, exchange, specs):
         assert collector.api("POST", f"/jobs/{history_id('BTC/USDT')}/pause")[0] == 200
         collector.wait_until(
             lambda: collector.api("GET", "/progress")[1]["jobs"]["by_status"]["COMPLETED"] == 2,
-            what="the other jobs to complete")
+            what="the other jobs to complete",
+        )
         time.sleep(0.3)  # BTC's last page, if one was in flight, is stored by now
         _, before = collector.api("GET", "/progress")
         _, jobs_before = collector.api("GET", "/jobs")
@@ -154,7 +168,11 @@ def test_progress_and_status_survive_a_restart(tmp_path, exchange, specs):
         for job in jobs_after["jobs"]:
             was = by_symbol[job["symbol"]]
             assert (job["status"], job["rows"], job["covered"], job["cursor_ms"]) == (
-                was["status"], was["rows"], was["covered"], was["cursor_ms"])
+                was["status"],
+                was["rows"],
+                was["covered"],
+                was["cursor_ms"],
+            )
         assert after["candles"] == before["candles"] and after["covered"] == before["covered"]
         assert after["jobs"]["by_status"] == before["jobs"]["by_status"]
         time.sleep(0.5)

@@ -33,14 +33,18 @@ def read_all(fd: int) -> bytes:
 
 def test_an_interactive_run_shows_a_bar_with_rate_and_eta(tmp_path):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, latency_s=0.03) as fake:
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"],
-                              page_limit=100)
+        config = write_config(
+            tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=100
+        )
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, cols
         env = {k: v for k, v in os.environ.items() if not k.startswith("TDA__")}
         proc = subprocess.Popen(
             [sys.executable, "-m", "tda_collector", "--config", str(config), *ARGS],
-            stdout=subprocess.PIPE, stderr=slave, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            env=env,
         )
         os.close(slave)
         out, _ = proc.communicate(timeout=120)
@@ -50,8 +54,11 @@ def test_an_interactive_run_shows_a_bar_with_rate_and_eta(tmp_path):
     frames = [f for f in re.split(r"[\r\n]", screen) if f.strip()]
     assert len(frames) >= 2, screen  # drawn at the start, each second, and at the end
     assert all(re.match(r"history\s+[\d.]+%\|", frame) for frame in frames), frames
-    assert re.search(r"history\s+100\.0%\|█+\| 3/3 jobs done, 100\.0% covered, 8,640 candles, "
-                     r"[1-9][\d,]* candles/s, ETA 0:00:00", frames[-1]), frames[-1]
+    assert re.search(
+        r"history\s+100\.0%\|█+\| 3/3 jobs done, 100\.0% covered, 8,640 candles, "
+        r"[1-9][\d,]* candles/s, ETA 0:00:00",
+        frames[-1],
+    ), frames[-1]
     assert out.startswith("{")  # the events still go to stdout, untouched
     assert "%|" not in out
 

@@ -30,11 +30,19 @@ def chromium() -> str:
 
 @pytest.fixture
 def collector(tmp_path):
-    with FakeExchange([SymbolSpec(s) for s in SYMBOLS], clock=lambda: FROZEN_NOW_S,
-                      latency_s=0.1) as fake:
+    with FakeExchange(
+        [SymbolSpec(s) for s in SYMBOLS], clock=lambda: FROZEN_NOW_S, latency_s=0.1
+    ) as fake:
         port = free_port()
-        config = write_config(tmp_path, fake.base_url, SYMBOLS, ["1m"], page_limit=100,
-                              history_concurrency=2, admin={"host": "127.0.0.1", "port": port})
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            SYMBOLS,
+            ["1m"],
+            page_limit=100,
+            history_concurrency=2,
+            admin={"host": "127.0.0.1", "port": port},
+        )
         running = Collector(config, port, *ARGS)
         try:
             running.wait_ready(len(SYMBOLS))
@@ -42,7 +50,8 @@ def collector(tmp_path):
             assert running.api("POST", f"/jobs/{history_id('DOGE/USDT')}/cancel")[0] == 200
             fake.inject("400")  # the next candle request fails for good: a job shows its error
             running.wait_until(
-                lambda: running.api("GET", "/jobs?status=FAILED")[1]["jobs"], what="a failure")
+                lambda: running.api("GET", "/jobs?status=FAILED")[1]["jobs"], what="a failure"
+            )
             yield running
             running.stop()
         finally:
@@ -55,11 +64,17 @@ async def test_the_status_page_shows_jobs_progress_budgets_and_steers(chromium, 
     try:
         async with aiohttp.ClientSession() as session:
             page = await browser.page(session)
-            await page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900,
-                            deviceScaleFactor=1, mobile=False)
+            await page.send(
+                "Emulation.setDeviceMetricsOverride",
+                width=1280,
+                height=900,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             await page.send("Page.navigate", url=f"http://127.0.0.1:{collector.port}/")
-            await page.wait_for(f"document.querySelectorAll('#jobs tbody tr').length == "
-                                f"{len(SYMBOLS)}")
+            await page.wait_for(
+                f"document.querySelectorAll('#jobs tbody tr').length == {len(SYMBOLS)}"
+            )
             rendered = {row["id"]: row for row in await page.evaluate(RENDERED_JOBS)}
             updated = await page.evaluate("document.getElementById('updated').textContent")
             stats = await page.evaluate("document.getElementById('stats').innerText")
@@ -68,12 +83,17 @@ async def test_the_status_page_shows_jobs_progress_budgets_and_steers(chromium, 
 
             [failed] = collector.api("GET", "/jobs?status=FAILED")[1]["jobs"]
             running = next(j["id"] for j in collector.api("GET", "/jobs?status=RUNNING")[1]["jobs"])
-            await page.evaluate(f"document.querySelector('tr[data-id=\"{running}\"] "
-                                f"button[data-action=pause]').click()")
-            await page.wait_for(f"document.querySelector('tr[data-id=\"{running}\"]')"
-                                f".cells[1].textContent == 'PAUSED'")
+            await page.evaluate(
+                f'document.querySelector(\'tr[data-id="{running}"] '
+                f"button[data-action=pause]').click()"
+            )
+            await page.wait_for(
+                f"document.querySelector('tr[data-id=\"{running}\"]')"
+                f".cells[1].textContent == 'PAUSED'"
+            )
             refreshed = await page.wait_for(
-                f"document.getElementById('updated').textContent != {json.dumps(updated)}")
+                f"document.getElementById('updated').textContent != {json.dumps(updated)}"
+            )
             await page.close()
     finally:
         browser.close()
