@@ -10,7 +10,8 @@ import pytest
 
 from collector_support import FROZEN_NOW_S, ccxt_options
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
-from tda_collector.exchange import CcxtExchange, klines_matrix
+from tda_collector.errors import TransientFault
+from tda_collector.exchange import Capabilities, CcxtExchange, klines_matrix
 from tda_collector.normalize import _to_matrix
 
 MINUTE_MS = 60_000
@@ -70,27 +71,53 @@ def test_anything_but_the_plain_shape_is_left_to_the_json_parser(body):
     assert klines_matrix(body) is None
 
 
+SPEC = SymbolSpec("BTC/USDT")
+NOW_MS = int(FROZEN_NOW_S * 1000)
+START = NOW_MS // MINUTE_MS * MINUTE_MS - 1_000 * MINUTE_MS
+
+
+async def fetch_page(base_url: str, generic: bool) -> object:
+    """One 1,000-candle page; `generic` takes ccxt's own fetch_ohlcv, as other exchanges do."""
+    exchange = CcxtExchange("binance", ccxt_options(base_url))
+    if generic:
+        exchange.capabilities = Capabilities(max_page_size=1000)
+    try:
+        await exchange.open()
+        return await exchange.fetch_ohlcv("BTC/USDT", "1m", START, START + 999 * MINUTE_MS, 1000)
+    finally:
+        await exchange.close()
+
+
+def expected_page() -> np.ndarray:
+    expected = expected_candles(SPEC, "1m", START, START + 1_000 * MINUTE_MS, NOW_MS)
+    assert len(expected) == 1_000
+    return np.array(expected, dtype=np.float64)
+
+
 def test_a_binance_spot_page_arrives_as_a_float_matrix_equal_to_the_exchange_candles():
-    spec = SymbolSpec("BTC/USDT")
-    now_ms = int(FROZEN_NOW_S * 1000)
-    start = now_ms // MINUTE_MS * MINUTE_MS - 1_000 * MINUTE_MS
-
-    async def fetch(base_url: str) -> object:
-        exchange = CcxtExchange("binance", ccxt_options(base_url))
-        try:
-            await exchange.open()
-            return await exchange.fetch_ohlcv(
-                "BTC/USDT", "1m", start, start + 999 * MINUTE_MS, 1000
-            )
-        finally:
-            await exchange.close()
-
-    with FakeExchange([spec], clock=lambda: FROZEN_NOW_S) as fake:
-        page = asyncio.run(fetch(fake.base_url))
+    with FakeExchange([SPEC], clock=lambda: FROZEN_NOW_S) as fake:
+        page = asyncio.run(fetch_page(fake.base_url, generic=False))
 
     assert isinstance(page, np.ndarray)  # the fast path, not ccxt's JSON parsing
-    expected = expected_candles(spec, "1m", start, start + 1_000 * MINUTE_MS, now_ms)
-    assert len(expected) == 1_000
     matrix, malformed = _to_matrix(page)
     assert malformed == 0
-    assert np.array_equal(matrix, np.array(expected, dtype=np.float64))
+    assert np.array_equal(matrix, expected_page())
+
+
+def test_the_generic_path_returns_ccxt_rows_equal_to_the_exchange_candles():
+    with FakeExchange([SPEC], clock=lambda: FROZEN_NOW_S) as fake:
+        page = asyncio.run(fetch_page(fake.base_url, generic=True))
+
+    assert isinstance(page, list)
+    matrix, malformed = _to_matrix(page)
+    assert malformed == 0
+    assert np.array_equal(matrix, expected_page())
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_the_generic_path_refuses_a_body_ccxt_could_not_parse(kind):
+    """ccxt turns such a body into no candles at all, which would skip real data."""
+    with FakeExchange([SPEC], clock=lambda: FROZEN_NOW_S) as fake:
+        fake.inject(kind)
+        with pytest.raises(TransientFault, match="unparsable response body"):
+            asyncio.run(fetch_page(fake.base_url, generic=True))

@@ -9,7 +9,6 @@ project's three kinds of fault in one place.
 from __future__ import annotations
 
 import contextvars
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ class _ResponseMeta:
     body: str = ""
     parse_klines: bool = False  # try `klines_matrix` on a 200 body before ccxt parses it
     klines: np.ndarray | None = None
+    json_array: bool = False  # ccxt parsed the body, and it was a JSON array
 
 
 # Each asyncio task sees its own response metadata; ccxt's `last_response_headers` is shared
@@ -87,13 +87,6 @@ def _retry_after_seconds(headers: dict[str, str] | None) -> float | None:
             except ValueError:
                 return None
     return None
-
-
-def _is_json_array(body: str) -> bool:
-    try:
-        return isinstance(json.loads(body), list)
-    except ValueError:
-        return False
 
 
 _KLINE_FIELDS = [f"f{i}" for i in range(6)]  # open time, open, high, low, close, volume
@@ -169,6 +162,8 @@ class CcxtExchange:
         self.id = exchange_id
         self._client = exchange_class(options)
         self._client.on_rest_response = self._record_response
+        self._ccxt_json_loads = type(self._client).on_json_response
+        self._client.on_json_response = self._record_json
         self._clock = clock
         self._clock_offset_ms = 0
         known = KNOWN_CAPABILITIES.get(exchange_id)
@@ -192,6 +187,15 @@ class CcxtExchange:
                 if meta.klines is not None:
                     return "[]"  # parsed already: spare ccxt the work
         return body.strip()
+
+    def _record_json(self, text: str) -> Any:
+        """ccxt's JSON parsing, noting whether the body was an array: ccxt turns a body it
+        cannot parse into None, and its OHLCV parser turns None into no candles."""
+        parsed = self._ccxt_json_loads(text)
+        meta = _current_response.get()
+        if meta is not None:
+            meta.json_array = isinstance(parsed, list)
+        return parsed
 
     @property
     def default_requests_per_second(self) -> float:
@@ -271,7 +275,7 @@ class CcxtExchange:
         )
         if not isinstance(rows, list):
             raise TransientFault(f"unexpected OHLCV payload of type {type(rows).__name__}")
-        if not _is_json_array(meta.body):
+        if not meta.json_array:
             # ccxt turns an unparsable body (truncated JSON, an HTML error page) into [] or junk
             # rows, which would read as "no candles from here on" and skip real data.
             raise TransientFault(
