@@ -46,8 +46,9 @@ class CandleStore(Protocol):
     """
 
     name: str
-    # How many pages of one job may be written at once: more than 1 where writes wait to be
-    # gathered into one commit (DuckDB) or a load job that takes seconds (BigQuery loads).
+    # How many pages of one history job may be waiting for their write while it fetches the
+    # next; a crash refetches up to this many per job. 1 for DuckDB (issue 2's bound), 16 for
+    # BigQuery load jobs, which take seconds.
     pipeline_pages: int
 
     async def ensure(self) -> None: ...
