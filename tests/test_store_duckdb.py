@@ -130,6 +130,25 @@ async def test_overlapping_rows_stored_by_an_earlier_run_are_replaced_not_duplic
     assert len(read_duckdb_rows(str(path), OTHER)) == 5
 
 
+async def test_newest_with_open_candles_comes_from_the_spans_an_earlier_run_stored(tmp_path):
+    path = tmp_path / "ohlcv.duckdb"
+    async with opened(path, batch_seconds=0.01) as store:
+        await store.write(batch(KEY, T0, 3))
+        await store.write(batch(KEY, T0 + 3 * MIN, 1, closed=False))
+    async with opened(path) as store:
+        assert await store.newest([KEY, OTHER], closed_only=False) == {KEY: T0 + 3 * MIN}
+        assert await store.newest([KEY, OTHER]) == {KEY: T0 + 2 * MIN}
+
+
+async def test_newest_with_open_candles_before_ensure_is_refused(tmp_path):
+    store = DuckDBStore(str(tmp_path / "ohlcv.duckdb"), quiet_events())
+    try:
+        with pytest.raises(RuntimeError, match="ensure"):
+            await store.newest([KEY], closed_only=False)
+    finally:
+        await store.close()
+
+
 def without(page, index: int):
     return page.select(np.arange(len(page)) != index)
 

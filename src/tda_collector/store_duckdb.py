@@ -260,7 +260,7 @@ class DuckDBStore:
             stored_first, stored_last = self._ranges.get(batch.key, (first, last))
             self._ranges[batch.key] = (min(first, stored_first), max(last, stored_last))
 
-    def _newest(self, keys: list[JobKey], closed_only: bool) -> dict[JobKey, int]:
+    def _newest_closed(self, keys: list[JobKey]) -> dict[JobKey, int]:
         if not keys:
             return {}
         wanted = pa.table(
@@ -272,18 +272,24 @@ class DuckDBStore:
         )
         con = self._connection()
         con.register("wanted", wanted)
-        closed = "AND t.is_closed IS NOT FALSE" if closed_only else ""
         rows = con.execute(
             f"""SELECT t.exchange, t.symbol, t.timeframe, epoch_ms(max(t.timestamp))
                 FROM {TABLE_NAME} t JOIN wanted w USING (exchange, symbol, timeframe)
-                WHERE TRUE {closed} GROUP BY ALL"""
+                WHERE t.is_closed IS NOT FALSE GROUP BY ALL"""
         ).fetchall()
         con.unregister("wanted")
         return {JobKey(e, s, tf): int(ms) for e, s, tf, ms in rows}
 
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]:
-        """Newest stored candle open time (epoch ms) per key; keys with no rows are absent."""
-        return await self._run(self._newest, keys, closed_only)
+        """Newest stored candle open time (epoch ms) per key; keys with no rows are absent.
+
+        With open candles counted, that is the end of each series' stored span, which the
+        store keeps anyway: no scan of the table."""
+        if closed_only:
+            return await self._run(self._newest_closed, keys)
+        if self._ranges is None:
+            raise RuntimeError("DuckDBStore.newest(closed_only=False) before ensure()")
+        return {key: self._ranges[key][1] for key in keys if key in self._ranges}
 
     def _series(self, key: JobKey) -> CandleBatch:
         table = (
