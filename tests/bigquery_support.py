@@ -12,7 +12,6 @@ import asyncio
 import atexit
 import email
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -33,8 +32,8 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
+from event_support import recording_events
 from tda_collector.config import BigQueryConfig
-from tda_collector.events import FIELDS_ATTR, EventLog, record_fields
 from tda_collector.models import JobKey
 from tda_collector.store_bigquery import BigQueryStore
 
@@ -136,32 +135,6 @@ def emulator_client(url: str) -> bigquery.Client:
 
 def unique_dataset() -> str:
     return f"t_{uuid.uuid4().hex[:16]}"
-
-
-class RecordedEvents(list):
-    """Emitted events as the interface's fields (dicts); `named(event)` picks one kind."""
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self if e["event"] == event]
-
-
-class _Recorder(logging.Handler):
-    def __init__(self, sink: RecordedEvents) -> None:
-        super().__init__()
-        self._sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if hasattr(record, FIELDS_ATTR):
-            self._sink.append(record_fields(record))
-
-
-def recording_events() -> tuple[EventLog, RecordedEvents]:
-    logger = logging.getLogger(f"tests.bigquery.{uuid.uuid4().hex}")
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    recorded = RecordedEvents()
-    logger.addHandler(_Recorder(recorded))
-    return EventLog(logger), recorded
 
 
 LATEST_ROWS_SQL = """SELECT UNIX_MILLIS(timestamp) AS timestamp_ms, *

@@ -352,30 +352,44 @@ class RequestRecord:
 
 
 class _RateBudget:
-    """Request weight over a sliding 1 s window: 429 when over budget, 418 ban for clients
-    that send more than ``ban_after`` requests while told to wait."""
+    """Request weight as Binance counts it. Per sliding second: 429 when over ``per_second``,
+    and a 418 ban for clients that send more than ``ban_after`` requests while told to wait.
+    Per fixed window of the exchange's clock (a minute on Binance): every request's weight adds
+    to the IP's count that X-MBX-USED-WEIGHT-1M reports, ``shared_weight`` stands for another
+    client on the same IP (spent as each window opens), and past ``weight_limit`` every request
+    is a 429 until the window turns over."""
 
-    def __init__(self, per_second: int | None, ban_after: int, ban_seconds: int) -> None:
+    def __init__(
+        self,
+        per_second: int | None,
+        ban_after: int,
+        ban_seconds: int,
+        weight_limit: int | None = None,
+        window_s: float = 60.0,
+        shared_weight: int = 0,
+    ) -> None:
         self.per_second, self.ban_after, self.ban_seconds = per_second, ban_after, ban_seconds
+        self.weight_limit, self.window_s, self.shared_weight = weight_limit, window_s, shared_weight
         self._second: deque[tuple[float, int]] = deque()
         self._second_used = 0
-        self._minute: deque[tuple[float, int]] = deque()
-        self._minute_used = 0
+        self._window: int | None = None
+        self._window_used = 0
         self._retry_until = self._banned_until = 0.0
         self._strikes = 0
 
-    def used_last_minute(self, now: float, weight: int) -> int:
-        """Record a request's weight; return the weight of all requests in the last 60 s."""
-        self._minute.append((now, weight))
-        self._minute_used += weight
-        while self._minute[0][0] <= now - 60:
-            self._minute_used -= self._minute.popleft()[1]
-        return self._minute_used
+    def count(self, exchange_now: float, weight: int) -> int:
+        """Add a request's weight to its window; return the window's count so far."""
+        window = math.floor(exchange_now / self.window_s)
+        if window != self._window:
+            self._window, self._window_used = window, self.shared_weight
+        self._window_used += weight
+        return self._window_used
 
-    def reject(self, now: float, weight: int) -> tuple[str, int] | None:
-        """``(status, retry_after_s)`` if the request must be refused, else admit it."""
-        if self.per_second is None:
-            return None
+    def reject(
+        self, now: float, weight: int, used: int = 0, exchange_now: float = 0.0
+    ) -> tuple[str, int] | None:
+        """``(status, retry_after_s)`` if the request must be refused, else admit it. ``used``
+        is the window's count with this request, at ``exchange_now``."""
         if now < self._banned_until:
             return "418", math.ceil(self._banned_until - now)
         if now < self._retry_until:
@@ -384,6 +398,10 @@ class _RateBudget:
                 self._banned_until = now + self.ban_seconds
                 return "418", self.ban_seconds
             return "429", math.ceil(self._retry_until - now)
+        if self.weight_limit is not None and used > self.weight_limit:
+            return "429", max(1, math.ceil(self.window_s - exchange_now % self.window_s))
+        if self.per_second is None:
+            return None
         while self._second and self._second[0][0] <= now - 1:
             self._second_used -= self._second.popleft()[1]
         if self._second_used + weight > self.per_second:
@@ -463,6 +481,9 @@ class FakeExchange:
         klines_weight: int = 1,
         ban_after: int = 5,
         ban_seconds: int = 10,
+        weight_limit: int | None = None,
+        weight_window_s: float = 60.0,
+        shared_weight: int = 0,
         fault_rate: float = 0.0,
         fault_kinds: Sequence[str] = FAULT_KINDS,
         fault_paths: Sequence[str] | None = None,
@@ -483,7 +504,14 @@ class FakeExchange:
         self.fault_rate, self.fault_kinds, self.fault_paths = fault_rate, fault_kinds, fault_paths
         self.stall_seconds = stall_seconds
         self.latency_s, self.latency_jitter_s = latency_s, latency_jitter_s
-        self._budget = _RateBudget(requests_per_second, ban_after, ban_seconds)
+        self._budget = _RateBudget(
+            requests_per_second,
+            ban_after,
+            ban_seconds,
+            weight_limit=weight_limit,
+            window_s=weight_window_s,
+            shared_weight=shared_weight,
+        )
         self._fault_rng, self._latency_rng = random.Random(seed), random.Random(seed + 1)
         self._cache = _KlineCache(cache_blocks)
         self._lock = threading.Lock()
@@ -642,8 +670,9 @@ class FakeExchange:
         arrival = time.monotonic()
         endpoint = request.path.removeprefix(_API_PREFIX)
         weight = self.klines_weight if endpoint == "klines" else 1
-        used = self._budget.used_last_minute(arrival, weight)
-        rejected = self._budget.reject(arrival, weight)
+        exchange_now = self.clock()
+        used = self._budget.count(exchange_now, weight)
+        rejected = self._budget.reject(arrival, weight, used, exchange_now)
         fault = None if rejected else self._pick_fault(endpoint)
         kind, retry_after = rejected or fault or (None, 0)
         delay = self.latency_s + self._latency_rng.uniform(0, self.latency_jitter_s)
@@ -711,6 +740,15 @@ class FakeExchange:
                     "interval": "SECOND",
                     "intervalNum": 1,
                     "limit": self._budget.per_second,
+                }
+            )
+        if self._budget.weight_limit is not None:
+            limits.append(
+                {
+                    "rateLimitType": "REQUEST_WEIGHT",
+                    "interval": "SECOND",
+                    "intervalNum": self._budget.window_s,
+                    "limit": self._budget.weight_limit,
                 }
             )
         return _json_response(

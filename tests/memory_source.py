@@ -74,5 +74,8 @@ class MemorySource:
         finally:
             self.in_flight[job] -= 1
 
+    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
+        self.used_weight_listener = listener
+
     async def close(self) -> None:
         return None

@@ -78,6 +78,19 @@ def test_nested_list_errors_name_the_item(tmp_path):
     assert error_line(tmp_path, text).startswith("exchanges[0].rate_limit.safety:")
 
 
+def test_used_weight_settings_are_checked_and_named(tmp_path):
+    text = """
+    exchanges:
+      - id: binance
+        symbols: [BTC/USDT]
+        rate_limit: {used_weight: {limit: 0, window: 60}}
+    """
+    assert error_line(tmp_path, text) == (
+        "exchanges[0].rate_limit.used_weight.limit: Input should be greater than 0; "
+        "exchanges[0].rate_limit.used_weight.window: unknown key"
+    )
+
+
 def test_bad_timeframe_is_named(tmp_path):
     text = MINIMAL + "    timeframes: [1m, 7x]\n"
     assert "exchanges[0].timeframes: unsupported timeframe '7x'" in error_line(tmp_path, text)

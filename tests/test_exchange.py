@@ -10,7 +10,7 @@ import pytest
 
 from collector_support import FROZEN_NOW_S, ccxt_options
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
-from tda_collector.errors import TransientFault
+from tda_collector.errors import RateLimited, TransientFault
 from tda_collector.exchange import Capabilities, CcxtExchange, klines_matrix
 from tda_collector.normalize import _to_matrix
 
@@ -121,3 +121,27 @@ def test_the_generic_path_refuses_a_body_ccxt_could_not_parse(kind):
         fake.inject(kind)
         with pytest.raises(TransientFault, match="unparsable response body"):
             asyncio.run(fetch_page(fake.base_url, generic=True))
+
+
+def test_every_answer_reports_the_ips_used_weight_with_when_its_request_left():
+    """Markets, server time and candles alike, and a 429 too: the guard must see them all."""
+    readings: list[tuple[int, int]] = []
+
+    async def run(fake: FakeExchange) -> None:
+        exchange = CcxtExchange("binance", ccxt_options(fake.base_url))
+        exchange.watch_used_weight("x-mbx-used-weight-1m", lambda *r: readings.append(r))
+        try:
+            await exchange.open()
+            await exchange.fetch_ohlcv("BTC/USDT", "1m", START, START + 999 * MINUTE_MS, 1000)
+            fake.inject("429", retry_after=1)
+            with pytest.raises(RateLimited):
+                await exchange.fetch_ohlcv("BTC/USDT", "1m", START, START + 999 * MINUTE_MS, 1000)
+        finally:
+            await exchange.close()
+
+    with FakeExchange([SPEC], clock=lambda: FROZEN_NOW_S, shared_weight=40) as fake:
+        asyncio.run(run(fake))
+
+    assert [used for used, _ in readings] == [41, 42, 43, 44]  # exchangeInfo, time, 2 × klines
+    # On the exchange's clock once `open` measured it (the fake's is frozen in 2024).
+    assert all(abs(sent_ms - NOW_MS) < 5_000 for _, sent_ms in readings[2:])

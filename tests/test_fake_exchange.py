@@ -235,6 +235,23 @@ def test_klines_errors_look_like_binance(exchange):
 # --------------------------------------------------------------------------- rate budget
 
 
+async def test_the_weight_window_counts_another_client_and_refuses_past_its_limit():
+    clock = FakeClock(T0 + 50_000)  # 50 s into a minute
+    with FakeExchange(make_symbols(1), clock=clock, weight_limit=5, shared_weight=2) as fx:
+        answers = [await get(fx.base_url, "ping") for _ in range(3)]
+        assert [(s, int(h["X-MBX-USED-WEIGHT-1M"])) for s, h, _ in answers] == [
+            (200, 3),
+            (200, 4),
+            (200, 5),
+        ]
+        status, headers, body = await get(fx.base_url, "ping")
+        assert (status, headers["Retry-After"], json.loads(body)["code"]) == (429, "10", -1003)
+        # Another minute: the other client's share again, then ours.
+        clock.now_ms = T0 + 60_000
+        status, headers, _ = await get(fx.base_url, "ping")
+        assert (status, headers["X-MBX-USED-WEIGHT-1M"]) == (200, "3")
+
+
 async def test_budget_escalates_from_429_to_418():
     with FakeExchange(make_symbols(1), requests_per_second=5, ban_after=2, ban_seconds=7) as fx:
         answers = []

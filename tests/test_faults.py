@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 
 from collector_support import (
     DAY_MS,
@@ -174,3 +175,51 @@ def test_too_many_failed_jobs_stop_the_exchange_instead_of_grinding_on(tmp_path,
     assert requests == 3 * 2  # three jobs of two attempts each, then nothing more
     summary = events_named(events, "history_complete")[-1]
     assert summary["failed"] == 8 and summary["completed"] == 0
+
+
+def _shared_ip_run(tmp_path, capsys, used_weight: dict) -> tuple[int, list[dict], dict]:
+    """A backfill on an IP where another client spends 60 of the 100 weight each 2-second
+    window allows; our own share (22.5 requests/s, 45 a window) would take the IP past it."""
+    started = time.monotonic()
+    with FakeExchange(
+        SPECS,
+        clock=lambda: FROZEN_NOW_S + time.monotonic() - started,
+        weight_limit=100,
+        weight_window_s=2.0,
+        shared_weight=60,
+    ) as fake:
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            [s.symbol for s in SPECS],
+            ["1m"],
+            page_limit=50,
+            rps=25,
+            safety=0.9,
+        )
+        settings = yaml.safe_load(config.read_text())
+        settings["exchanges"][0]["rate_limit"]["used_weight"] = used_weight
+        config.write_text(yaml.safe_dump(settings))
+        code, events = run_in_process(capsys, config, *ARGS)
+        return code, events, fake.counters
+
+
+def test_the_ips_used_weight_header_slows_down_before_a_429(tmp_path, capsys):
+    code, events, counters = _shared_ip_run(
+        tmp_path, capsys, {"header": "X-MBX-USED-WEIGHT-1M", "limit": 100, "window_seconds": 2}
+    )
+    assert code == 0
+    assert counters["429"] == 0 and counters["418"] == 0
+    assert_exact(tmp_path)
+    slowdowns = events_named(events, "rate_slowdown")
+    assert slowdowns and all(e["used_weight"] >= 95 and 0 < e["wait_s"] <= 2 for e in slowdowns)
+    assert all(e["level"] == "WARNING" and e["limit"] == 100 for e in slowdowns)
+
+
+def test_without_the_used_weight_guard_the_shared_ip_runs_into_429s(tmp_path, capsys):
+    """The control for the test above: the same run with the guard off is refused."""
+    code, events, counters = _shared_ip_run(tmp_path, capsys, {"enabled": False})
+    assert code == 0  # Retry-After is waited out
+    assert counters["429"] >= 1
+    assert events_named(events, "rate_slowdown") == []
+    assert_exact(tmp_path)

@@ -21,9 +21,9 @@ from bigquery_support import (
     bigquery_store,
     count_stored,
     emulator_client,
-    recording_events,
     unique_dataset,
 )
+from event_support import recording_events
 from tda_collector.bigquery_schema import (
     RowErrors,
     TableNames,

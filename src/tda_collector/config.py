@@ -35,11 +35,22 @@ class MarketsFilter(_Section):
     )
 
 
+class UsedWeightConfig(_Section):
+    """The exchange's count of the weight the IP used in the current window, read from a
+    response header; Binance's is known (X-MBX-USED-WEIGHT-1M, 6000 a minute)."""
+
+    enabled: bool = Field(True, description="Slow down when the IP's used weight nears the limit.")
+    header: str | None = Field(None, min_length=1, description="Header holding the used weight.")
+    limit: int | None = Field(None, gt=0, description="Weight the exchange allows per window.")
+    window_seconds: float | None = Field(None, gt=0, description="Window length; default 60.")
+
+
 class RateLimitConfig(_Section):
     requests_per_second: float | None = Field(
         None, gt=0, description="The exchange's budget for this client; default from ccxt."
     )
     safety: float = Field(0.9, gt=0, le=1, description="Fraction of the budget the collector uses.")
+    used_weight: UsedWeightConfig = Field(default_factory=UsedWeightConfig)
 
 
 class ExchangeConfig(_Section):

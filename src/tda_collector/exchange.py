@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,17 @@ from .models import RawCandles
 
 
 @dataclass(frozen=True)
+class UsedWeightRule:
+    """An exchange's own count of the request weight an IP used in the current window, sent
+    as a header on every answer: it includes other clients on the same IP, which our
+    limiter cannot see."""
+
+    header: str
+    limit: int  # weight allowed per window
+    window_s: float = 60.0  # windows are aligned to the exchange's clock (Binance: minutes)
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """Per-exchange facts that change how we page, kept as data rather than subclasses."""
 
@@ -35,12 +46,17 @@ class Capabilities:
     # its body is parsed straight to floats (`klines_matrix`); ccxt still builds, sends and
     # error-checks the request.
     raw_klines_method: str | None = None
+    used_weight: UsedWeightRule | None = None
 
 
 # Facts checked against each exchange's documentation; everything else falls back to what
 # ccxt declares in `features` (page size) and to the defaults above.
 KNOWN_CAPABILITIES: dict[str, Capabilities] = {
-    "binance": Capabilities(max_page_size=1000, raw_klines_method="publicGetKlines"),
+    "binance": Capabilities(
+        max_page_size=1000,
+        raw_klines_method="publicGetKlines",
+        used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=6000, window_s=60.0),
+    ),
     "binanceus": Capabilities(max_page_size=1000),
     "bybit": Capabilities(max_page_size=1000),
     "okx": Capabilities(max_page_size=300),
@@ -64,6 +80,7 @@ class _ResponseMeta:
     parse_klines: bool = False  # try `klines_matrix` on a 200 body before ccxt parses it
     klines: np.ndarray | None = None
     json_array: bool = False  # ccxt parsed the body, and it was a JSON array
+    sent_ms: int | None = None  # when the request left, on the exchange's clock
 
 
 # Each asyncio task sees its own response metadata; ccxt's `last_response_headers` is shared
@@ -77,16 +94,20 @@ def known_exchange_ids() -> list[str]:
     return list(ccxt_async.exchanges)
 
 
-def _retry_after_seconds(headers: dict[str, str] | None) -> float | None:
-    if not headers:
-        return None
-    for name, value in headers.items():
-        if name.lower() == "retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
+def _header(headers: Mapping[str, str] | None, wanted: str) -> str | None:
+    """A header's value, whatever case the server spelled its name in."""
+    wanted = wanted.lower()
+    for name, value in (headers or {}).items():
+        if name.lower() == wanted:
+            return value
     return None
+
+
+def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    try:
+        return max(0.0, float(_header(headers, "Retry-After") or ""))
+    except ValueError:
+        return None
 
 
 _KLINE_FIELDS = [f"f{i}" for i in range(6)]  # open time, open, high, low, close, volume
@@ -166,6 +187,8 @@ class CcxtExchange:
         self._client.on_json_response = self._record_json
         self._clock = clock
         self._clock_offset_ms = 0
+        self._used_weight_header: str | None = None
+        self._used_weight_listener: Callable[[int, int], None] | None = None
         known = KNOWN_CAPABILITIES.get(exchange_id)
         self.capabilities = known or Capabilities(max_page_size=self._declared_page_size())
 
@@ -180,6 +203,8 @@ class CcxtExchange:
     def _record_response(self, code, reason, url, method, headers, body, req_headers, req_body):
         """ccxt's hook before it parses a body: what we return is what ccxt parses."""
         meta = _current_response.get()
+        if self._used_weight_listener is not None:
+            self._report_used_weight(headers, meta)
         if meta is not None:
             meta.status, meta.headers, meta.body = code, dict(headers or {}), body
             if meta.parse_klines and code == 200:
@@ -187,6 +212,20 @@ class CcxtExchange:
                 if meta.klines is not None:
                     return "[]"  # parsed already: spare ccxt the work
         return body.strip()
+
+    def _report_used_weight(
+        self, headers: Mapping[str, str] | None, meta: _ResponseMeta | None
+    ) -> None:
+        assert self._used_weight_header is not None and self._used_weight_listener is not None
+        value = (_header(headers, self._used_weight_header) or "").strip()
+        if value.isdigit():
+            sent_ms = meta.sent_ms if meta is not None else None
+            self._used_weight_listener(int(value), self.now_ms() if sent_ms is None else sent_ms)
+
+    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
+        """Call `listener(used_weight, sent_ms)` for every answer carrying `header`, any status;
+        `sent_ms` is when that request left, on the exchange's clock."""
+        self._used_weight_header, self._used_weight_listener = header, listener
 
     def _record_json(self, text: str) -> Any:
         """ccxt's JSON parsing, noting whether the body was an array: ccxt turns a body it
@@ -217,7 +256,7 @@ class CcxtExchange:
     async def _call_with_meta(
         self, method: str, *args: Any, parse_klines: bool = False, **kwargs: Any
     ) -> tuple[Any, _ResponseMeta]:
-        meta = _ResponseMeta(parse_klines=parse_klines)
+        meta = _ResponseMeta(parse_klines=parse_klines, sent_ms=self.now_ms())
         token = _current_response.set(meta)
         try:
             return await getattr(self._client, method)(*args, **kwargs), meta

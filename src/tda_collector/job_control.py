@@ -167,6 +167,9 @@ class GatedSource:
         self._gate(JobKey(self.inner.id, symbol, timeframe))
         return await self.inner.fetch_ohlcv(symbol, timeframe, since_ms, until_ms, limit)
 
+    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
+        self.inner.watch_used_weight(header, listener)
+
     async def close(self) -> None:
         await self.inner.close()
 

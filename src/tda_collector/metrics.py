@@ -106,6 +106,18 @@ class Metrics:
             ["exchange"],
             registry=r,
         )
+        self._used_weight = Gauge(
+            "tda_exchange_used_weight",
+            "The IP's used request weight in the current window, as the exchange reports it.",
+            ["exchange"],
+            registry=r,
+        )
+        self._slowdowns = Counter(
+            "tda_rate_slowdowns",
+            "Pauses until the exchange's weight window turned over, taken before a 429.",
+            ["exchange"],
+            registry=r,
+        )
         self._throttled = Counter(
             "tda_exchange_throttled_responses",
             "HTTP 429/418 answers from the exchange.",
@@ -162,6 +174,12 @@ class Metrics:
     def rate_limit_wait(self, exchange: str, seconds: float) -> None:
         self._waits.labels(exchange).inc()
         self._wait_seconds.labels(exchange).inc(seconds)
+
+    def used_weight(self, exchange: str, used: int) -> None:
+        self._used_weight.labels(exchange).set(used)
+
+    def slowdown(self, exchange: str) -> None:
+        self._slowdowns.labels(exchange).inc()
 
     def throttled(self, exchange: str, status: int) -> None:
         """The exchange answered 429 (slow down) or 418 (banned)."""

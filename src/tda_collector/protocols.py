@@ -6,6 +6,7 @@ new exchange library or store plugs in without touching the rest, and tests can 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from .exchange import Capabilities, MarketInfo
@@ -33,6 +34,9 @@ class CandleSource(Protocol):
     async def fetch_ohlcv(
         self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
     ) -> RawCandles: ...
+
+    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
+        """Call `listener(used_weight, sent_ms)` for every answer carrying `header`."""
 
     async def close(self) -> None: ...
 

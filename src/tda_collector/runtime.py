@@ -14,7 +14,7 @@ from typing import Literal
 from .config import Config, ExchangeConfig
 from .errors import RateLimited, TransientFault, UsageError
 from .events import EventLog
-from .exchange import CcxtExchange
+from .exchange import Capabilities, CcxtExchange, UsedWeightRule
 from .fetcher import Fetcher
 from .metrics import Metrics
 from .models import JobKey
@@ -22,6 +22,7 @@ from .protocols import CandleSource
 from .ratelimit import RateLimiter, burst_for
 from .retry import RetryPolicy
 from .universe import check_symbols, check_timeframes, filter_markets, merge_symbols, top_by_volume
+from .weight_guard import UsedWeightGuard
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,25 @@ def ccxt_source_factory(credentials: dict[str, dict[str, str]]) -> SourceFactory
         return CcxtExchange(config.id, {**config.ccxt, **credentials.get(config.id, {})})
 
     return build
+
+
+def used_weight_rule(
+    cfg: ExchangeConfig, capabilities: Capabilities, field: str
+) -> UsedWeightRule | None:
+    """The exchange's known used-weight header, with what the config (at `field`) overrides;
+    None when off or when neither names a header or a limit."""
+    given, known = cfg.rate_limit.used_weight, capabilities.used_weight
+    if not given.enabled:
+        return None
+    header = given.header or (known.header if known else None)
+    limit = given.limit or (known.limit if known else None)
+    if header is None and limit is None:
+        return None
+    if header is None or limit is None:
+        missing = "header" if header is None else "limit"
+        raise UsageError(f"{field}.{missing}: required, as {cfg.id}'s own is not known")
+    window_s = given.window_seconds or (known.window_s if known else 60.0)
+    return UsedWeightRule(header, limit, window_s)
 
 
 def retry_policy(config: Config) -> RetryPolicy:
@@ -134,19 +154,30 @@ async def open_exchange(
     policy: RetryPolicy,
     factory: SourceFactory,
     metrics: Metrics,
+    position: int,
 ) -> ExchangeRuntime:
+    """Build the exchange's source, limiter and fetcher, load its markets and resolve its jobs;
+    `position` is its index in the config's `exchanges`, for error messages."""
     source = factory(cfg)
-    budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
-    metrics.set_budget(cfg.id, budget)
-    limiter = RateLimiter(
-        budget * cfg.rate_limit.safety,
-        burst_for(budget, cfg.rate_limit.safety),
-        on_wait=lambda seconds: metrics.rate_limit_wait(cfg.id, seconds),
-    )
-    exchange_events = events.bind(exchange=cfg.id)
-    fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
-    runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
     try:
+        budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
+        metrics.set_budget(cfg.id, budget)
+        limiter = RateLimiter(
+            budget * cfg.rate_limit.safety,
+            burst_for(budget, cfg.rate_limit.safety),
+            on_wait=lambda seconds: metrics.rate_limit_wait(cfg.id, seconds),
+        )
+        exchange_events = events.bind(exchange=cfg.id)
+        field = f"exchanges[{position}].rate_limit.used_weight"
+        rule = used_weight_rule(cfg, source.capabilities, field)
+        if rule is not None:
+            safety = cfg.rate_limit.safety
+            guard = UsedWeightGuard(
+                cfg.id, rule, safety, limiter, exchange_events, metrics, source.now_ms
+            )
+            source.watch_used_weight(rule.header, guard.observe)
+        fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
+        runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
         await _open_source(source, limiter, policy, exchange_events, forever=request.mode == "live")
         runtime.keys = await _job_keys(cfg, source, request)
     except BaseException:
@@ -167,7 +198,9 @@ async def open_all(
     policy = retry_policy(config)
     opened = await asyncio.gather(
         *(
-            open_exchange(cfg, request, events, policy, factory, metrics)
+            open_exchange(
+                cfg, request, events, policy, factory, metrics, config.exchanges.index(cfg)
+            )
             for cfg in select_exchanges(config, request)
         ),
         return_exceptions=True,
