@@ -3,13 +3,14 @@
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
 progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
+floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import live_latency, progress
+from . import floors, live_latency, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -50,10 +51,17 @@ def progress_latency(args: argparse.Namespace) -> None:
     progress.run(args.jobs)
 
 
+def cpu_floors(args: argparse.Namespace) -> None:
+    floors.run()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "what", nargs="?", default="throughput", choices=["throughput", "live", "progress"]
+        "what",
+        nargs="?",
+        default="throughput",
+        choices=["throughput", "live", "progress", "floors"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -64,7 +72,12 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=500, help="live: symbols")
     parser.add_argument("--jobs", type=int, default=2500, help="progress: jobs")
     args = parser.parse_args()
-    {"throughput": throughput, "live": live, "progress": progress_latency}[args.what](args)
+    {
+        "throughput": throughput,
+        "live": live,
+        "progress": progress_latency,
+        "floors": cpu_floors,
+    }[args.what](args)
 
 
 if __name__ == "__main__":

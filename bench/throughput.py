@@ -105,6 +105,20 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
+def history_argv(config: Path, start_ms: int, end_ms: int) -> list[str]:
+    """The collector's history mode over [start_ms, end_ms), as a command line."""
+    return [
+        sys.executable,
+        "-m",
+        "tda_collector",
+        "--config",
+        str(config),
+        "--mode=history",
+        f"--start={_iso(start_ms)}",
+        f"--end={_iso(end_ms)}",
+    ]
+
+
 def run_collector(
     symbols: int, budget: int, safety: float, latency_ms: float, requests: int
 ) -> Row:
@@ -118,17 +132,7 @@ def run_collector(
             Path(tmp), fake.base_url, synthetic_symbols(symbols), budget, safety, concurrency=32
         )
         measured = run_measured(
-            [
-                sys.executable,
-                "-m",
-                "tda_collector",
-                "--config",
-                str(config),
-                "--mode=history",
-                f"--start={_iso(start_ms)}",
-                f"--end={_iso(end_ms)}",
-            ],
-            cpu_marks=('"history_page_done"',),
+            history_argv(config, start_ms, end_ms), cpu_marks=('"history_page_done"',)
         )
     events = [json.loads(line) for line in measured.stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in reversed(events) if e["event"] == "history_complete")
