@@ -188,9 +188,8 @@ class Readiness:
 
 def _track_budgets(registry: JobRegistry, runtimes: list[ExchangeRuntime]) -> None:
     for rt in runtimes:
-        budget = rt.config.rate_limit.requests_per_second or rt.source.default_requests_per_second
         limit = rt.limiter.rate_per_s
-        registry.track_budget(rt.config.id, budget, limit, lambda f=rt.fetcher: f.requests)
+        registry.track_budget(rt.config.id, rt.budget, limit, lambda f=rt.fetcher: f.requests)
 
 
 async def _run_mode(

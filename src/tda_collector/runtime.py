@@ -43,6 +43,7 @@ class ExchangeRuntime:
 
     config: ExchangeConfig
     source: CandleSource
+    budget: float  # the exchange's requests/s, configured or ccxt's; the limiter runs below it
     limiter: RateLimiter
     fetcher: Fetcher
     keys: list[JobKey] = field(default_factory=list)
@@ -177,7 +178,7 @@ async def open_exchange(
             )
             source.watch_used_weight(rule.header, guard.observe)
         fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
-        runtime = ExchangeRuntime(cfg, source, limiter, fetcher)
+        runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
         await _open_source(source, limiter, policy, exchange_events, forever=request.mode == "live")
         runtime.keys = await _job_keys(cfg, source, request)
     except BaseException:

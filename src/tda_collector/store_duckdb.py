@@ -271,13 +271,12 @@ class DuckDBStore:
             }
         )
         con = self._connection()
-        con.register("wanted", wanted)
-        rows = con.execute(
-            f"""SELECT t.exchange, t.symbol, t.timeframe, epoch_ms(max(t.timestamp))
-                FROM {TABLE_NAME} t JOIN wanted w USING (exchange, symbol, timeframe)
-                WHERE t.is_closed IS NOT FALSE GROUP BY ALL"""
-        ).fetchall()
-        con.unregister("wanted")
+        with _registered(con, "wanted", wanted):
+            rows = con.execute(
+                f"""SELECT t.exchange, t.symbol, t.timeframe, epoch_ms(max(t.timestamp))
+                    FROM {TABLE_NAME} t JOIN wanted w USING (exchange, symbol, timeframe)
+                    WHERE t.is_closed IS NOT FALSE GROUP BY ALL"""
+            ).fetchall()
         return {JobKey(e, s, tf): int(ms) for e, s, tf, ms in rows}
 
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]:
