@@ -27,7 +27,7 @@ from tda_collector.events import EventLog
 from tda_collector.exchange import CcxtExchange
 from tda_collector.indicator_stage import indicator_columns
 from tda_collector.indicators import IndicatorSpec, compute, initial_state
-from tda_collector.models import CandleBatch, JobKey
+from tda_collector.models import BASE_COLUMNS, CandleBatch, JobKey
 from tda_collector.store_duckdb import DuckDBStore
 
 from .harness import (
@@ -144,7 +144,7 @@ def duckdb_rows(group: int, pages: int = 600) -> Floor:
     batches = _pages(pages, spec)
     with tempfile.TemporaryDirectory() as tmp:
         cpu_s, commits = asyncio.run(_write_groups(f"{tmp}/f.duckdb", batches, group, spec))
-    columns = 11 + len(spec.column_names())
+    columns = len(BASE_COLUMNS) + len(spec.column_names())
     return Floor(
         f"DuckDB, {group} pages a commit",
         cpu_s * 1e6 / (pages * PAGE),

@@ -39,10 +39,14 @@ def write_config(
     *,
     rps: float = 200,
     safety: float = 0.9,
+    used_weight: dict[str, Any] | None = None,
     page_limit: int = 1000,
     timeout_ms: int = 10_000,
     **top_level: Any,
 ) -> Path:
+    rate_limit: dict[str, Any] = {"requests_per_second": rps, "safety": safety}
+    if used_weight is not None:
+        rate_limit["used_weight"] = used_weight
     config = {
         "service_name": "tda-test",
         "environment": "test",
@@ -52,7 +56,7 @@ def write_config(
                 "symbols": symbols,
                 "timeframes": timeframes,
                 "ccxt": ccxt_options(base_url, timeout_ms),
-                "rate_limit": {"requests_per_second": rps, "safety": safety},
+                "rate_limit": rate_limit,
             }
         ],
         "history_page_limit": page_limit,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import yaml
 
 from collector_support import (
     DAY_MS,
@@ -25,6 +24,11 @@ ARGS = ("--mode=history", "--start=2024-02-29", "--end=2024-03-01")
 SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT"), SymbolSpec("SOL/USDT")]
 
 
+def config_for(tmp_path, fake: FakeExchange, **settings):
+    """The collector's config for every symbol of SPECS on 1m, against `fake`."""
+    return write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], **settings)
+
+
 def assert_exact(tmp_path, specs=SPECS):
     for spec in specs:
         rows = read_duckdb_rows(
@@ -41,14 +45,7 @@ def assert_exact(tmp_path, specs=SPECS):
 def test_each_transient_fault_is_retried_to_exact_data(tmp_path, capsys, kind):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, stall_seconds=3) as fake:
         fake.inject(kind, count=3)
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            page_limit=200,
-            timeout_ms=500,
-        )
+        config = config_for(tmp_path, fake, page_limit=200, timeout_ms=500)
         code, events = run_in_process(capsys, config, *ARGS)
     assert code == 0
     assert_exact(tmp_path)
@@ -66,14 +63,7 @@ def test_ten_percent_mixed_faults_still_complete_exactly(tmp_path, capsys):
         stall_seconds=2,
         seed=3,
     ) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            page_limit=100,
-            timeout_ms=400,
-        )
+        config = config_for(tmp_path, fake, page_limit=100, timeout_ms=400)
         code, _ = run_in_process(capsys, config, *ARGS)
         faults = fake.counters["faults"]
     assert code == 0
@@ -84,9 +74,7 @@ def test_ten_percent_mixed_faults_still_complete_exactly(tmp_path, capsys):
 def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(tmp_path, capsys):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
         fake.inject("418", count=1, retry_after=2)
-        config = write_config(
-            tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=100
-        )
+        config = config_for(tmp_path, fake, page_limit=100)
         started = time.monotonic()
         code, events = run_in_process(capsys, config, *ARGS)
         log = fake.request_log()
@@ -116,15 +104,7 @@ def test_a_429_with_retry_after_is_waited_out_not_hammered(tmp_path, capsys):
 
 def test_the_collector_stays_inside_a_budget_the_exchange_enforces(tmp_path, capsys):
     with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, requests_per_second=10) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            page_limit=100,
-            rps=10,
-            safety=0.9,
-        )
+        config = config_for(tmp_path, fake, page_limit=100, rps=10, safety=0.9)
         code, _ = run_in_process(capsys, config, *ARGS)
         counters = fake.counters
     assert code == 0
@@ -188,18 +168,9 @@ def _shared_ip_run(tmp_path, capsys, used_weight: dict) -> tuple[int, list[dict]
         weight_window_s=2.0,
         shared_weight=60,
     ) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            page_limit=50,
-            rps=25,
-            safety=0.9,
+        config = config_for(
+            tmp_path, fake, page_limit=50, rps=25, safety=0.9, used_weight=used_weight
         )
-        settings = yaml.safe_load(config.read_text())
-        settings["exchanges"][0]["rate_limit"]["used_weight"] = used_weight
-        config.write_text(yaml.safe_dump(settings))
         code, events = run_in_process(capsys, config, *ARGS)
         return code, events, fake.counters
 
