@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tda_collector.events import EventLog
-from tda_collector.exchange import CcxtExchange
-from tda_collector.indicator_stage import indicator_columns
+from tda_collector.exchange.ccxt_source import CcxtExchange
 from tda_collector.indicators import IndicatorSpec, compute, initial_state
 from tda_collector.models import BASE_COLUMNS, CandleBatch, JobKey
-from tda_collector.store_duckdb import DuckDBStore
+from tda_collector.modes.indicator_stage import indicator_columns
+from tda_collector.observability.events import EventLog
+from tda_collector.store.duckdb_store import DuckDBStore
 
 from .harness import (
     FakeExchangeProcess,

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_EXCHANGE = ROOT / "tests" / "fake_exchange.py"
+FAKE_EXCHANGE = ROOT / "tests" / "support" / "fake_exchange.py"
 # 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.
 FAKE_NOW_S = 1_709_251_200.0
 
@@ -65,7 +65,7 @@ def run_measured(
 
 
 class FakeExchangeProcess:
-    """tests/fake_exchange.py in its own process, so its CPU is not counted as ours."""
+    """tests/support/fake_exchange.py in its own process, so its CPU is not counted as ours."""
 
     def __init__(self, symbols: int, rps: int | None, latency_ms: float, realtime: bool = False):
         clock = [] if realtime else ["--start-time", str(FAKE_NOW_S)]

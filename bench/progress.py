@@ -16,12 +16,12 @@ import time
 
 import aiohttp
 
-from tda_collector.admin import AdminServer
-from tda_collector.jobs import Job, JobRegistry
-from tda_collector.jobs_api import jobs_routes
-from tda_collector.metrics import Metrics
+from tda_collector.admin.jobs_api import jobs_routes
+from tda_collector.admin.server import AdminServer
+from tda_collector.jobs.progress import Progress
+from tda_collector.jobs.registry import Job, JobRegistry
 from tda_collector.models import JobKey
-from tda_collector.progress import Progress
+from tda_collector.observability.metrics import Metrics
 
 MIN_MS = 60_000
 YEAR_MS = 365 * 1440 * MIN_MS

@@ -1,7 +1,7 @@
 """The deployment files agree with the code: Dockerfile, compose, Prometheus, Loki, Grafana.
 
 Every LogQL and PromQL expression in the dashboards is parsed by the grammars Grafana and
-Prometheus ship (lezer, run by node from tests/tools/queryparse), and every metric they read
+Prometheus ship (lezer, run by node from tests/support/tools/queryparse), and every metric they read
 must exist in `Metrics`. The Dockerfile is linted by hadolint when it is installed.
 """
 
@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from tda_collector.config import load_config
-from tda_collector.metrics import Metrics
+from tda_collector.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-PARSER_DIR = ROOT / "tests" / "tools" / "queryparse"
+PARSER_DIR = ROOT / "tests" / "support" / "tools" / "queryparse"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
 # Representative values for Grafana's variables, so the expressions parse as Grafana sends them.
@@ -138,7 +138,7 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def parse() -> Parse:
-    """The lezer parsers via node; installs tests/tools/queryparse with npm on first use."""
+    """The lezer parsers via node; installs tests/support/tools/queryparse with npm on first use."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("SKIPPED LOUDLY: node/npm not installed, dashboards' queries NOT parsed")

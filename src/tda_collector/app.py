@@ -7,32 +7,32 @@ import signal
 import time
 from collections.abc import Mapping
 
-from .admin import AdminServer, build_admin_server
+from .admin.jobs_api import jobs_routes
+from .admin.server import AdminServer, build_admin_server
 from .config import Config
 from .errors import ExchangeFault
-from .events import EventLog
-from .history import FAILED, HistoryBackfill, JobResult
-from .history_pool import ExchangeHistory
-from .indicator_stage import IndicatorStage, indicator_columns
-from .job_control import JobMonitor, finish_history_run, gated, register_history_jobs
-from .jobs import CANCELLED, JobRegistry
-from .jobs_api import jobs_routes
-from .live import run_live
-from .metrics import Metrics
-from .models import Column, JobKey
-from .persist import DurableWriter
-from .progress import Progress
-from .progress_bar import terminal_bar
-from .protocols import CandleStore
-from .runtime import (
+from .exchange.runtime import (
     ExchangeRuntime,
     RunRequest,
     SourceFactory,
     open_all,
     retry_policy,
 )
-from .state import StateStore
-from .store_duckdb import DuckDBStore
+from .jobs.control import JobMonitor, finish_history_run, gated, register_history_jobs
+from .jobs.ledger import StateStore
+from .jobs.progress import Progress
+from .jobs.progress_bar import terminal_bar
+from .jobs.registry import CANCELLED, JobRegistry
+from .models import Column, JobKey
+from .modes.durable_writer import DurableWriter
+from .modes.history import FAILED, HistoryBackfill, JobResult
+from .modes.history_pool import ExchangeHistory
+from .modes.indicator_stage import IndicatorStage, indicator_columns
+from .modes.live import run_live
+from .observability.events import EventLog
+from .observability.metrics import Metrics
+from .store import CandleStore
+from .store.duckdb_store import DuckDBStore
 
 EXIT_OK, EXIT_JOBS_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,7 +57,7 @@ def build_store(
             # commit then carries the writes made in one turn of the event loop, with no wait.
             batch_seconds=duck.batch_seconds if mode == "history" else 0.0,
         )
-    from .store_bigquery import BigQueryStore  # the Google libraries take ~0.5 s to import
+    from .store.bigquery_store import BigQueryStore  # the Google libraries take ~0.5 s to import
 
     bq = config.storage.bigquery
     return BigQueryStore(

@@ -13,10 +13,10 @@ from typing import NoReturn
 from .app import EXIT_USAGE, run
 from .config import load_config, resolve_credentials
 from .errors import UsageError
-from .events import EventLog, build_logger
-from .loki import build_loki_handler
-from .metrics import Metrics
-from .runtime import RunRequest, ccxt_source_factory
+from .exchange.runtime import RunRequest, ccxt_source_factory
+from .observability.events import EventLog, build_logger
+from .observability.loki import build_loki_handler
+from .observability.metrics import Metrics
 from .timeframes import timeframe_ms
 
 PROG = "tda-collector"

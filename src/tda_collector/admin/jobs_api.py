@@ -1,0 +1,164 @@
+"""The jobs API on the admin server: watch jobs and progress, pause, resume and cancel them.
+
+    GET  /                      the status page (HTML, refreshes itself)
+    GET  /jobs                  {"total", "offset", "jobs": [job, ...]}; filters: status (comma-
+                                separated), exchange, symbol, timeframe, mode, q (part of the id);
+                                paging: limit, offset
+    GET  /jobs/{id}             one job (404 if unknown)
+    GET  /progress              the run's totals, rates, ETA and each exchange's budget use
+    POST /jobs/{id}/pause|resume|cancel   the job after the move; 409 {"error"} when refused
+    POST /pause, POST /resume   every job that can move; {"changed": n}
+
+A POST answers only once the changed job rows are saved. POSTs from another web origin are
+refused (a page elsewhere must not steer a collector on this machine). When the server listens
+on anything but loopback, POSTs also need `Authorization: Bearer <token>`, the token coming from
+the environment variable named by `admin.token_env`; without one set they are refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ..jobs.progress import Progress
+from ..jobs.registry import (
+    PAUSED,
+    PENDING,
+    RUNNING,
+    STATUSES,
+    USER_ACTIONS,
+    JobRegistry,
+    TransitionRefused,
+)
+from .status_page import STATUS_PAGE
+
+_FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class AdminAccess:
+    """Who may POST: anyone on loopback; elsewhere only holders of the token."""
+
+    loopback: bool
+    token: str | None = None
+    token_env: str = "TDA_ADMIN_TOKEN"
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            return _error(403, "cross-origin requests may not change jobs")
+        if self.loopback:
+            return None
+        if not self.token:
+            return _error(403, f"POST is disabled off loopback until {self.token_env} is set")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            response = _error(401, "a valid bearer token is required")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class JobsApi:
+    def __init__(self, registry: JobRegistry, progress: Progress, access: AdminAccess) -> None:
+        self._registry = registry
+        self._progress = progress
+        self._access = access
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self.page),
+            web.get("/jobs", self.list_jobs),
+            web.get("/jobs/{id}", self.get_job),
+            web.get("/progress", self.progress),
+            web.post("/jobs/{id}/{action}", self._guarded(self.command)),
+            web.post("/pause", self._guarded(self.pause_all)),
+            web.post("/resume", self._guarded(self.resume_all)),
+        ]
+
+    def _guarded(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            refusal = self._access.refusal(request)
+            return refusal if refusal is not None else await handler(request)
+
+        return guarded
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=STATUS_PAGE, content_type="text/html", charset="utf-8")
+
+    async def progress(self, request: web.Request) -> web.Response:
+        return web.json_response(self._progress.summary().to_json())
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        query = request.query
+        statuses = [s for s in query.get("status", "").upper().split(",") if s]
+        unknown = [s for s in statuses if s not in STATUSES]
+        if unknown:
+            wanted = ", ".join(STATUSES)
+            return _error(400, f"status: unknown {', '.join(unknown)}; one of {wanted}")
+        try:
+            limit = int(query.get("limit", "0")) or None
+            offset = int(query.get("offset", "0"))
+        except ValueError:
+            return _error(400, "limit and offset must be integers")
+        jobs = self._registry.select(**{name: query.get(name) for name in _FILTERS})
+        if statuses:
+            jobs = [job for job in jobs if job.status in statuses]
+        chosen = jobs[offset : None if limit is None else offset + limit]
+        return web.json_response(
+            {"total": len(jobs), "offset": offset, "jobs": [job.to_json() for job in chosen]}
+        )
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job = self._registry.jobs.get(request.match_info["id"])
+        if job is None:
+            return _error(404, f"no job {request.match_info['id']}")
+        return web.json_response(job.to_json())
+
+    async def command(self, request: web.Request) -> web.Response:
+        job = self._registry.jobs.get(request.match_info["id"])
+        action = request.match_info["action"]
+        if job is None or action not in USER_ACTIONS:
+            return _error(404, f"no job {request.match_info['id']} or no action {action}")
+        try:
+            self._registry.command(job, action)
+        except TransitionRefused as exc:
+            return _error(409, str(exc))
+        await self._registry.flush()
+        return web.json_response(job.to_json())
+
+    async def pause_all(self, request: web.Request) -> web.Response:
+        changed = self._registry.command_all("pause", (PENDING, RUNNING))
+        await self._registry.flush()
+        return web.json_response({"changed": changed})
+
+    async def resume_all(self, request: web.Request) -> web.Response:
+        changed = self._registry.command_all("resume", (PAUSED,))
+        await self._registry.flush()
+        return web.json_response({"changed": changed})
+
+
+def jobs_routes(
+    registry: JobRegistry, progress: Progress, host: str, token: str | None, token_env: str
+) -> list[web.RouteDef]:
+    access = AdminAccess(is_loopback(host), token, token_env)
+    return JobsApi(registry, progress, access).routes()

@@ -1,0 +1,211 @@
+"""Per-exchange runtime: the source, its one limiter and fetcher, and the jobs it serves.
+
+Built from the config once per run; everything that talks to one exchange shares it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import Config, ExchangeConfig
+from ..errors import RateLimited, TransientFault, UsageError
+from ..models import JobKey
+from ..observability.events import EventLog
+from ..observability.metrics import Metrics
+from ..retry import RetryPolicy
+from .ccxt_source import CcxtExchange
+from .fetcher import Fetcher
+from .ratelimit import RateLimiter, burst_for
+from .source import CandleSource, Capabilities, UsedWeightRule
+from .universe import check_symbols, check_timeframes, filter_markets, merge_symbols, top_by_volume
+from .weight_guard import UsedWeightGuard
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asked for; empty tuples mean "as configured"."""
+
+    mode: Literal["history", "live"]
+    start_ms: int | None = None
+    end_ms: int | None = None
+    exchanges: tuple[str, ...] = ()
+    symbols: tuple[str, ...] = ()
+    timeframes: tuple[str, ...] = ()
+
+
+@dataclass
+class ExchangeRuntime:
+    """Everything one exchange's jobs share: its source, its one limiter, its fetcher."""
+
+    config: ExchangeConfig
+    source: CandleSource
+    budget: float  # the exchange's requests/s, configured or ccxt's; the limiter runs below it
+    limiter: RateLimiter
+    fetcher: Fetcher
+    keys: list[JobKey] = field(default_factory=list)
+
+
+SourceFactory = Callable[[ExchangeConfig], CandleSource]
+
+
+def ccxt_source_factory(credentials: dict[str, dict[str, str]]) -> SourceFactory:
+    """Sources backed by ccxt, with each exchange's credentials from the environment."""
+
+    def build(config: ExchangeConfig) -> CandleSource:
+        return CcxtExchange(config.id, {**config.ccxt, **credentials.get(config.id, {})})
+
+    return build
+
+
+def used_weight_rule(
+    cfg: ExchangeConfig, capabilities: Capabilities, field: str
+) -> UsedWeightRule | None:
+    """The exchange's known used-weight header, with what the config (at `field`) overrides;
+    None when off or when neither names a header or a limit."""
+    given, known = cfg.rate_limit.used_weight, capabilities.used_weight
+    if not given.enabled:
+        return None
+    header = given.header or (known.header if known else None)
+    limit = given.limit or (known.limit if known else None)
+    if header is None and limit is None:
+        return None
+    if header is None or limit is None:
+        missing = "header" if header is None else "limit"
+        raise UsageError(f"{field}.{missing}: required, as {cfg.id}'s own is not known")
+    window_s = given.window_seconds or (known.window_s if known else 60.0)
+    return UsedWeightRule(header, limit, window_s)
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    r = config.retry
+    return RetryPolicy(r.base_seconds, r.factor, r.cap_seconds, r.attempts)
+
+
+def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig]:
+    configured = {e.id: e for e in config.exchanges}
+    unknown = [e for e in request.exchanges if e not in configured]
+    if unknown:
+        raise UsageError(
+            f"--exchange {', '.join(unknown)}: not configured (configured: {', '.join(configured)})"
+        )
+    wanted = request.exchanges or tuple(configured)
+    return [configured[e] for e in wanted]
+
+
+async def _open_source(
+    source: CandleSource,
+    limiter: RateLimiter,
+    policy: RetryPolicy,
+    events: EventLog,
+    forever: bool,
+) -> None:
+    """Load markets and the clock, retrying transient faults like any other request. A live
+    daemon keeps trying (an exchange down at boot is downtime like any other); a history run
+    gives up after the policy's attempts and exits 1."""
+    attempt = 0
+    rng = random.Random()
+    while True:
+        attempt += 1
+        await limiter.acquire(2)  # markets + server time
+        try:
+            await source.open()
+            return
+        except (TransientFault, RateLimited) as exc:
+            if policy.gives_up_after(attempt) and not forever:
+                raise
+            wait_s = policy.delay(min(attempt, policy.attempts), rng)
+            if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+                wait_s = max(wait_s, exc.retry_after_s)
+            events.warning(
+                "backoff_retry",
+                f"could not load markets; retrying in {wait_s:.1f}s",
+                attempt=attempt,
+                status=exc.status,
+                error=str(exc)[:500],
+                wait_s=round(wait_s, 3),
+            )
+            await asyncio.sleep(wait_s)
+
+
+async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunRequest) -> list[JobKey]:
+    timeframes = list(request.timeframes or cfg.timeframes)
+    check_timeframes(cfg.id, timeframes, source.timeframes)
+    markets = source.markets()
+    if request.symbols:
+        symbols = list(request.symbols)
+    else:
+        resolved: list[str] = []
+        if cfg.markets is not None:
+            candidates = filter_markets(markets, cfg.markets)
+            volumes = await source.quote_volumes(candidates) if cfg.markets.limit else {}
+            resolved = top_by_volume(candidates, volumes, cfg.markets.limit)
+        symbols = merge_symbols(cfg.symbols, resolved)
+    check_symbols(cfg.id, symbols, markets)
+    return [JobKey(cfg.id, s, tf) for s in symbols for tf in timeframes]
+
+
+async def open_exchange(
+    cfg: ExchangeConfig,
+    request: RunRequest,
+    events: EventLog,
+    policy: RetryPolicy,
+    factory: SourceFactory,
+    metrics: Metrics,
+    position: int,
+) -> ExchangeRuntime:
+    """Build the exchange's source, limiter and fetcher, load its markets and resolve its jobs;
+    `position` is its index in the config's `exchanges`, for error messages."""
+    source = factory(cfg)
+    try:
+        budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
+        metrics.set_budget(cfg.id, budget)
+        limiter = RateLimiter(
+            budget * cfg.rate_limit.safety,
+            burst_for(budget, cfg.rate_limit.safety),
+            on_wait=lambda seconds: metrics.rate_limit_wait(cfg.id, seconds),
+        )
+        exchange_events = events.bind(exchange=cfg.id)
+        field = f"exchanges[{position}].rate_limit.used_weight"
+        rule = used_weight_rule(cfg, source.capabilities, field)
+        if rule is not None:
+            safety = cfg.rate_limit.safety
+            guard = UsedWeightGuard(
+                cfg.id, rule, safety, limiter, exchange_events, metrics, source.now_ms
+            )
+            source.watch_used_weight(rule.header, guard.observe)
+        fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
+        runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
+        await _open_source(source, limiter, policy, exchange_events, forever=request.mode == "live")
+        runtime.keys = await _job_keys(cfg, source, request)
+    except BaseException:
+        await source.close()
+        raise
+    return runtime
+
+
+async def open_all(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory,
+    metrics: Metrics,
+) -> tuple[list[ExchangeRuntime], BaseException | None]:
+    """Open every selected exchange concurrently; the opened ones are returned even when
+    another failed, so that they can be closed."""
+    policy = retry_policy(config)
+    opened = await asyncio.gather(
+        *(
+            open_exchange(
+                cfg, request, events, policy, factory, metrics, config.exchanges.index(cfg)
+            )
+            for cfg in select_exchanges(config, request)
+        ),
+        return_exceptions=True,
+    )
+    runtimes = [r for r in opened if isinstance(r, ExchangeRuntime)]
+    failure = next((r for r in opened if isinstance(r, BaseException)), None)
+    return runtimes, failure

@@ -1,0 +1,248 @@
+"""Jobs in a run: registering them (with what a restart carries over), the request gate, running
+a job so that a cancel stops it at once, and the once-a-second background duties.
+
+What a restart carries over. History: when the previous history run did not finish (a crash or
+SIGTERM) and this one has the same `--start`, it is a restart of it, and each job keeps its saved
+counts, times, last error and a PAUSED or CANCELLED status; otherwise it is a new run and every
+job starts afresh. Live: jobs keep their counts, times, last error and a PAUSED status. The
+covered fraction is always recomputed from the ledger, which is the truth about what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
+
+from ..exchange.source import CandleSource, Capabilities, MarketInfo
+from ..intervals import subtract
+from ..models import JobKey, RawCandles
+from ..observability.events import EventLog
+from ..timeframes import ceil_ms, closed_before, timeframe_ms
+from .ledger import JobRecord, RunRecord, StateStore
+from .progress import Progress
+from .progress_bar import ProgressBar
+from .registry import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRegistry
+
+TICK_S = 1.0  # rates sampled and changed job rows saved at least this often
+PROGRESS_EVENT_S = 5.0  # the `progress` event, at most this often
+
+
+def history_window(start_ms: int, end_ms: int, tf_ms: int, now_ms: int) -> tuple[int, int]:
+    """A job's [start, end): candles opening from `start_ms` on, before `end_ms`, closed by now."""
+    start = ceil_ms(start_ms, tf_ms)
+    end = min(ceil_ms(end_ms, tf_ms), closed_before(now_ms, tf_ms))
+    return start, max(start, end)
+
+
+def restore(job: Job, saved: JobRecord, keep_status: Iterable[str]) -> Job:
+    """Carry a saved row's counts, times and last error over to a new job (before `add`), and
+    its status too when that is one of `keep_status`."""
+    if saved.status in set(keep_status):
+        job.status = saved.status
+    job.rows, job.pages, job.last_error = saved.rows, saved.pages, saved.last_error
+    job.last_run_ms, job.next_run_ms = saved.last_run_ms, saved.next_run_ms
+    return job
+
+
+async def register_history_jobs(
+    registry: JobRegistry,
+    state: StateStore,
+    exchanges: list[tuple[str, list[JobKey], int]],
+    start_ms: int,
+    end_ms: int,
+) -> list[Job]:
+    """Register each (exchange, keys, exchange clock ms); a job whose window the ledger already
+    covers is COMPLETED at once."""
+    last = await state.last_run("history")
+    restarted = last is not None and last.finished_ms is None and last.start_ms == start_ms
+    saved = {r.key: r for r in await state.load_jobs("history")} if restarted else {}
+    await state.save_run(RunRecord("history", start_ms, end_ms, registry.clock_ms(), None))
+    jobs = []
+    for exchange, keys, now_ms in exchanges:
+        ledger = await state.coverage_of_exchange(exchange)
+        for key in keys:
+            tf_ms = timeframe_ms(key.timeframe)
+            start, end = history_window(start_ms, end_ms, tf_ms, now_ms)
+            gaps = subtract((start, end), ledger.get(key, []))
+            job = Job(
+                key,
+                "history",
+                tf_ms,
+                start_ms=start,
+                end_ms=end,
+                covered_ms=end - start - sum(b - a for a, b in gaps),
+                cursor_ms=gaps[0][0] if gaps else end,
+            )
+            if key in saved:
+                restore(job, saved[key], (PAUSED, CANCELLED))
+            if not gaps and job.status == PENDING:
+                job.status = COMPLETED
+            jobs.append(registry.add(job))
+    return jobs
+
+
+async def finish_history_run(registry: JobRegistry, state: StateStore) -> None:
+    """Mark the run finished, so that the next start is a new run rather than a restart."""
+    last = await state.last_run("history")
+    if last is not None:
+        await state.save_run(
+            RunRecord("history", last.start_ms, last.end_ms, last.started_ms, registry.clock_ms())
+        )
+
+
+async def register_live_jobs(
+    registry: JobRegistry, state: StateStore, keys: list[JobKey], cursors: Mapping[JobKey, int]
+) -> None:
+    saved = {r.key: r for r in await state.load_jobs("live")}
+    for key in keys:
+        job = Job(key, "live", timeframe_ms(key.timeframe), cursor_ms=cursors.get(key))
+        if key in saved:
+            restore(job, saved[key], (PAUSED,))
+        registry.add(job)
+
+
+async def run_cancellable(job: Job, work: Coroutine[Any, Any, object]) -> bool:
+    """Run `work` as the job's own task, so that cancelling the job stops it at once (inside a
+    request, a backoff or a limiter wait) without stopping the caller. False when it was."""
+    task = asyncio.ensure_future(work)
+    job.task = task
+    try:
+        await task
+        return True
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and job.status == CANCELLED and not (current and current.cancelling()):
+            return False
+        raise
+    finally:
+        job.task = None
+
+
+class GatedSource:
+    """A CandleSource that will not send a paused job's request: it raises JobPaused instead.
+
+    The check sits right before the wire, after the limiter and inside the fetcher's retries, so
+    a pause holds even for a request that was waiting for the budget or backing off.
+    """
+
+    def __init__(self, inner: CandleSource, gate: Callable[[JobKey], None]) -> None:
+        self.inner = inner
+        self._gate = gate
+
+    @property
+    def id(self) -> str:  # type: ignore[override]
+        return self.inner.id
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
+
+    @property
+    def default_requests_per_second(self) -> float:
+        return self.inner.default_requests_per_second
+
+    @property
+    def timeframes(self) -> set[str]:
+        return self.inner.timeframes
+
+    def now_ms(self) -> int:
+        return self.inner.now_ms()
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    def markets(self) -> list[MarketInfo]:
+        return self.inner.markets()
+
+    async def quote_volumes(self, symbols: list[str]) -> dict[str, float]:
+        return await self.inner.quote_volumes(symbols)
+
+    async def fetch_ohlcv(
+        self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
+    ) -> RawCandles:
+        self._gate(JobKey(self.inner.id, symbol, timeframe))
+        return await self.inner.fetch_ohlcv(symbol, timeframe, since_ms, until_ms, limit)
+
+    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
+        self.inner.watch_used_weight(header, listener)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def gated(factory: Callable[[Any], CandleSource], registry: JobRegistry) -> Callable[..., Any]:
+    """Wrap a source factory so that every source it builds asks the registry's gate."""
+
+    def build(config: Any) -> CandleSource:
+        return GatedSource(factory(config), registry.check)
+
+    return build
+
+
+class JobMonitor:
+    """Once a second: sample the rates, save changed job rows (one transaction), refresh the
+    terminal bar; every few seconds in history mode, log a `progress` event. A failed save is
+    logged and tried again at the next tick; a final save runs on the way out."""
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        progress: Progress,
+        events: EventLog,
+        bar: ProgressBar | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._registry = registry
+        self._progress = progress
+        self._events = events
+        self._bar = bar
+        self._clock = clock
+        self._last_event = -PROGRESS_EVENT_S  # the first tick logs one
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> JobMonitor:
+        self._progress.tick()
+        if self._bar is not None:
+            self._bar.open(self._progress.summary())
+        self._task = asyncio.create_task(self._loop(), name="job-monitor")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._bar is not None:
+            self._bar.update(self._progress.summary())
+            self._bar.close()
+        await asyncio.shield(self._save())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            await self.tick()
+
+    async def tick(self) -> None:
+        self._progress.tick()
+        await self._save()
+        now = self._clock()
+        event_due = now - self._last_event >= PROGRESS_EVENT_S
+        if self._bar is None and not event_due:
+            return
+        summary = self._progress.summary()
+        if self._bar is not None:
+            self._bar.update(summary)
+        if self._registry.mode == "history" and event_due:
+            self._last_event = now
+            self._events.info("progress", summary.line(), **summary.event_fields())
+
+    async def _save(self) -> None:
+        try:
+            await self._registry.flush()
+        except Exception as exc:  # the state store's own error; the rows stay marked
+            self._events.error(
+                "jobs_save_error", "saving job rows failed; retrying", error=str(exc)[:500]
+            )

@@ -1,0 +1,243 @@
+"""Durable job state in SQLite: which parts of each series' time range are already stored.
+
+The ledger holds merged half-open intervals per (exchange, symbol, timeframe). An interval is
+added only after the store has made its rows durable, so after a crash the worst case is one
+page fetched again per job. Intervals also record the exchange's own holes (maintenance), so
+those are asked for once and never again.
+
+Beside it, one row per job (exchange, symbol, timeframe, mode) holds what the jobs API shows:
+status, counts, cursor, last error, last and next run. A history page updates its job row in
+the same transaction as its ledger interval, so the two never disagree after a crash; other
+changes (status, live runs) are saved in batches. A `runs` row per mode tells whether the last
+run finished, which decides what a restart carries over (see `jobs.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..intervals import Interval, merge
+from ..models import JobKey
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coverage (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, start_ms)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL, mode TEXT NOT NULL,
+    status TEXT NOT NULL, start_ms INTEGER, end_ms INTEGER, covered_ms INTEGER NOT NULL,
+    cursor_ms INTEGER, rows INTEGER NOT NULL, pages INTEGER NOT NULL, last_error TEXT,
+    last_run_ms INTEGER, next_run_ms INTEGER, updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, mode)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    mode TEXT PRIMARY KEY, start_ms INTEGER, end_ms INTEGER,
+    started_ms INTEGER NOT NULL, finished_ms INTEGER
+);
+"""
+_JOB_COLUMNS = (
+    "exchange, symbol, timeframe, mode, status, start_ms, end_ms, covered_ms, cursor_ms, rows,"
+    " pages, last_error, last_run_ms, next_run_ms, updated_ms"
+)
+_UPSERT_JOB = f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's saved row. `covered_ms` is how much of [start_ms, end_ms) the ledger covers;
+    `cursor_ms` is where the job goes on (history: the first uncovered instant; live: the newest
+    stored closed candle)."""
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    mode: str
+    status: str
+    start_ms: int | None = None
+    end_ms: int | None = None
+    covered_ms: int = 0
+    cursor_ms: int | None = None
+    rows: int = 0
+    pages: int = 0
+    last_error: str | None = None
+    last_run_ms: int | None = None
+    next_run_ms: int | None = None
+    updated_ms: int = 0
+
+    @property
+    def key(self) -> JobKey:
+        return JobKey(self.exchange, self.symbol, self.timeframe)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The newest run of a mode: its requested range, and when it finished (None: it did not,
+    so the next start is a restart of it)."""
+
+    mode: str
+    start_ms: int | None
+    end_ms: int | None
+    started_ms: int
+    finished_ms: int | None
+
+
+def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
+    """A connection for one worker thread, in WAL mode (readers never block the writer), with
+    `schema` applied. Several components share the state file, each with its own connection."""
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    return db
+
+
+class StateStore:
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        self._db = connect_sqlite(self._path, _SCHEMA)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("state store used before open()")
+        return self._db
+
+    def _coverage(self, key: JobKey) -> list[Interval]:
+        rows = self._conn.execute(
+            "SELECT start_ms, end_ms FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?"
+            " ORDER BY start_ms",
+            (key.exchange, key.symbol, key.timeframe),
+        ).fetchall()
+        return [(int(a), int(b)) for a, b in rows]
+
+    async def coverage(self, key: JobKey) -> list[Interval]:
+        return await self._run(self._coverage, key)
+
+    def _coverage_of_exchange(self, exchange: str) -> dict[JobKey, list[Interval]]:
+        rows = self._conn.execute(
+            "SELECT symbol, timeframe, start_ms, end_ms FROM coverage WHERE exchange=?"
+            " ORDER BY symbol, timeframe, start_ms",
+            (exchange,),
+        ).fetchall()
+        found: dict[JobKey, list[Interval]] = {}
+        for symbol, timeframe, start, end in rows:
+            found.setdefault(JobKey(exchange, symbol, timeframe), []).append((int(start), int(end)))
+        return found
+
+    async def coverage_of_exchange(self, exchange: str) -> dict[JobKey, list[Interval]]:
+        """Every series' ledger of one exchange in one query (thousands of jobs at start)."""
+        return await self._run(self._coverage_of_exchange, exchange)
+
+    def _add_coverage(self, key: JobKey, interval: Interval, job: JobRecord | None) -> None:
+        merged = merge([*self._coverage(key), interval])
+        where = (key.exchange, key.symbol, key.timeframe)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
+            )
+            self._conn.executemany(
+                "INSERT INTO coverage VALUES (?, ?, ?, ?, ?)", [(*where, a, b) for a, b in merged]
+            )
+            if job is not None:
+                self._conn.execute(_UPSERT_JOB, astuple(job))
+
+    def add_coverage(
+        self, key: JobKey, start_ms: int, end_ms: int, job: JobRecord | None = None
+    ) -> asyncio.Future[None]:
+        """Record that [start_ms, end_ms) of this series is durably stored (or has no candles),
+        and with it, in the same transaction, the job row that counts that page.
+
+        Submitted at once, in call order with every other write here; await the returned
+        future (it can be shielded: the write goes on when the caller is cancelled)."""
+        loop = asyncio.get_running_loop()
+        if start_ms < end_ms:
+            interval = (start_ms, end_ms)
+            return loop.run_in_executor(self._executor, self._add_coverage, key, interval, job)
+        if job is not None:
+            return loop.run_in_executor(self._executor, self._save_jobs, [job])
+        done: asyncio.Future[None] = loop.create_future()
+        done.set_result(None)
+        return done
+
+    def _forget(self, key: JobKey) -> None:
+        where = (key.exchange, key.symbol, key.timeframe)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
+            )
+            self._conn.execute(
+                "DELETE FROM jobs WHERE exchange=? AND symbol=? AND timeframe=?", where
+            )
+
+    async def forget(self, key: JobKey) -> None:
+        """Drop a series' ledger and job rows (its store lost the rows), so the next run fetches
+        them again and counts from zero."""
+        await self._run(self._forget, key)
+
+    def _save_jobs(self, records: list[JobRecord]) -> None:
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(_UPSERT_JOB, [astuple(r) for r in records])
+
+    async def save_jobs(self, records: list[JobRecord]) -> None:
+        """Upsert job rows, all in one transaction."""
+        if records:
+            await self._run(self._save_jobs, records)
+
+    def _load_jobs(self, mode: str) -> list[JobRecord]:
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE mode=?", (mode,)
+        ).fetchall()
+        return [JobRecord(*row) for row in rows]
+
+    async def load_jobs(self, mode: str) -> list[JobRecord]:
+        return await self._run(self._load_jobs, mode)
+
+    def _last_run(self, mode: str) -> RunRecord | None:
+        row = self._conn.execute(
+            "SELECT mode, start_ms, end_ms, started_ms, finished_ms FROM runs WHERE mode=?",
+            (mode,),
+        ).fetchone()
+        return RunRecord(*row) if row else None
+
+    async def last_run(self, mode: str) -> RunRecord | None:
+        return await self._run(self._last_run, mode)
+
+    def _save_run(self, run: RunRecord) -> None:
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)", astuple(run))
+
+    async def save_run(self, run: RunRecord) -> None:
+        await self._run(self._save_run, run)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,91 @@
+"""Durable writes with retries: rows are retried, never dropped.
+
+Both modes write through this, so a store fault is handled the same way everywhere: each
+failure is logged as `store_write_error`, retried with backoff, and after the last attempt a
+`StoreFault` tells the caller not to move its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+from ..errors import StoreFault
+from ..models import CandleBatch
+from ..observability.events import EventLog
+from ..observability.metrics import Metrics
+from ..retry import RetryPolicy
+from ..store import CandleStore
+from ..timeframes import timeframe_ms
+from .indicator_stage import IndicatorStage
+
+
+class DurableWriter:
+    def __init__(
+        self,
+        store: CandleStore,
+        policy: RetryPolicy,
+        events: EventLog,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        indicators: IndicatorStage | None = None,
+    ) -> None:
+        self.store = store
+        self._indicators = indicators
+        self._metrics = metrics or Metrics()
+        self._policy = policy
+        self._events = events
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    async def write(self, batch: CandleBatch) -> int:
+        """Rows written; returns only once they are durable, or raises StoreFault.
+
+        With indicators on, the rows get their columns first, and the series' indicator state
+        is saved only after the rows are durable."""
+        if not len(batch):
+            return 0
+        if self._indicators is None:
+            return await self.write_as_is(batch)
+        enriched, commit = await self._indicators.prepare(batch)
+        try:
+            written = await self.write_as_is(enriched)
+        except BaseException:
+            await asyncio.shield(self._indicators.abort(batch))
+            raise
+        await commit()
+        return written
+
+    async def write_as_is(self, batch: CandleBatch) -> int:
+        """Write the rows exactly as given (no indicator step), with retries."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                written = await self.store.write(batch)
+            except Exception as exc:  # a store may raise whatever its client raises
+                self._metrics.store_write_error(self.store.name)
+                self._events.error(
+                    "store_write_error",
+                    f"writing {len(batch)} rows to {self.store.name} failed",
+                    exchange=batch.key.exchange,
+                    symbol=batch.key.symbol,
+                    timeframe=batch.key.timeframe,
+                    rows=len(batch),
+                    attempt=attempt,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+                if self._policy.gives_up_after(attempt):
+                    raise StoreFault(f"store write failed {attempt} times: {exc}") from exc
+                await self._sleep(self._policy.delay(attempt, self._rng))
+                continue
+            self._metrics.rows_written(self.store.name, written)
+            newest = batch.newest_closed_ms
+            if newest is not None:
+                key, tf_ms = batch.key, timeframe_ms(batch.key.timeframe)
+                self._metrics.newest_closed_candle(
+                    key.exchange, key.symbol, key.timeframe, (newest + tf_ms) / 1000
+                )
+            return written

@@ -1,0 +1,202 @@
+"""Indicators on ingestion: each closed candle gets RSI/EMA/MACD continued from saved state.
+
+A series' state (see `indicators.IndicatorState`) is kept in SQLite beside the job ledger and
+saved only after the rows it describes are durable. Pages that extend a series forward (the
+normal case: a backfill moving forward, live mode) are computed incrementally. A page that lands
+before the newest candle already computed (a backfill that extends a range backwards, a page
+fetched again after a crash) would make every later value wrong, so its series is marked dirty
+and `repair` recomputes it once from its first stored candle and rewrites the rows from the
+earliest change on. Exchange gaps do not reset a series: the next candle after a hole continues
+it, exactly as a computation over the stored rows in time order would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..indicators import IndicatorSpec, IndicatorState, compute, initial_state, provisional
+from ..jobs.ledger import connect_sqlite
+from ..models import CandleBatch, Column, JobKey
+from ..observability.events import EventLog
+from ..store import CandleStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS indicator_series (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    last_ms INTEGER, state TEXT, dirty_from_ms INTEGER,
+    PRIMARY KEY (exchange, symbol, timeframe)
+);
+"""
+
+Commit = Callable[[], Awaitable[None]]
+
+
+def indicator_columns(spec: IndicatorSpec) -> tuple[Column, ...]:
+    return tuple(Column(name, "FLOAT64") for name in spec.column_names())
+
+
+@dataclass
+class _Series:
+    last_ms: int | None = None  # newest closed candle the state has seen
+    state: IndicatorState | None = None
+    dirty_from_ms: int | None = None  # earliest candle whose values need a recompute
+    has_stored_rows: bool = False
+
+
+class IndicatorStage:
+    def __init__(
+        self, spec: IndicatorSpec, state_path: str, store: CandleStore, events: EventLog
+    ) -> None:
+        self.spec = spec
+        self._path = state_path
+        self._store = store
+        self._events = events
+        self._series: dict[JobKey, _Series] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indicators")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        self._db = connect_sqlite(self._path, _SCHEMA)
+
+    def _read(self, keys: list[JobKey]) -> dict[JobKey, tuple[int | None, str | None, int | None]]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT exchange, symbol, timeframe, last_ms, state, dirty_from_ms"
+            " FROM indicator_series"
+        ).fetchall()
+        wanted = set(keys)
+        return {
+            JobKey(e, s, tf): (last, state, dirty)
+            for e, s, tf, last, state, dirty in rows
+            if JobKey(e, s, tf) in wanted
+        }
+
+    async def load(self, keys: list[JobKey], stored: Mapping[JobKey, int]) -> None:
+        """Read saved states. `stored` is the newest stored closed candle per key (the
+        caller's one `newest` query, which live mode also uses as its cursors)."""
+        if self._db is None:
+            await self._run(self._open)
+        saved = await self._run(self._read, keys)
+        for key in keys:
+            last, text, dirty = saved.get(key, (None, None, None))
+            state = IndicatorState.from_json(text) if text else None
+            if state is not None and state.spec != self.spec:
+                state, last, dirty = None, None, None  # periods changed: recompute everything
+            series = _Series(last, state, dirty, has_stored_rows=key in stored)
+            if state is None and series.has_stored_rows:
+                series.dirty_from_ms = 0  # rows exist that no saved state describes
+            elif last is not None and stored.get(key, last) > last and dirty is None:
+                series.dirty_from_ms = last + 1  # rows were stored but their state not saved
+            self._series[key] = series
+
+    def _save(self, key: JobKey, series: _Series) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT OR REPLACE INTO indicator_series VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key.exchange,
+                key.symbol,
+                key.timeframe,
+                series.last_ms,
+                series.state.to_json() if series.state else None,
+                series.dirty_from_ms,
+            ),
+        )
+
+    def _commit(self, key: JobKey, series: _Series) -> Commit:
+        async def commit() -> None:
+            await self._run(self._save, key, series)
+
+        return commit
+
+    async def abort(self, batch: CandleBatch) -> None:
+        """The prepared batch was not stored: what follows it must be recomputed."""
+        current = self._series.setdefault(batch.key, _Series())
+        first_ms = int(batch.timestamps[0]) if len(batch) else 0
+        earlier = current.dirty_from_ms
+        current.dirty_from_ms = first_ms if earlier is None else min(first_ms, earlier)
+        await self._run(self._save, batch.key, current)
+
+    async def prepare(self, batch: CandleBatch) -> tuple[CandleBatch, Commit]:
+        """The batch with indicator columns, and what to save once it is durable.
+
+        The in-memory state moves on at once, so the next page of the series can be prepared
+        while this one is still being written (load jobs); the saved state only once durable.
+        """
+        key = batch.key
+        current = self._series.setdefault(key, _Series())
+        closed = np.flatnonzero(batch.closed)
+        columns = {name: np.full(len(batch), np.nan) for name in self.spec.column_names()}
+        following = replace(current)
+        if len(closed):
+            first_ms, last_ms = int(batch.timestamps[closed[0]]), int(batch.timestamps[closed[-1]])
+            appends = current.dirty_from_ms is None and (
+                (current.last_ms is not None and first_ms > current.last_ms)
+                or (current.state is None and not current.has_stored_rows)
+            )
+            if appends:
+                state = current.state or initial_state(self.spec)
+                values, state = compute(batch.close[closed], state, self.spec)
+                for name, column in values.items():
+                    columns[name][closed] = column
+                following = _Series(last_ms, state, None, has_stored_rows=True)
+            else:
+                earlier = current.dirty_from_ms
+                dirty = first_ms if earlier is None else min(first_ms, earlier)
+                following = replace(current, dirty_from_ms=dirty, has_stored_rows=True)
+        if following.dirty_from_ms is None and following.state is not None:
+            for i in np.flatnonzero(~batch.closed):  # open candle: provisional values
+                for name, value in provisional(
+                    float(batch.close[i]), following.state, self.spec
+                ).items():
+                    columns[name][i] = value
+        self._series[key] = following
+        return replace(batch, extra=columns), self._commit(key, following)
+
+    def dirty(self) -> list[JobKey]:
+        return sorted(k for k, s in self._series.items() if s.dirty_from_ms is not None)
+
+    async def repair(self, write: Callable[[CandleBatch], Awaitable[int]]) -> int:
+        """Recompute every dirty series from its first stored candle; rewrite the changed tail.
+
+        `write` must make rows durable without passing them through `prepare` again."""
+        rewritten = 0
+        for key in self.dirty():
+            series = self._series[key]
+            stored = await self._store.series(key)
+            if not len(stored):
+                self._series[key] = _Series()
+                await self._commit(key, _Series())()
+                continue
+            values, state = compute(stored.close, initial_state(self.spec), self.spec)
+            tail = stored.timestamps >= (series.dirty_from_ms or 0)
+            enriched = replace(stored, extra=values).select(tail)
+            rewritten += await write(enriched)
+            repaired = _Series(int(stored.timestamps[-1]), state, None, has_stored_rows=True)
+            self._series[key] = repaired
+            await self._commit(key, repaired)()
+            self._events.info(
+                "indicators_recomputed",
+                f"{key}: indicators recomputed from the first stored candle",
+                exchange=key.exchange,
+                symbol=key.symbol,
+                timeframe=key.timeframe,
+                rows=len(enriched),
+            )
+        return rewritten
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)

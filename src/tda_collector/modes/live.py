@@ -1,0 +1,356 @@
+"""Live mode: every candle as it closes, the open one refreshed, holes after downtime repaired.
+
+Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant and
+then syncs: it fetches everything after its cursor (the newest stored closed candle) up to and
+including the candle in progress, writes it, and moves the cursor. Due instants come from the
+clock, not from sleeping fixed intervals, so there is no drift; a run that overruns its next due
+instant skips it rather than piling up. After downtime the first sync pages through the hole
+(within the shared budget) before the job is live again, so catch-up needs no special mode.
+
+Each job shows in the jobs registry as RUNNING, with its last and next run, rows and last
+error. A paused job skips its due runs and, on resume, runs at once: that sync catches up on
+everything since its cursor. A cancelled job's task stops; the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import Config
+from ..errors import ExchangeFault, PermanentFault, StoreFault
+from ..exchange.fetcher import Fetcher
+from ..jobs.control import register_live_jobs, run_cancellable
+from ..jobs.ledger import StateStore
+from ..jobs.registry import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRegistry
+from ..models import CandleBatch, JobKey
+from ..normalize import Window, normalize_page
+from ..observability.events import EventLog
+from ..observability.metrics import Metrics
+from ..retry import RetryPolicy
+from ..store import CandleStore
+from ..timeframes import closed_before, timeframe_ms
+from .durable_writer import DurableWriter
+from .indicator_stage import IndicatorStage
+from .rejections import report_rejections
+
+if TYPE_CHECKING:
+    from ..exchange.runtime import ExchangeRuntime
+
+
+PERSIST_DRAIN_S = 0.6  # of the 1 s stop budget, for in-flight writes
+
+
+def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int:
+    """The first instant after `now_ms` at which a job runs: a candle close or an open-candle
+    refresh tick (both multiples counted from the epoch), plus the settle delay."""
+    next_close = closed_before(now_ms - settle_ms, tf_ms) + tf_ms + settle_ms
+    next_refresh = (now_ms - settle_ms) // refresh_ms * refresh_ms + refresh_ms + settle_ms
+    return min(next_close, next_refresh)
+
+
+@dataclass
+class LiveJob:
+    key: JobKey
+    tf_ms: int
+    cursor_ms: int | None  # newest stored closed candle's open time
+    next_due_ms: int = 0
+    last_run_ms: int | None = None
+    last_error: str | None = None
+    runs: int = 0
+    handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
+
+    def lag_s(self, now_ms: int) -> float | None:
+        """Seconds since the newest stored closed candle closed."""
+        if self.cursor_ms is None:
+            return None
+        return max(0.0, (now_ms - (self.cursor_ms + self.tf_ms)) / 1000)
+
+
+@dataclass
+class _Cycle:
+    """Jobs due at one instant; complete when every one of them has run."""
+
+    due_ms: int
+    pending: int = 0
+    jobs: int = 0
+    rows: int = 0
+    max_lag_s: float = 0.0
+    failed: int = 0
+
+
+@dataclass
+class LiveSettings:
+    refresh_ms: int
+    settle_ms: int
+    page_limit: int
+    initial_candles: int
+    concurrency: int
+
+
+@dataclass
+class LiveExchange:
+    """Live jobs of one exchange, sharing its fetcher (and so its one limiter)."""
+
+    fetcher: Fetcher
+    writer: DurableWriter
+    state: StateStore
+    events: EventLog
+    settings: LiveSettings
+    metrics: Metrics
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    registry: JobRegistry = field(default_factory=lambda: JobRegistry("live"))
+    jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
+    _cycles: dict[int, _Cycle] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
+    _persisting: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def now_ms(self) -> int:
+        return self.fetcher.source.now_ms()
+
+    def lag_by_timeframe(self) -> dict[str, float]:
+        """Worst lag per timeframe across this exchange's jobs (for metrics and events)."""
+        now, lags = self.now_ms(), {}
+        for job in self.jobs.values():
+            lag = job.lag_s(now)
+            if lag is not None:
+                lags[job.key.timeframe] = max(lags.get(job.key.timeframe, 0.0), lag)
+        return lags
+
+    async def _persist(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
+        """Write, then move the cursor and the ledger: in that order, and not interrupted."""
+        written = await self.writer.write(batch)
+        newest_closed = batch.newest_closed_ms
+        if newest_closed is not None:
+            job.cursor_ms = newest_closed
+            await self.state.add_coverage(job.key, since, newest_closed + job.tf_ms)
+        self.registry.note(self._handle(job), rows=written, cursor_ms=job.cursor_ms)
+
+    def _report_holes(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
+        newest_closed = batch.newest_closed_ms
+        if newest_closed is None:
+            return
+        closed_count = int(batch.closed.sum())
+        missing = (newest_closed - since) // job.tf_ms + 1 - closed_count
+        if missing > 0:
+            self.metrics.gaps_found(job.key.exchange)
+            self.events.warning(
+                "gap_detected",
+                f"the exchange has no candles for {missing} intervals; recorded, not re-fetched",
+                symbol=job.key.symbol,
+                timeframe=job.key.timeframe,
+                rows=missing,
+                since=since,
+            )
+
+    async def sync(self, job: LiveJob) -> int:
+        """Fetch from the cursor up to the open candle, page by page; returns rows written."""
+        now = self.now_ms()
+        boundary = closed_before(now, job.tf_ms)
+        if job.cursor_ms is None:
+            since = boundary - self.settings.initial_candles * job.tf_ms
+        else:
+            since = job.cursor_ms + job.tf_ms
+        rows = pages = 0
+        while True:
+            raw = await self.fetcher.candles(job.key, since, boundary, self.settings.page_limit)
+            window = Window(since, boundary + job.tf_ms, closed_before_ms=boundary, keep_open=True)
+            page = normalize_page(raw, job.key, job.tf_ms, window)
+            report_rejections(self.events, self.metrics, job.key, page.rejected)
+            self._report_holes(job, since, page.batch)
+            persisting = asyncio.ensure_future(self._persist(job, since, page.batch))
+            self._persisting.add(persisting)
+            persisting.add_done_callback(self._persisting.discard)
+            await asyncio.shield(persisting)
+            rows += len(page.batch)
+            pages += 1
+            newest = page.newest_open_ms
+            if newest is None or newest >= boundary or job.cursor_ms is None:
+                break
+            since = max(newest, job.cursor_ms) + job.tf_ms
+        if pages > 1:
+            self.metrics.gaps_repaired(job.key.exchange)
+            self.events.info(
+                "gap_repaired",
+                f"caught up {pages} pages after downtime",
+                symbol=job.key.symbol,
+                timeframe=job.key.timeframe,
+                rows=rows,
+            )
+        return rows
+
+    @staticmethod
+    def _handle(job: LiveJob) -> Job:
+        assert job.handle is not None, "run() registers every job"
+        return job.handle
+
+    def _register(self, job: LiveJob, due_ms: int) -> None:
+        job.next_due_ms = due_ms
+        self._cycles.setdefault(due_ms, _Cycle(due_ms)).pending += 1
+        self.registry.note(self._handle(job), next_run_ms=due_ms)
+
+    def _finish(self, job: LiveJob, due_ms: int, rows: int, failed: bool, ran: bool = True) -> None:
+        """The job is done with the cycle of `due_ms`; a job that did not run (paused,
+        cancelled) leaves it without counting, and a cycle in which none ran is not reported."""
+        cycle = self._cycles[due_ms]
+        cycle.pending -= 1
+        if ran:
+            cycle.jobs += 1
+            cycle.rows += rows
+            cycle.failed += failed
+            cycle.max_lag_s = max(cycle.max_lag_s, job.lag_s(self.now_ms()) or 0.0)
+        if cycle.pending == 0:
+            del self._cycles[due_ms]
+        if cycle.pending == 0 and cycle.jobs:
+            self.events.info(
+                "live_cycle_complete",
+                f"{cycle.jobs} jobs, {cycle.rows} rows",
+                jobs=cycle.jobs,
+                rows=cycle.rows,
+                failed=cycle.failed or None,
+                lag_s=round(cycle.max_lag_s, 3),
+                duration_ms=max(0, self.now_ms() - due_ms),
+            )
+
+    async def _run_once(self, job: LiveJob) -> tuple[int, bool]:
+        assert self._slots is not None
+        async with self._slots:
+            job.last_run_ms = self.now_ms()
+            job.runs += 1
+            handle = self._handle(job)
+            self.registry.note(handle, last_run_ms=job.last_run_ms)
+            try:
+                rows = await self.sync(job)
+                job.last_error = None
+                self.registry.note(handle, last_error=None)
+                return rows, False
+            except JobPaused:  # paused mid-way: what was stored stays, the rest on resume
+                return 0, False
+            except (ExchangeFault, StoreFault) as exc:
+                # The cursor did not move: the next run starts where this one stopped.
+                job.last_error = str(exc)
+                self.registry.note(handle, last_error=job.last_error)
+                level = (
+                    self.events.error if isinstance(exc, PermanentFault) else self.events.warning
+                )
+                level(
+                    "job_error",
+                    f"{job.key} sync failed; retrying at its next due time",
+                    symbol=job.key.symbol,
+                    timeframe=job.key.timeframe,
+                    error=str(exc)[:500],
+                )
+                return 0, True
+
+    async def run_job(self, job: LiveJob) -> None:
+        """One sync per due instant, forever; the next instant is computed after each run, so
+        runs of a job never overlap and missed instants are skipped, not queued. A paused job
+        skips its instants and runs at once when resumed."""
+        handle = self._handle(job)
+        in_cycle = True  # registered for the cycle of job.next_due_ms
+        try:
+            while True:
+                due = job.next_due_ms
+                wait_ms = due - self.now_ms()
+                if wait_ms > 0:
+                    await self.sleep(wait_ms / 1000)
+                if handle.status == PAUSED:
+                    self._finish(job, due, 0, False, ran=False)
+                    in_cycle = False
+                    self.registry.note(handle, next_run_ms=None)
+                    await handle.wait_unpaused()
+                    self._register(job, self.now_ms())
+                    in_cycle = True
+                    continue
+                rows, failed = await self._run_once(job)
+                self._finish(job, due, rows, failed)
+                settings = self.settings
+                self._register(
+                    job,
+                    next_due_ms(self.now_ms(), job.tf_ms, settings.refresh_ms, settings.settle_ms),
+                )
+        except asyncio.CancelledError:
+            if handle.status == CANCELLED and in_cycle:
+                self._finish(job, job.next_due_ms, 0, False, ran=False)
+                self.registry.note(handle, next_run_ms=None)
+            raise
+
+    async def run(self, jobs: list[LiveJob]) -> None:
+        """Start every job with a catch-up sync now (one cycle), then keep them live."""
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self.jobs = {job.key: job for job in jobs}
+        for job in jobs:
+            handle = self.registry.find(job.key) or self.registry.add(
+                Job(job.key, "live", job.tf_ms, cursor_ms=job.cursor_ms)
+            )
+            if handle.status == PENDING:
+                self.registry.apply(handle, "start")
+            handle.active = True
+            job.handle = handle
+        start = self.now_ms()
+        for job in jobs:
+            self._register(job, start)
+        try:
+            await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
+        except asyncio.CancelledError:
+            # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
+            if self._persisting:
+                await asyncio.wait(set(self._persisting), timeout=PERSIST_DRAIN_S)
+            raise
+
+
+def live_settings(config: Config, max_page_size: int) -> LiveSettings:
+    return LiveSettings(
+        refresh_ms=int(config.update_interval_seconds * 1000),
+        settle_ms=int(config.live_settle_seconds * 1000),
+        page_limit=min(config.history_page_limit, max_page_size),
+        initial_candles=config.live_initial_candles,
+        concurrency=config.history_concurrency,
+    )
+
+
+async def run_live(
+    config: Config,
+    events: EventLog,
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+    retry_policy: RetryPolicy,
+    metrics: Metrics,
+    indicators: IndicatorStage | None = None,
+    registry: JobRegistry | None = None,
+    *,
+    cursors: Mapping[JobKey, int],
+) -> int:
+    """Run every configured job live until cancelled (SIGTERM/SIGINT), each from its cursor:
+    the newest stored closed candle, as the store reported it at start."""
+    keys = [k for rt in runtimes for k in rt.keys]
+    registry = registry or JobRegistry("live", state, metrics, events)
+    await register_live_jobs(registry, state, keys, cursors)
+    for key, open_ms in cursors.items():
+        close_s = (open_ms + timeframe_ms(key.timeframe)) / 1000
+        metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
+    if indicators is not None:
+        repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
+        await indicators.repair(repair_writer.write_as_is)
+    exchanges = []
+    for rt in runtimes:
+        exchange_events = events.bind(exchange=rt.config.id)
+        live = LiveExchange(
+            rt.fetcher,
+            DurableWriter(
+                store, retry_policy, exchange_events, metrics=metrics, indicators=indicators
+            ),
+            state,
+            exchange_events,
+            live_settings(config, rt.source.capabilities.max_page_size),
+            metrics,
+            registry=registry,
+        )
+        jobs = [LiveJob(k, timeframe_ms(k.timeframe), cursors.get(k)) for k in rt.keys]
+        exchanges.append(live.run(jobs))
+    events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
+    await asyncio.gather(*exchanges)
+    return 0

@@ -1,0 +1,161 @@
+"""Indicators stored with every closed candle, identical however the series was ingested."""
+
+from __future__ import annotations
+
+import random
+
+import duckdb
+import numpy as np
+import pytest
+from collector_support import DAY_MS, FROZEN_NOW_S, run_in_process, write_config
+from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from store_support import quiet_events
+
+from tda_collector.indicators import IndicatorSpec, compute, initial_state
+from tda_collector.models import BASE_COLUMNS, TABLE_NAME
+from tda_collector.modes.indicator_stage import indicator_columns
+from tda_collector.store.duckdb_store import DuckDBStore
+
+NOW_MS = int(FROZEN_NOW_S * 1000)
+MIN = 60_000
+START_MS = NOW_MS - NOW_MS % DAY_MS - 3 * DAY_MS
+END_MS = START_MS + 3 * DAY_MS
+SPEC = IndicatorSpec()
+COLUMNS = SPEC.column_names()
+GAP = (START_MS + DAY_MS + 100 * MIN, START_MS + DAY_MS + 160 * MIN)
+SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("GAP/USDT", gaps=[GAP])]
+
+
+def iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def stored(db_path, symbol):
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        rows = con.execute(
+            f"SELECT epoch_ms(timestamp), close, {', '.join(COLUMNS)} FROM {TABLE_NAME}"
+            " WHERE symbol = ? AND timeframe = '1m' ORDER BY timestamp",
+            [symbol],
+        ).fetchall()
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def assert_matches_one_computation(db_path, spec: SymbolSpec):
+    table = stored(db_path, spec.symbol)
+    expected = expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
+    assert table[:, 0].astype(np.int64).tolist() == [c[0] for c in expected]
+    reference, _ = compute(np.array([c[4] for c in expected]), initial_state(SPEC), SPEC)
+    for i, name in enumerate(COLUMNS):
+        got, want = table[:, 2 + i], reference[name]
+        assert np.array_equal(np.isnan(got), np.isnan(want)), name
+        ok = ~np.isnan(want)
+        scale = np.maximum(np.abs(want[ok]), table[ok, 1] * 1e-6)  # MACD crosses zero
+        assert np.all(np.abs(got[ok] - want[ok]) <= 1e-9 * scale), name
+
+
+def backfill(capsys, config, start_ms, end_ms):
+    code, _ = run_in_process(
+        capsys, config, "--mode=history", f"--start={iso(start_ms)}", f"--end={iso(end_ms)}"
+    )
+    assert code == 0
+
+
+@pytest.fixture
+def exchange():
+    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
+        yield fake
+
+
+def test_one_backfill_stores_exact_indicators(exchange, tmp_path, capsys):
+    config = write_config(tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"])
+    backfill(capsys, config, START_MS, END_MS)
+    for spec in SPECS:
+        assert_matches_one_computation(tmp_path / "ohlcv.duckdb", spec)
+
+
+def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(exchange, tmp_path, capsys):
+    config = write_config(
+        tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=300
+    )
+    cuts = sorted(random.Random(5).sample(range(START_MS + MIN, END_MS, MIN), 9))
+    pieces = list(zip([START_MS, *cuts], [*cuts, END_MS], strict=True))
+    random.Random(6).shuffle(pieces)
+    for start_ms, end_ms in pieces:  # each piece is a separate run: a restart every time
+        backfill(capsys, config, start_ms, end_ms)
+    for spec in SPECS:
+        assert_matches_one_computation(tmp_path / "ohlcv.duckdb", spec)
+
+
+def test_changing_the_periods_recomputes_the_stored_series(exchange, tmp_path, capsys):
+    config = write_config(
+        tmp_path,
+        exchange.base_url,
+        ["BTC/USDT"],
+        ["1m"],
+        indicators={"rsi_periods": [6, 14], "ema_periods": [12, 26]},
+    )
+    backfill(capsys, config, START_MS, START_MS + DAY_MS)
+    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"])
+    backfill(capsys, config, START_MS + DAY_MS, END_MS)
+    assert_matches_one_computation(tmp_path / "ohlcv.duckdb", SPECS[0])
+
+
+def test_indicators_can_be_switched_off(exchange, tmp_path, capsys):
+    config = write_config(
+        tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"], indicators={"enabled": False}
+    )
+    backfill(capsys, config, START_MS, START_MS + DAY_MS)
+    with duckdb.connect(str(tmp_path / "ohlcv.duckdb"), read_only=True) as con:
+        names = [r[0] for r in con.execute(f"DESCRIBE {TABLE_NAME}").fetchall()]
+    assert "rsi_14" not in names and "close" in names
+
+
+async def test_an_existing_duckdb_file_is_migrated_with_nullable_columns(tmp_path):
+    path = str(tmp_path / "old.duckdb")
+    old = DuckDBStore(path, quiet_events())
+    await old.ensure()
+    await old.close()
+    new = DuckDBStore(path, quiet_events(), indicator_columns(SPEC))
+    await new.ensure()
+    await new.close()
+    with duckdb.connect(path, read_only=True) as con:
+        described = {r[0]: r[2] for r in con.execute(f"DESCRIBE {TABLE_NAME}").fetchall()}
+    assert [c.name for c in BASE_COLUMNS] + COLUMNS == list(described)
+    assert all(described[name] == "YES" for name in COLUMNS)
+
+
+async def test_live_one_candle_at_a_time_with_a_restart_matches_one_computation(tmp_path):
+    from test_live import Harness, key
+
+    from tda_collector.indicators import provisional
+    from tda_collector.modes.indicator_stage import IndicatorStage
+
+    class TrackedStage(IndicatorStage):
+        """Its SQLite thread work kept inside virtual time."""
+
+        async def _run(self, fn, *args):
+            return await h.vt.track(super()._run(fn, *args))
+
+    h = Harness(tmp_path, [SymbolSpec("BTC/USDT")], initial_candles=40)
+    k = key("BTC/USDT")
+    for minutes, downtime_s in ((40, 600), (20, 0)):
+        stage = TrackedStage(SPEC, str(tmp_path / "state.sqlite"), h.store, h.events)
+        await h.run_for(minutes * 60, [k], indicators=stage)
+        await stage.close()
+        h.vt.now += downtime_s  # a restart after ten minutes down
+    closed = [(ts, row) for (kk, ts), row in sorted(h.store.rows.items()) if kk == k and row[6]]
+    closes = np.array([row[4] for _, row in closed])
+    assert len(closed) >= 40 + 40 + 10 + 20 - 2
+    reference, state = compute(closes, initial_state(SPEC), SPEC)
+    for name in COLUMNS:
+        got = np.array([h.store.extra[(k, ts)][name] for ts, _ in closed])
+        want = reference[name]
+        assert np.array_equal(np.isnan(got), np.isnan(want)), name
+        ok = ~np.isnan(want)
+        assert np.allclose(got[ok], want[ok], rtol=1e-9, atol=1e-9 * closes.max()), name
+    open_ts, open_row = next(
+        (ts, row) for (kk, ts), row in h.store.rows.items() if kk == k and not row[6]
+    )
+    assert h.store.extra[(k, open_ts)] == pytest.approx(provisional(open_row[4], state, SPEC))

@@ -1,0 +1,72 @@
+"""The store contract, run against every store: DuckDB here, BigQuery where its emulator runs.
+
+`store_factory(tmp_path)` fixtures return an async context manager yielding an opened store
+plus a `rows(key)` reader that returns what users query (one row per key, newest version).
+"""
+
+from __future__ import annotations
+
+import pytest
+from bigquery_support import bigquery_store
+from store_support import KEY, MIN, OTHER, T0, batch, duckdb_store
+
+from tda_collector.models import JobKey
+
+STORES = [pytest.param(duckdb_store, id="duckdb"), pytest.param(bigquery_store, id="bigquery")]
+
+
+@pytest.fixture(params=STORES)
+def store_factory(request):
+    return request.param
+
+
+async def test_ensure_twice_is_harmless(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, rows):
+        await store.ensure()
+        await store.write(batch(KEY, T0, 3))
+        await store.ensure()
+        assert len(await rows(KEY)) == 3
+
+
+async def test_written_values_read_back_exactly(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, rows):
+        assert await store.write(batch(KEY, T0, 5)) == 5
+        got = await rows(KEY)
+        assert [r["timestamp_ms"] for r in got] == [T0 + i * MIN for i in range(5)]
+        assert [r["close"] for r in got] == [100.5 + i for i in range(5)]
+        assert {(r["exchange"], r["symbol"], r["timeframe"]) for r in got} == {
+            ("binance", "BTC/USDT", "1m")
+        }
+
+
+async def test_rewriting_a_key_keeps_one_row_with_the_newest_version(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, rows):
+        await store.write(batch(KEY, T0, 4, price=100.0, closed=False))
+        await store.write(batch(KEY, T0 + 2 * MIN, 4, price=200.0))
+        got = await rows(KEY)
+        assert len(got) == 6
+        assert [r["open"] for r in got] == [100.0, 101.0, 200.0, 201.0, 202.0, 203.0]
+        assert all(r["is_closed"] for r in got[2:])
+
+
+async def test_newest_per_key(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, _):
+        await store.write(batch(KEY, T0, 10))
+        await store.write(batch(OTHER, T0, 3))
+        await store.write(batch(OTHER, T0 + 3 * MIN, 1, closed=False))
+        missing = JobKey("binance", "SOL/USDT", "1m")
+        newest = await store.newest([KEY, OTHER, missing])
+        assert newest == {KEY: T0 + 9 * MIN, OTHER: T0 + 2 * MIN}
+        assert (await store.newest([OTHER], closed_only=False))[OTHER] == T0 + 3 * MIN
+
+
+async def test_series_reads_back_closed_candles_in_time_order(store_factory, tmp_path):
+    async with store_factory(tmp_path) as (store, _):
+        await store.write(batch(KEY, T0 + 3 * MIN, 2))
+        await store.write(batch(KEY, T0, 3, price=50.0))
+        await store.write(batch(KEY, T0 + 5 * MIN, 1, closed=False))
+        await store.write(batch(OTHER, T0, 2))
+        series = await store.series(KEY)
+        assert series.timestamps.tolist() == [T0 + i * MIN for i in range(5)]
+        assert series.close.tolist() == [50.5, 51.5, 52.5, 100.5, 101.5]
+        assert series.closed.all()

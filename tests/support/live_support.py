@@ -1,0 +1,130 @@
+"""The live-mode harness on a virtual clock: memory source and store, SQLite state, recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from fake_exchange import candle
+from memory_source import MemorySource
+from memory_store import MemoryStore
+from virtual_time import VirtualTime
+
+from tda_collector.exchange.fetcher import Fetcher
+from tda_collector.exchange.ratelimit import RateLimiter
+from tda_collector.jobs.ledger import StateStore
+from tda_collector.models import JobKey
+from tda_collector.modes.durable_writer import DurableWriter
+from tda_collector.modes.live import LiveExchange, LiveJob, LiveSettings
+from tda_collector.observability.events import EventLog, record_fields
+from tda_collector.observability.metrics import Metrics
+from tda_collector.retry import RetryPolicy
+
+MIN = 60_000
+T0 = 1_709_251_200.0 + 30  # 2024-03-01T00:00:30Z
+
+
+class Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(record_fields(record))
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == name]
+
+
+class TrackedState:
+    """The SQLite state store, with its thread work kept inside virtual time."""
+
+    def __init__(self, inner: StateStore, vt: VirtualTime) -> None:
+        self._inner, self._vt = inner, vt
+
+    async def add_coverage(self, *args):
+        return await self._vt.track(self._inner.add_coverage(*args))
+
+    async def coverage(self, *args):
+        return await self._vt.track(self._inner.coverage(*args))
+
+
+class Harness:
+    def __init__(
+        self,
+        tmp_path,
+        specs,
+        *,
+        latency_s=0.0,
+        rate=1000.0,
+        page_size=1000,
+        refresh_s=60,
+        initial_candles=5,
+        concurrency=16,
+    ):
+        self.vt = VirtualTime(T0)
+        self.source = MemorySource(specs, self.vt.clock, self.vt.sleep, latency_s, page_size)
+        self.store = MemoryStore()
+        self.recorder = Recorder()
+        logger = logging.getLogger(f"test.live.{id(self)}")
+        logger.addHandler(self.recorder)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        self.events = EventLog(logger, {"exchange": "binance"})
+        self.tmp_path = tmp_path
+        self.metrics = Metrics(clock=self.vt.clock)
+        self.rate = rate
+        self.settings = LiveSettings(
+            refresh_ms=refresh_s * 1000,
+            settle_ms=2000,
+            page_limit=page_size,
+            initial_candles=initial_candles,
+            concurrency=concurrency,
+        )
+
+    def live(self, state, indicators=None) -> LiveExchange:
+        policy = RetryPolicy(base_s=1, cap_s=4, attempts=3)
+        limiter = RateLimiter(self.rate, 1, clock=self.vt.clock, sleep=self.vt.sleep)
+        fetcher = Fetcher(
+            self.source, limiter, policy, self.events, clock=self.vt.clock, sleep=self.vt.sleep
+        )
+        writer = DurableWriter(
+            self.store, policy, self.events, sleep=self.vt.sleep, indicators=indicators
+        )
+        return LiveExchange(
+            fetcher, writer, state, self.events, self.settings, self.metrics, sleep=self.vt.sleep
+        )
+
+    async def run_for(self, seconds: float, keys: list[JobKey], indicators=None) -> LiveExchange:
+        """Start live mode with cursors read back from the store, run, then stop it."""
+        state = StateStore(str(self.tmp_path / "state.sqlite"))
+        await state.open()
+        if indicators is not None:
+            await self.vt.track(indicators.load(keys, await self.store.newest(keys)))
+        live = self.live(TrackedState(state, self.vt), indicators)
+        cursors = await self.store.newest(keys)
+        jobs = [
+            LiveJob(k, 60_000 if k.timeframe == "1m" else 3_600_000, cursors.get(k)) for k in keys
+        ]
+
+        async def scenario():
+            task = asyncio.ensure_future(live.run(jobs))
+            await self.vt.sleep(seconds)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        await self.vt.run(scenario())
+        await state.close()
+        return live
+
+
+def key(symbol, tf="1m"):
+    return JobKey("binance", symbol, tf)
+
+
+def assert_closed_minutes_exact(store, symbol, first_ms, last_ms):
+    rows = [r for r in store.series_rows(key(symbol)) if r[6]]
+    expected = [candle(symbol, "1m", t) for t in range(first_ms, last_ms + 1, MIN)]
+    assert [r[:6] for r in rows] == expected
