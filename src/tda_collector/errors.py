@@ -3,6 +3,9 @@
 Everything that crosses a layer boundary is one of these, so callers decide what to do by type:
 a usage error ends the process with exit code 2; an exchange fault is transient (retry with
 backoff), rate-limited (every task of that exchange waits) or permanent (the job fails at once).
+A store's errors are sorted the same way (after dlt's transient/terminal split): each store
+translates its client's exceptions into `TransientStoreError` or `PermanentStoreError`, the
+durable writer retries only the transient ones, and gives up with a `StoreFault`.
 """
 
 from __future__ import annotations
@@ -43,4 +46,22 @@ class PermanentFault(ExchangeFault):
 
 
 class StoreFault(CollectorError):
-    """A store could not make rows durable; the rows are retried, never dropped."""
+    """A store could not make rows durable: the job's cursor does not move, its rows are
+    fetched again on the next run, never marked stored. `permanent` says retrying cannot help."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class TransientStoreError(StoreFault):
+    """A store call that may succeed if repeated: connection resets, timeouts, throttling, a
+    lock held by another writer for a moment."""
+
+
+class PermanentStoreError(StoreFault):
+    """A store call that cannot succeed as it is: an unknown or mistyped column, rows the
+    store rejected for good, missing permissions. Fails the job at once, with this reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, permanent=True)
