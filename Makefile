@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint typecheck check bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# mypy --strict over src/ (configured in pyproject.toml): checks the Protocols against their
+# implementations, which no review can.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# What CI runs: lint, the type checker, then the tests.
+check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

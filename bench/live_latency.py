@@ -42,7 +42,7 @@ def run(symbols: int, budget: int, safety: float, latency_ms: float) -> dict[str
                 }
             ],
             "live_initial_candles": 2,
-            "history_concurrency": 64,
+            "live_concurrency": 64,
             "storage": {"duckdb": {"path": str(workdir / "ohlcv.duckdb")}},
             "state_path": str(workdir / "state.sqlite"),
             "logging": {"level": "WARNING"},

@@ -18,8 +18,9 @@ import aiohttp
 
 from tda_collector.admin.jobs_api import jobs_routes
 from tda_collector.admin.server import AdminServer
+from tda_collector.jobs.model import Job, JobRecord
 from tda_collector.jobs.progress import Progress
-from tda_collector.jobs.registry import Job, JobRegistry
+from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
 from tda_collector.observability.metrics import Metrics
 
@@ -31,15 +32,14 @@ START_MS = 1_672_531_200_000  # 2023-01-01
 def build(jobs: int) -> tuple[JobRegistry, Progress]:
     registry = JobRegistry("history", metrics=Metrics())
     for i in range(jobs):
-        job = Job(
+        record = JobRecord.of(
             JobKey("binance", f"SYM{i:04d}/USDT", "1m"),
             "history",
-            MIN_MS,
             start_ms=START_MS,
             end_ms=START_MS + YEAR_MS,
             cursor_ms=START_MS,
         )
-        registry.add(job)
+        registry.add(Job(record))
     registry.track_budget("binance", 20.0, 18.0, lambda: 0)
     return registry, Progress(registry)
 
@@ -53,7 +53,7 @@ async def churn(registry: JobRegistry, progress: Progress, pages_per_s: float) -
     while True:
         for _ in range(max(1, int(pages_per_s / 100))):
             job = jobs[i % 64]
-            since = job.cursor_ms or START_MS
+            since = job.record.cursor_ms or START_MS
             registry.record_page(job, since, since + 1000 * MIN_MS, rows=1000)
             i += 1
         if time.monotonic() - last_tick >= 1:

@@ -1,6 +1,6 @@
 import pytest
 
-from tda_collector.timeframes import ceil_ms, closed_before, floor_ms, is_aligned, timeframe_ms
+from tda_collector.timeframes import ceil_ms, closed_before, floor_ms, timeframe_ms
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 
@@ -36,8 +36,8 @@ def test_floor_and_ceil_on_minute_candles():
 def test_weekly_candles_open_on_monday():
     monday = 1_704_067_200_000  # 2024-01-01 00:00 UTC, a Monday
     assert floor_ms(monday + 3 * DAY, 7 * DAY) == monday
-    assert is_aligned(monday, 7 * DAY)
-    assert not is_aligned(monday + DAY, 7 * DAY)
+    assert floor_ms(monday, 7 * DAY) == monday
+    assert floor_ms(monday + DAY, 7 * DAY) != monday + DAY
 
 
 def test_closed_before_excludes_the_candle_in_progress():

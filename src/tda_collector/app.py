@@ -1,16 +1,22 @@
-"""Mode dispatcher: builds the components from the config, runs one mode, shuts down cleanly."""
+"""Assembly: builds each component from its part of the config, runs one mode, shuts down cleanly.
+
+The config is read here and nowhere below: the modes get their settings objects
+(`HistorySettings`, `LiveSettings`), every retry loop the one `RetryPolicy`, the store its
+`storage` section, the admin server its `admin` section.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .admin.jobs_api import jobs_routes
 from .admin.server import AdminServer, build_admin_server
 from .config import Config
-from .errors import ExchangeFault
+from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
+from .exchange.fetcher import Fetcher
 from .exchange.runtime import (
     ExchangeRuntime,
     RunRequest,
@@ -18,178 +24,64 @@ from .exchange.runtime import (
     open_all,
     retry_policy,
 )
-from .jobs.control import JobMonitor, finish_history_run, gated, register_history_jobs
+from .exchange.throttle import Pauses
+from .jobs.control import JobMonitor
 from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
-from .jobs.registry import CANCELLED, JobRegistry
-from .models import Column, JobKey
-from .modes.durable_writer import DurableWriter
-from .modes.history import FAILED, HistoryBackfill, JobResult
-from .modes.history_pool import ExchangeHistory
+from .jobs.registry import JobRegistry
+from .modes.history_run import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
-from .modes.live import run_live
+from .modes.live import LiveSettings, run_live
 from .observability.events import EventLog
 from .observability.metrics import Metrics
-from .store import CandleStore
-from .store.duckdb_store import DuckDBStore
-
-EXIT_OK, EXIT_JOBS_FAILED, EXIT_USAGE = 0, 1, 2
+from .store import CandleStore, build_store
 
 
-def build_store(
-    config: Config,
-    events: EventLog,
-    mode: str,
-    extra_columns: tuple[Column, ...] = (),
-    environ: Mapping[str, str] | None = None,
-) -> CandleStore:
-    """DuckDB (writes grouped into commits), or BigQuery: streaming inserts for live mode,
-    batched load jobs for history."""
-    if config.storage.backend == "duckdb":
-        duck = config.storage.duckdb
-        return DuckDBStore(
-            duck.path,
-            events,
-            extra_columns,
-            batch_rows=duck.batch_rows,
-            # Live: a candle's latency is what counts, and its writes are a row or two; a
-            # commit then carries the writes made in one turn of the event loop, with no wait.
-            batch_seconds=duck.batch_seconds if mode == "history" else 0.0,
-        )
-    from .store.bigquery_store import BigQueryStore  # the Google libraries take ~0.5 s to import
-
-    bq = config.storage.bigquery
-    return BigQueryStore(
-        bq,
-        events,
-        mode="load" if mode == "history" else "stream",
-        extra_columns=extra_columns,
-        environ=environ or {},
-        partitioning=bq.partitioning,
-        flush_rows=bq.load_batch_rows,
-        flush_seconds=bq.load_batch_seconds,
+def history_settings(config: Config) -> HistorySettings:
+    return HistorySettings(
+        page_limit=config.history_page_limit,
+        concurrency=config.history_concurrency,
+        failure_limit=config.retry.exchange_failure_limit,
     )
 
 
-def _summarise(
-    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
-) -> int:
-    duration = time.monotonic() - started
-    failed = [r for r in results if r.status == FAILED]
-    cancelled = sum(r.status == CANCELLED for r in results)
-    for r in failed:
-        events.error(
-            "job_failed",
-            f"{r.key} failed: {r.error}",
-            exchange=r.key.exchange,
-            symbol=r.key.symbol,
-            timeframe=r.key.timeframe,
-            error=r.error,
-        )
-    rows = sum(r.rows for r in results)
-    requests = sum(rt.fetcher.requests for rt in runtimes)
-    rejected = sum(sum(r.rejected.values()) for r in results)
-    log = events.error if failed else events.info
-    log(
-        "history_complete",
-        f"{len(results) - len(failed) - cancelled}/{len(results)} jobs complete, "
-        f"{rows} candles stored"
-        + (f"; {cancelled} cancelled" if cancelled else "")
-        + (f"; failed: {', '.join(str(r.key) for r in failed)}" if failed else ""),
-        jobs=len(results),
-        completed=len(results) - len(failed) - cancelled,
-        failed=len(failed),
-        cancelled=cancelled or None,
-        failed_jobs=[str(r.key) for r in failed] or None,
-        rows=rows,
-        rejected=rejected,
-        requests=requests,
-        duration_ms=round(duration * 1000),
-        candles_per_s=round(rows / duration, 1) if duration > 0 else None,
-        requests_per_s=round(requests / duration, 2) if duration > 0 else None,
+def live_settings(config: Config) -> LiveSettings:
+    return LiveSettings(
+        refresh_ms=round(config.update_interval_seconds * 1000),
+        settle_ms=round(config.live_settle_seconds * 1000),
+        page_limit=config.live_page_limit,
+        initial_candles=config.live_initial_candles,
+        concurrency=config.live_concurrency,
     )
-    return EXIT_JOBS_FAILED if failed else EXIT_OK
-
-
-async def _discard_orphan_ledgers(
-    store: CandleStore, state: StateStore, keys: list[JobKey], events: EventLog
-) -> None:
-    """A ledger whose store has no rows at all (file deleted, new dataset) would skip data
-    forever; forget it so the range is fetched again."""
-    newest = await store.newest(keys, closed_only=False)
-    for key in keys:
-        if key not in newest and await state.coverage(key):
-            events.warning(
-                "state_reset",
-                f"{key}: the ledger covers ranges but the store has no rows; refetching",
-                exchange=key.exchange,
-                symbol=key.symbol,
-                timeframe=key.timeframe,
-            )
-            await state.forget(key)
-
-
-async def run_history(
-    config: Config,
-    request: RunRequest,
-    events: EventLog,
-    runtimes: list[ExchangeRuntime],
-    store: CandleStore,
-    state: StateStore,
-    metrics: Metrics,
-    indicators: IndicatorStage | None = None,
-    registry: JobRegistry | None = None,
-) -> int:
-    started = time.monotonic()
-    keys = [k for rt in runtimes for k in rt.keys]
-    await _discard_orphan_ledgers(store, state, keys, events)
-    assert request.start_ms is not None and request.end_ms is not None
-    registry = registry or JobRegistry("history", state, metrics, events)
-    exchanges = [(rt.config.id, rt.keys, rt.source.now_ms()) for rt in runtimes]
-    jobs = await register_history_jobs(registry, state, exchanges, request.start_ms, request.end_ms)
-    per_exchange = []
-    for rt in runtimes:
-        exchange_events = events.bind(exchange=rt.config.id)
-        writer = DurableWriter(
-            store, retry_policy(config), exchange_events, metrics=metrics, indicators=indicators
-        )
-        backfill = HistoryBackfill(
-            rt.fetcher, writer, state, exchange_events, config.history_page_limit, metrics, registry
-        )
-        pool = ExchangeHistory(
-            backfill,
-            registry,
-            [job for job in jobs if job.key.exchange == rt.config.id],
-            config.history_concurrency,
-            config.retry.exchange_failure_limit,
-            exchange_events,
-        )
-        per_exchange.append(pool.run())
-    results = [r for group in await asyncio.gather(*per_exchange) for r in group]
-    if indicators is not None:
-        await indicators.repair(DurableWriter(store, retry_policy(config), events).write_as_is)
-    await finish_history_run(registry, state)
-    return _summarise(events, results, runtimes, started)
 
 
 class Readiness:
-    """What `/readyz` reports: not ready until the store is ensured, nor after the run died."""
+    """What `/readyz` reports: not ready until the store is ensured, nor after the run died, nor
+    while an exchange asked to be left alone for longer than `retry.retry_after_max_seconds`."""
 
-    def __init__(self) -> None:
+    def __init__(self, pauses: Pauses | None = None) -> None:
         self.store_ready = False
         self.failure: str | None = None
+        self.pauses = pauses if pauses is not None else Pauses()
 
     async def __call__(self) -> str | None:
         if self.failure:
             return self.failure
+        paused = self.pauses.reason()
+        if paused is not None:
+            return paused
         return None if self.store_ready else "starting: the store is not ensured yet"
 
 
 def _track_budgets(registry: JobRegistry, runtimes: list[ExchangeRuntime]) -> None:
     for rt in runtimes:
         limit = rt.limiter.rate_per_s
-        registry.track_budget(rt.config.id, rt.budget, limit, lambda f=rt.fetcher: f.requests)
+        registry.track_budget(rt.config.id, rt.budget, limit, _requests_of(rt.fetcher))
+
+
+def _requests_of(fetcher: Fetcher) -> Callable[[], int]:
+    return lambda: fetcher.requests
 
 
 async def _run_mode(
@@ -201,12 +93,14 @@ async def _run_mode(
     admin_token: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> int:
-    readiness = Readiness()
+    pauses = Pauses()
+    readiness = Readiness(pauses)
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
     store = build_store(
-        config, events, request.mode, indicator_columns(spec) if spec else (), environ
+        config.storage, events, request.mode, indicator_columns(spec) if spec else (), environ
     )
+    policy = retry_policy(config)
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
@@ -215,14 +109,16 @@ async def _run_mode(
         config.admin,
         metrics,
         readiness,
-        jobs_routes(registry, progress, config.admin.host, admin_token, config.admin.token_env),
+        jobs_routes(
+            registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+        ),
     )
     try:
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
         runtimes, failure = await open_all(
-            config, request, events, gated(factory, registry), metrics
+            config, request, events, factory, metrics, registry.check, pauses
         )
         if failure is not None:
             raise failure
@@ -240,16 +136,26 @@ async def _run_mode(
         bar = terminal_bar(request.mode, events.logger)
         async with JobMonitor(registry, progress, events, bar):
             if not live:
+                assert request.start_ms is not None and request.end_ms is not None
                 return await run_history(
-                    config, request, events, runtimes, store, state, metrics, indicators, registry
+                    history_settings(config),
+                    (request.start_ms, request.end_ms),
+                    events,
+                    runtimes,
+                    store,
+                    state,
+                    metrics,
+                    policy,
+                    indicators,
+                    registry,
                 )
             return await run_live(
-                config,
+                live_settings(config),
                 events,
                 runtimes,
                 store,
                 state,
-                retry_policy(config),
+                policy,
                 metrics,
                 indicators,
                 registry,
@@ -317,10 +223,9 @@ async def run(
             duration_ms=round((time.monotonic() - started) * 1000),
         )
         return EXIT_OK
-    except ExchangeFault as exc:
-        events.error("startup_failed", f"could not start: {exc}", error=str(exc))
-        return EXIT_JOBS_FAILED
-    except OSError as exc:
+    except (ExchangeFault, StoreFault, OSError) as exc:
+        # The exchange or the store could not be opened (a DuckDB file another process holds,
+        # a dataset we may not write): one event naming it, exit 1, no traceback.
         events.error("startup_failed", f"could not start: {exc}", error=str(exc))
         return EXIT_JOBS_FAILED
     finally:

@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from .app import EXIT_USAGE, run
+from .app import run
 from .config import load_config, resolve_credentials
-from .errors import UsageError
+from .errors import EXIT_USAGE, UsageError
 from .exchange.runtime import RunRequest, ccxt_source_factory
 from .observability.events import EventLog, build_logger
 from .observability.loki import build_loki_handler

@@ -105,8 +105,8 @@ class IndicatorsConfig(_Section):
     enabled: bool = Field(True, description="Compute and store indicator columns.")
     rsi_periods: list[int] = Field(default_factory=lambda: [6, 14, 24])
     ema_periods: list[int] = Field(default_factory=lambda: [12, 26])
-    macd: list[int] | None = Field(
-        default_factory=lambda: [12, 26, 9], description="[fast, slow, signal]; null disables."
+    macd: tuple[int, int, int] | None = Field(
+        (12, 26, 9), description="[fast, slow, signal]; null disables."
     )
 
     @model_validator(mode="after")
@@ -115,8 +115,7 @@ class IndicatorsConfig(_Section):
         return self
 
     def spec(self) -> IndicatorSpec:
-        macd = tuple(self.macd) if self.macd is not None else None
-        return IndicatorSpec(tuple(self.rsi_periods), tuple(self.ema_periods), macd)
+        return IndicatorSpec(tuple(self.rsi_periods), tuple(self.ema_periods), self.macd)
 
 
 class DuckDBConfig(_Section):
@@ -216,6 +215,12 @@ class RetryConfig(_Section):
     factor: float = Field(2.0, ge=1)
     cap_seconds: float = Field(32.0, gt=0)
     attempts: int = Field(5, ge=1)
+    retry_after_max_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="An exchange's Retry-After (or ban) longer than this is still waited out, "
+        "but reported: an exchange_paused error, a metric, a reason on /readyz.",
+    )
     exchange_failure_limit: int = Field(
         10, ge=0, description="Stop an exchange's remaining jobs after more failed jobs than this."
     )
@@ -234,7 +239,20 @@ class Config(_Section):
     live_initial_candles: int = Field(
         1000, ge=1, description="Live mode: candles fetched for a series with nothing stored."
     )
-    history_page_limit: int = Field(1000, ge=1)
+    live_page_limit: int = Field(
+        1000,
+        ge=1,
+        description="Live mode: candles per request (catch-up after downtime), "
+        "clamped to the exchange's maximum.",
+    )
+    live_concurrency: int = Field(
+        16, ge=1, description="Live mode: syncs in flight per exchange at one due instant."
+    )
+    history_page_limit: int = Field(
+        1000,
+        ge=1,
+        description="History mode: candles per request, clamped to the exchange's maximum.",
+    )
     history_concurrency: int = Field(
         16, ge=1, description="Jobs in flight per exchange; enough to fill the budget at latency."
     )
@@ -329,7 +347,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
+        expected = str(error.get("ctx", {}).get("expected", ""))
         return "must be one of " + expected.replace("'", "").replace(" or ", ", ")
     if kind == "extra_forbidden":
         return "unknown key"

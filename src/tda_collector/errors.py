@@ -10,6 +10,10 @@ durable writer retries only the transient ones, and gives up with a `StoreFault`
 
 from __future__ import annotations
 
+# The process's exit codes (the interface's contract): done or stopped cleanly; a job failed
+# or the exchange or store could not be opened; bad configuration or command line.
+EXIT_OK, EXIT_JOBS_FAILED, EXIT_USAGE = 0, 1, 2
+
 
 class CollectorError(Exception):
     """Base of every error the collector raises on purpose."""

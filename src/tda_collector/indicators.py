@@ -31,6 +31,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class IndicatorState:
         )
 
 
-def _smoother_from_dict(data: dict) -> Smoother:
+def _smoother_from_dict(data: dict[str, Any]) -> Smoother:
     values = data["values"]
     return Smoother(
         period=data["period"],

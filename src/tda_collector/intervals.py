@@ -34,7 +34,3 @@ def subtract(window: Interval, covered: Iterable[Interval]) -> list[Interval]:
     if cursor < end:
         missing.append((cursor, end))
     return missing
-
-
-def total_length(intervals: Iterable[Interval]) -> int:
-    return sum(end - start for start, end in merge(intervals))

@@ -9,12 +9,11 @@ errors (exchanges return neighbours); they are simply not part of this page.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .models import CandleBatch, JobKey
+from .models import CandleBatch, JobKey, RawCandles
 from .timeframes import alignment_origin
 
 MALFORMED = "malformed"
@@ -42,7 +41,7 @@ class NormalizedPage:
     newest_open_ms: int | None  # newest well-formed open time in the raw page, for pagination
 
 
-def _to_matrix(raw: Sequence[Sequence[object]]) -> tuple[np.ndarray, int]:
+def _to_matrix(raw: RawCandles) -> tuple[np.ndarray, int]:
     """An (n, 6) float64 matrix; rows of the wrong shape or type become NaN rows."""
     try:
         matrix = np.asarray(raw, dtype=np.float64)
@@ -63,9 +62,7 @@ def _to_matrix(raw: Sequence[Sequence[object]]) -> tuple[np.ndarray, int]:
     return rows, malformed
 
 
-def normalize_page(
-    raw: Sequence[Sequence[object]], key: JobKey, tf_ms: int, window: Window
-) -> NormalizedPage:
+def normalize_page(raw: RawCandles, key: JobKey, tf_ms: int, window: Window) -> NormalizedPage:
     """Validate one page of `[ts, open, high, low, close, volume]` rows."""
     matrix, malformed = _to_matrix(raw)
     rejected: Counter[str] = Counter()

@@ -39,10 +39,6 @@ def ceil_ms(ts_ms: int, tf_ms: int) -> int:
     return floor if floor == ts_ms else floor + tf_ms
 
 
-def is_aligned(ts_ms: int, tf_ms: int) -> bool:
-    return floor_ms(ts_ms, tf_ms) == ts_ms
-
-
 def closed_before(now_ms: int, tf_ms: int) -> int:
     """Candles opening before this instant have closed at `now_ms`."""
     return floor_ms(now_ms, tf_ms)

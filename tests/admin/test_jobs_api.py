@@ -9,8 +9,9 @@ import pytest
 
 from tda_collector.admin.jobs_api import jobs_routes
 from tda_collector.admin.server import AdminServer
+from tda_collector.jobs.model import PAUSED, PENDING, RUNNING, Job, JobRecord
 from tda_collector.jobs.progress import Progress
-from tda_collector.jobs.registry import PAUSED, PENDING, RUNNING, Job, JobRegistry
+from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
 from tda_collector.observability.metrics import Metrics
 
@@ -26,12 +27,13 @@ def fill(registry: JobRegistry) -> None:
     for i, symbol in enumerate(("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT")):
         for tf in ("1m", "1h"):
             job = Job(
-                JobKey("binance", symbol, tf),
-                "history",
-                MIN if tf == "1m" else 60 * MIN,
-                start_ms=T0,
-                end_ms=T0 + 1440 * MIN,
-                cursor_ms=T0,
+                JobRecord.of(
+                    JobKey("binance", symbol, tf),
+                    "history",
+                    start_ms=T0,
+                    end_ms=T0 + 1440 * MIN,
+                    cursor_ms=T0,
+                )
             )
             registry.add(job)
             if i == 0:

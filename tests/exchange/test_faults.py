@@ -5,14 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from collector_support import (
-    DAY_MS,
-    FROZEN_NOW_S,
-    events_named,
-    run_in_process,
-    write_config,
-)
-from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from collector_support import DAY_MS, FROZEN_NOW_S, events_named, run_in_process
+from fake_exchange import SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
 from tda_collector.models import JobKey
@@ -22,11 +16,6 @@ START_MS = NOW_MS - NOW_MS % DAY_MS - DAY_MS  # 2024-02-29T00:00Z
 END_MS = START_MS + DAY_MS
 ARGS = ("--mode=history", "--start=2024-02-29", "--end=2024-03-01")
 SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT"), SymbolSpec("SOL/USDT")]
-
-
-def config_for(tmp_path, fake: FakeExchange, **settings):
-    """The collector's config for every symbol of SPECS on 1m, against `fake`."""
-    return write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], **settings)
 
 
 def assert_exact(tmp_path, specs=SPECS):
@@ -42,11 +31,11 @@ def assert_exact(tmp_path, specs=SPECS):
 
 
 @pytest.mark.parametrize("kind", ["500", "502", "503", "stall", "truncated", "garbage"])
-def test_each_transient_fault_is_retried_to_exact_data(tmp_path, capsys, kind):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, stall_seconds=3) as fake:
-        fake.inject(kind, count=3)
-        config = config_for(tmp_path, fake, page_limit=200, timeout_ms=500)
-        code, events = run_in_process(capsys, config, *ARGS)
+def test_each_transient_fault_is_retried_to_exact_data(exchange_rig, tmp_path, capsys, kind):
+    rig = exchange_rig(SPECS, stall_seconds=3)
+    rig.fake.inject(kind, count=3)
+    config = rig.config(page_limit=200, timeout_ms=500)
+    code, events = run_in_process(capsys, config, *ARGS)
     assert code == 0
     assert_exact(tmp_path)
     retries = events_named(events, "backoff_retry")
@@ -54,30 +43,23 @@ def test_each_transient_fault_is_retried_to_exact_data(tmp_path, capsys, kind):
     assert all(e["attempt"] >= 1 and e["error"] for e in retries)
 
 
-def test_ten_percent_mixed_faults_still_complete_exactly(tmp_path, capsys):
-    with FakeExchange(
-        SPECS,
-        clock=lambda: FROZEN_NOW_S,
-        fault_rate=0.1,
-        fault_paths=["klines"],
-        stall_seconds=2,
-        seed=3,
-    ) as fake:
-        config = config_for(tmp_path, fake, page_limit=100, timeout_ms=400)
-        code, _ = run_in_process(capsys, config, *ARGS)
-        faults = fake.counters["faults"]
+def test_ten_percent_mixed_faults_still_complete_exactly(exchange_rig, tmp_path, capsys):
+    rig = exchange_rig(SPECS, fault_rate=0.1, fault_paths=["klines"], stall_seconds=2, seed=3)
+    config = rig.config(page_limit=100, timeout_ms=400)
+    code, _ = run_in_process(capsys, config, *ARGS)
+    faults = rig.fake.counters["faults"]
     assert code == 0
     assert faults >= 3
     assert_exact(tmp_path)
 
 
-def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        fake.inject("418", count=1, retry_after=2)
-        config = config_for(tmp_path, fake, page_limit=100)
-        started = time.monotonic()
-        code, events = run_in_process(capsys, config, *ARGS)
-        log = fake.request_log()
+def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(exchange_rig, tmp_path, capsys):
+    rig = exchange_rig(SPECS)
+    rig.fake.inject("418", count=1, retry_after=2)
+    config = rig.config(page_limit=100)
+    started = time.monotonic()
+    code, events = run_in_process(capsys, config, *ARGS)
+    log = rig.fake.request_log()
     assert code == 0
     assert_exact(tmp_path)
     banned = [e for e in events_named(events, "rate_limited") if e["status"] == 418]
@@ -90,33 +72,33 @@ def test_a_ban_pauses_the_whole_exchange_for_its_retry_after(tmp_path, capsys):
     assert time.monotonic() - started >= 2
 
 
-def test_a_429_with_retry_after_is_waited_out_not_hammered(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        fake.inject("429", count=1, retry_after=1)
-        config = write_config(tmp_path, fake.base_url, ["BTC/USDT"], ["1m"], page_limit=100)
-        code, events = run_in_process(capsys, config, *ARGS)
-        statuses = [r.status for r in fake.klines_requests()]
+def test_a_429_with_retry_after_is_waited_out_not_hammered(exchange_rig, capsys):
+    rig = exchange_rig(SPECS)
+    rig.fake.inject("429", count=1, retry_after=1)
+    config = rig.config(["BTC/USDT"], page_limit=100)
+    code, events = run_in_process(capsys, config, *ARGS)
+    statuses = [r.status for r in rig.fake.klines_requests()]
     assert code == 0
     assert statuses.count(429) == 1 and 418 not in statuses
     limited = events_named(events, "rate_limited")
     assert limited[0]["status"] == 429 and limited[0]["level"] == "WARNING"
 
 
-def test_the_collector_stays_inside_a_budget_the_exchange_enforces(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, requests_per_second=10) as fake:
-        config = config_for(tmp_path, fake, page_limit=100, rps=10, safety=0.9)
-        code, _ = run_in_process(capsys, config, *ARGS)
-        counters = fake.counters
+def test_the_collector_stays_inside_a_budget_the_exchange_enforces(exchange_rig, tmp_path, capsys):
+    rig = exchange_rig(SPECS, requests_per_second=10)
+    config = rig.config(page_limit=100, rps=10, safety=0.9)
+    code, _ = run_in_process(capsys, config, *ARGS)
+    counters = rig.fake.counters
     assert code == 0
     assert counters["429"] == 0 and counters["418"] == 0
     assert_exact(tmp_path)
 
 
-def test_a_permanent_fault_fails_the_job_at_once_and_exits_1(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        fake.inject("400", count=1)
-        config = write_config(tmp_path, fake.base_url, ["BTC/USDT"], ["1m"], page_limit=100)
-        code, events = run_in_process(capsys, config, *ARGS)
+def test_a_permanent_fault_fails_the_job_at_once_and_exits_1(exchange_rig, capsys):
+    rig = exchange_rig(SPECS)
+    rig.fake.inject("400", count=1)
+    config = rig.config(["BTC/USDT"], page_limit=100)
+    code, events = run_in_process(capsys, config, *ARGS)
     assert code == 1
     failed = events_named(events, "job_failed")
     assert len(failed) == 1 and failed[0]["symbol"] == "BTC/USDT" and failed[0]["error"]
@@ -126,30 +108,20 @@ def test_a_permanent_fault_fails_the_job_at_once_and_exits_1(tmp_path, capsys):
     )
 
 
-def test_too_many_failed_jobs_stop_the_exchange_instead_of_grinding_on(tmp_path, capsys):
+def test_too_many_failed_jobs_stop_the_exchange_instead_of_grinding_on(exchange_rig, capsys):
     specs = [SymbolSpec(f"F{i}/USDT") for i in range(8)]
-    with FakeExchange(
-        specs,
-        clock=lambda: FROZEN_NOW_S,
-        fault_rate=1.0,
-        fault_paths=["klines"],
-        fault_kinds=["503"],
-    ) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in specs],
-            ["1m"],
-            history_concurrency=1,
-            retry={
-                "base_seconds": 0.01,
-                "cap_seconds": 0.02,
-                "attempts": 2,
-                "exchange_failure_limit": 2,
-            },
-        )
-        code, events = run_in_process(capsys, config, *ARGS)
-        requests = len(fake.klines_requests())
+    rig = exchange_rig(specs, fault_rate=1.0, fault_paths=["klines"], fault_kinds=["503"])
+    config = rig.config(
+        history_concurrency=1,
+        retry={
+            "base_seconds": 0.01,
+            "cap_seconds": 0.02,
+            "attempts": 2,
+            "exchange_failure_limit": 2,
+        },
+    )
+    code, events = run_in_process(capsys, config, *ARGS)
+    requests = len(rig.fake.klines_requests())
     assert code == 1
     assert len(events_named(events, "exchange_stopped")) == 1
     assert requests == 3 * 2  # three jobs of two attempts each, then nothing more
@@ -157,27 +129,25 @@ def test_too_many_failed_jobs_stop_the_exchange_instead_of_grinding_on(tmp_path,
     assert summary["failed"] == 8 and summary["completed"] == 0
 
 
-def _shared_ip_run(tmp_path, capsys, used_weight: dict) -> tuple[int, list[dict], dict]:
+def _shared_ip_run(exchange_rig, capsys, used_weight: dict) -> tuple[int, list[dict], dict]:
     """A backfill on an IP where another client spends 60 of the 100 weight each 2-second
     window allows; our own share (22.5 requests/s, 45 a window) would take the IP past it."""
     started = time.monotonic()
-    with FakeExchange(
+    rig = exchange_rig(
         SPECS,
         clock=lambda: FROZEN_NOW_S + time.monotonic() - started,
         weight_limit=100,
         weight_window_s=2.0,
         shared_weight=60,
-    ) as fake:
-        config = config_for(
-            tmp_path, fake, page_limit=50, rps=25, safety=0.9, used_weight=used_weight
-        )
-        code, events = run_in_process(capsys, config, *ARGS)
-        return code, events, fake.counters
+    )
+    config = rig.config(page_limit=50, rps=25, safety=0.9, used_weight=used_weight)
+    code, events = run_in_process(capsys, config, *ARGS)
+    return code, events, rig.fake.counters
 
 
-def test_the_ips_used_weight_header_slows_down_before_a_429(tmp_path, capsys):
+def test_the_ips_used_weight_header_slows_down_before_a_429(exchange_rig, tmp_path, capsys):
     code, events, counters = _shared_ip_run(
-        tmp_path, capsys, {"header": "X-MBX-USED-WEIGHT-1M", "limit": 100, "window_seconds": 2}
+        exchange_rig, capsys, {"header": "X-MBX-USED-WEIGHT-1M", "limit": 100, "window_seconds": 2}
     )
     assert code == 0
     assert counters["429"] == 0 and counters["418"] == 0
@@ -187,9 +157,9 @@ def test_the_ips_used_weight_header_slows_down_before_a_429(tmp_path, capsys):
     assert all(e["level"] == "WARNING" and e["limit"] == 100 for e in slowdowns)
 
 
-def test_without_the_used_weight_guard_the_shared_ip_runs_into_429s(tmp_path, capsys):
+def test_without_the_used_weight_guard_the_shared_ip_runs_into_429s(exchange_rig, tmp_path, capsys):
     """The control for the test above: the same run with the guard off is refused."""
-    code, events, counters = _shared_ip_run(tmp_path, capsys, {"enabled": False})
+    code, events, counters = _shared_ip_run(exchange_rig, capsys, {"enabled": False})
     assert code == 0  # Retry-After is waited out
     assert counters["429"] >= 1
     assert events_named(events, "rate_slowdown") == []

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+from contextlib import closing
+from dataclasses import astuple, replace
 
 import pytest
 
 from tda_collector.jobs.control import finish_history_run, register_history_jobs
 from tda_collector.jobs.ledger import StateStore
-from tda_collector.jobs.progress import Progress, RateWindow
-from tda_collector.jobs.registry import (
+from tda_collector.jobs.model import (
     CANCELLED,
     COMPLETED,
     FAILED,
@@ -20,11 +22,13 @@ from tda_collector.jobs.registry import (
     TRANSITIONS,
     Job,
     JobPaused,
-    JobRegistry,
+    JobRecord,
     TransitionRefused,
     job_id,
     next_status,
 )
+from tda_collector.jobs.progress import Progress, RateWindow
+from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
 from tda_collector.observability.metrics import Metrics
 
@@ -47,13 +51,14 @@ def key(symbol: str, tf: str = "1m") -> JobKey:
 
 def history_job(symbol: str, days: int = 1, status: str = PENDING) -> Job:
     return Job(
-        key(symbol),
-        "history",
-        MIN,
-        status=status,
-        start_ms=T0,
-        end_ms=T0 + days * DAY,
-        cursor_ms=T0,
+        JobRecord.of(
+            key(symbol),
+            "history",
+            status=status,
+            start_ms=T0,
+            end_ms=T0 + days * DAY,
+            cursor_ms=T0,
+        )
     )
 
 
@@ -149,19 +154,19 @@ def test_progress_counts_slots_and_rates_over_a_recent_window():
     for second in range(1, 11):  # 10 s: each job stores one 100-minute page per second
         clock.t += 1
         for job in (one_day, two_days):
-            cursor = job.cursor_ms or 0
+            cursor = job.record.cursor_ms or 0
             registry.record_page(job, cursor, cursor + 100 * MIN, rows=100)
         progress.tick()
         if second == 10:
             registry.apply(one_day, "complete")
     summary = progress.summary()
-    assert summary.candles == 2000 == one_day.rows + two_days.rows
+    assert summary.candles == 2000 == one_day.record.rows + two_days.record.rows
     assert summary.covered == pytest.approx(2000 / (3 * 1440))
     assert summary.candles_per_s == pytest.approx(200.0)
     assert summary.counts[COMPLETED] == 1 and summary.done == 1 and summary.total == 2
     # Left: two_days' 2880 - 1000 slots at 200 slots/s (both jobs counted in the rate).
     assert summary.eta_s == pytest.approx((2880 - 1000) / 200, rel=1e-3)
-    assert one_day.covered == pytest.approx(1000 / 1440)
+    assert one_day.record.covered == pytest.approx(1000 / 1440)
     body = summary.to_json()
     assert body["jobs"] == {"total": 2, "done": 1, "by_status": summary.counts}
 
@@ -217,6 +222,48 @@ async def test_a_page_saves_its_job_row_with_its_ledger_interval(tmp_path):
     await reopened.close()
 
 
+# The jobs table as state files written before `JobRecord` declared its columns hold it.
+OLD_JOBS_TABLE = """
+CREATE TABLE jobs (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL, mode TEXT NOT NULL,
+    status TEXT NOT NULL, start_ms INTEGER, end_ms INTEGER, covered_ms INTEGER NOT NULL,
+    cursor_ms INTEGER, rows INTEGER NOT NULL, pages INTEGER NOT NULL, last_error TEXT,
+    last_run_ms INTEGER, next_run_ms INTEGER, updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, mode)
+);
+"""
+
+
+async def test_an_existing_state_file_keeps_its_job_rows(tmp_path):
+    path = tmp_path / "state.sqlite"
+    saved = JobRecord.of(
+        key("A/X"),
+        "history",
+        status=PAUSED,
+        start_ms=T0,
+        end_ms=T0 + DAY,
+        covered_ms=300 * MIN,
+        cursor_ms=T0 + 300 * MIN,
+        rows=300,
+        pages=3,
+        last_error="exchange down",
+        last_run_ms=T0 + 1,
+        updated_ms=T0 + 2,
+    )
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(OLD_JOBS_TABLE)
+        db.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(saved)
+        )
+        db.commit()
+    state = StateStore(str(path))
+    await state.open()
+    assert await state.load_jobs("history") == [saved]
+    await state.save_jobs([replace(saved, rows=400, pages=4)])
+    assert await state.load_jobs("history") == [replace(saved, rows=400, pages=4)]
+    await state.close()
+
+
 async def register(state, symbols, start=T0, end=T0 + DAY, now=T0 + 10 * DAY):
     registry = JobRegistry("history", state)
     jobs = await register_history_jobs(
@@ -245,9 +292,10 @@ async def test_a_restart_of_an_unfinished_run_keeps_statuses_counts_and_coverage
         "C/X": PENDING,
         "D/X": PENDING,
     }
-    assert all(j.rows == 300 and j.cursor_ms == T0 + 300 * MIN for j in again.values())
-    assert again["C/X"].last_error == "exchange down"
-    assert again["A/X"].covered == pytest.approx(300 / 1440)
+    assert all(j.record.rows == 300 for j in again.values())
+    assert all(j.record.cursor_ms == T0 + 300 * MIN for j in again.values())
+    assert again["C/X"].record.last_error == "exchange down"
+    assert again["A/X"].record.covered == pytest.approx(300 / 1440)
 
 
 async def test_after_a_finished_run_the_next_one_starts_afresh(state):
@@ -261,12 +309,13 @@ async def test_after_a_finished_run_the_next_one_starts_afresh(state):
     await finish_history_run(registry, state)
 
     _, again = await register(state, ["A/X", "B/X"])
-    assert (again["A/X"].status, again["A/X"].rows, again["A/X"].covered) == (COMPLETED, 0, 1.0)
-    assert (again["B/X"].status, again["B/X"].rows) == (PENDING, 0)
+    a, b = again["A/X"].record, again["B/X"].record
+    assert (a.status, a.rows, a.covered) == (COMPLETED, 0, 1.0)
+    assert (b.status, b.rows) == (PENDING, 0)
     _, other_start = await register(state, ["A/X"], start=T0 - DAY)  # a longer range: new work
-    assert other_start["A/X"].status == PENDING and other_start["A/X"].covered == 0.5
+    assert other_start["A/X"].status == PENDING and other_start["A/X"].record.covered == 0.5
 
 
 async def test_windows_end_at_the_last_closed_candle(state):
     _, jobs = await register(state, ["A/X"], end=T0 + 10 * DAY, now=T0 + DAY + 30_000)
-    assert (jobs["A/X"].start_ms, jobs["A/X"].end_ms) == (T0, T0 + DAY)
+    assert (jobs["A/X"].record.start_ms, jobs["A/X"].record.end_ms) == (T0, T0 + DAY)

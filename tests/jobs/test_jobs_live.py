@@ -10,7 +10,8 @@ from fake_exchange import SymbolSpec, candle
 from live_support import MIN, T0, Harness, TrackedState, key
 
 from tda_collector.jobs.ledger import StateStore
-from tda_collector.jobs.registry import CANCELLED, PAUSED, RUNNING, JobRegistry
+from tda_collector.jobs.model import CANCELLED, PAUSED, RUNNING
+from tda_collector.jobs.registry import JobRegistry
 from tda_collector.modes.live import LiveJob
 
 BTC, ETH = "binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live"
@@ -47,12 +48,13 @@ async def test_a_paused_live_job_skips_its_runs_and_catches_up_on_resume(tmp_pat
     async def script(registry):
         await h.vt.sleep(5 * 60)
         btc = registry.jobs[BTC]
-        assert btc.status == RUNNING and btc.last_run_ms and btc.next_run_ms > h.vt.now * 1000
+        assert btc.status == RUNNING and btc.record.last_run_ms
+        assert btc.record.next_run_ms > h.vt.now * 1000
         registry.command(btc, "pause")
         seen["paused_at"] = h.vt.now
         await h.vt.sleep(10 * 60)
         seen["during"] = calls(h, "BTC/USDT", seen["paused_at"])
-        seen["paused"] = (btc.status, btc.next_run_ms)
+        seen["paused"] = (btc.status, btc.record.next_run_ms)
         registry.command(btc, "resume")
         await h.vt.sleep(1)
         seen["resumed"] = calls(h, "BTC/USDT", seen["paused_at"])
@@ -72,8 +74,8 @@ async def test_a_paused_live_job_skips_its_runs_and_catches_up_on_resume(tmp_pat
     cycles = h.recorder.named("live_cycle_complete")
     assert any(c["jobs"] == 1 for c in cycles) and cycles[-1]["jobs"] == 2
     btc = registry.jobs[BTC]
-    assert btc.status == RUNNING and btc.last_run_ms > seen["resumed_ms"] + MIN
-    assert btc.rows >= 5 + 15
+    assert btc.status == RUNNING and btc.record.last_run_ms > seen["resumed_ms"] + MIN
+    assert btc.record.rows >= 5 + 15
 
 
 async def test_a_cancelled_live_job_stops_and_the_others_go_on(tmp_path):
@@ -90,7 +92,7 @@ async def test_a_cancelled_live_job_stops_and_the_others_go_on(tmp_path):
     await run_live(h, registry, script)
     assert calls(h, "ETH/USDT", seen["at"]) == []
     assert len(calls(h, "BTC/USDT", seen["at"])) >= 5
-    assert registry.jobs[ETH].status == CANCELLED and registry.jobs[ETH].next_run_ms is None
+    assert registry.jobs[ETH].status == CANCELLED and registry.jobs[ETH].record.next_run_ms is None
     assert h.recorder.named("live_cycle_complete")[-1]["jobs"] == 1  # cycles go on without it
 
 
@@ -103,13 +105,13 @@ async def test_a_live_job_shows_its_last_error_until_a_run_succeeds(tmp_path):
         await h.vt.sleep(2 * 60)
         h.source.down = True
         await h.vt.sleep(3 * 60)
-        seen["error"] = registry.jobs[BTC].last_error
+        seen["error"] = registry.jobs[BTC].record.last_error
         h.source.down = False
         await h.vt.sleep(2 * 60)
 
     await run_live(h, registry, script)
     assert "exchange unreachable" in seen["error"]
-    assert registry.jobs[BTC].last_error is None
+    assert registry.jobs[BTC].record.last_error is None
 
 
 async def test_a_paused_live_job_can_be_cancelled_while_others_run_its_cycle(tmp_path):

@@ -14,20 +14,20 @@ from memory_store import MemoryStore
 
 from tda_collector.exchange.fetcher import Fetcher
 from tda_collector.exchange.ratelimit import RateLimiter
-from tda_collector.jobs.control import GatedSource
 from tda_collector.jobs.ledger import StateStore
-from tda_collector.jobs.registry import (
+from tda_collector.jobs.model import (
     CANCELLED,
     COMPLETED,
     PAUSED,
     RUNNING,
     Job,
     JobPaused,
-    JobRegistry,
+    JobRecord,
 )
+from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
 from tda_collector.modes.durable_writer import DurableWriter
-from tda_collector.modes.history import HistoryBackfill, JobResult
+from tda_collector.modes.history import HistoryBackfill, HistoryOutcome
 from tda_collector.modes.history_pool import ExchangeHistory
 from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics
@@ -60,18 +60,19 @@ class Rig:
         self.state = StateStore(str(tmp_path / "state.sqlite"))
         self.concurrency = concurrency
         policy = RetryPolicy(base_s=0.01, cap_s=0.02, attempts=3)
-        gated = GatedSource(self.source, self.registry.check)
-        self.fetcher = Fetcher(gated, RateLimiter(10_000, 100), policy, quiet())
+        limiter = RateLimiter(10_000, 100)
+        self.fetcher = Fetcher(self.source, limiter, policy, quiet(), gate=self.registry.check)
         self.writer = DurableWriter(self.store, policy, quiet())
         self.jobs = {
             s: self.registry.add(
                 Job(
-                    JobKey("binance", s, "1m"),
-                    "history",
-                    60_000,
-                    start_ms=START_MS,
-                    end_ms=END_MS,
-                    cursor_ms=START_MS,
+                    JobRecord.of(
+                        JobKey("binance", s, "1m"),
+                        "history",
+                        start_ms=START_MS,
+                        end_ms=END_MS,
+                        cursor_ms=START_MS,
+                    )
                 )
             )
             for s in SYMBOLS
@@ -107,10 +108,10 @@ async def rig(tmp_path):
 async def test_a_paused_job_frees_its_worker_and_resumes_at_its_cursor(rig):
     a, b, c = (rig.jobs[s] for s in SYMBOLS)
     run = asyncio.create_task(rig.pool().run())
-    await until(lambda: a.pages >= 3)
+    await until(lambda: a.record.pages >= 3)
     rig.registry.command(a, "pause")
     await until(lambda: not a.active)
-    cursor = a.cursor_ms
+    cursor = a.record.cursor_ms
     await until(lambda: c.status == COMPLETED)  # one worker: B and C ran while A waited
     assert b.status == COMPLETED and a.status == PAUSED and not run.done()
     rig.registry.command(a, "resume")
@@ -121,13 +122,13 @@ async def test_a_paused_job_frees_its_worker_and_resumes_at_its_cursor(rig):
     assert rig.store.series_rows(a.key) and [
         r[:6] for r in rig.store.series_rows(a.key)
     ] == expected_candles(rig.specs[0], "1m", START_MS, END_MS, NOW_MS)
-    assert a.rows == 1440 and a.covered == 1.0
+    assert a.record.rows == 1440 and a.record.covered == 1.0
 
 
 async def test_a_cancelled_job_stops_at_once_and_the_pool_finishes(rig):
     a = rig.jobs["A/USDT"]
     run = asyncio.create_task(rig.pool().run())
-    await until(lambda: a.pages >= 2 and rig.source.in_flight[("A/USDT", "1m")])
+    await until(lambda: a.record.pages >= 2 and rig.source.in_flight[("A/USDT", "1m")])
     rig.registry.command(a, "cancel")  # while a request is in flight
     cancelled_at = time.time()
     results = await asyncio.wait_for(run, 10)
@@ -137,7 +138,7 @@ async def test_a_cancelled_job_stops_at_once_and_the_pool_finishes(rig):
         "C/USDT": COMPLETED,
     }
     assert rig.calls("A/USDT", after=cancelled_at) == []
-    assert a.rows == len(rig.store.series_rows(a.key)) and a.covered < 1
+    assert a.record.rows == len(rig.store.series_rows(a.key)) and a.record.covered < 1
 
 
 class SlowStore(MemoryStore):
@@ -167,13 +168,13 @@ async def test_a_job_cancelled_mid_write_still_counts_the_page_it_stored(tmp_pat
     await rig.state.open()
     a = rig.jobs["A/USDT"]
     run = asyncio.create_task(rig.pool().run())
-    await until(lambda: a.pages >= 2 and rig.store.writing)
+    await until(lambda: a.record.pages >= 2 and rig.store.writing)
     rig.registry.command(a, "cancel")
     await asyncio.wait_for(run, 10)
     stored = rig.store.series_rows(a.key)
-    assert a.rows == len(stored) == a.pages * PAGE
-    assert await rig.state.coverage(a.key) == [(START_MS, a.cursor_ms)]
-    assert [r[0] for r in stored] == list(range(START_MS, a.cursor_ms, 60_000))
+    assert a.record.rows == len(stored) == a.record.pages * PAGE
+    assert await rig.state.coverage(a.key) == [(START_MS, a.record.cursor_ms)]
+    assert [r[0] for r in stored] == list(range(START_MS, a.record.cursor_ms, 60_000))
     await rig.state.close()
 
 
@@ -203,7 +204,7 @@ class ResumedWhileLettingGo:
         self.registry = registry
         self.runs = 0
 
-    async def run_job(self, job: Job, result: JobResult) -> JobResult:
+    async def run_job(self, job: Job, result: HistoryOutcome) -> HistoryOutcome:
         self.runs += 1
         result.status = COMPLETED
         if self.runs == 1:
@@ -218,9 +219,8 @@ class ResumedWhileLettingGo:
 
 async def test_a_job_resumed_while_its_worker_lets_go_runs_again():
     registry = JobRegistry("history")
-    job = registry.add(
-        Job(JobKey("binance", "A/USDT", "1m"), "history", 60_000, start_ms=START_MS, end_ms=END_MS)
-    )
+    key = JobKey("binance", "A/USDT", "1m")
+    job = registry.add(Job(JobRecord.of(key, "history", start_ms=START_MS, end_ms=END_MS)))
     backfill = ResumedWhileLettingGo(registry)
     pool = ExchangeHistory(backfill, registry, [job], 1, 10, quiet())  # type: ignore[arg-type]
     [result] = await asyncio.wait_for(pool.run(), 5)

@@ -10,12 +10,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from event_support import EventRecorder
 from loki_capture import LokiCapture, closed_port_url
 from pydantic import ValidationError
 
 from tda_collector.config import LokiConfig, format_validation_error
 from tda_collector.errors import UsageError
-from tda_collector.observability.events import FIELDS_ATTR, EventLog, build_logger, record_fields
+from tda_collector.observability.events import FIELDS_ATTR, EventLog, build_logger
 from tda_collector.observability.loki import LokiHandler, build_loki_handler
 from tda_collector.observability.metrics import Metrics
 from tda_collector.retry import RetryPolicy
@@ -23,20 +24,6 @@ from tda_collector.retry import RetryPolicy
 FAST_RETRY = RetryPolicy(base_s=0.01, factor=2.0, cap_s=0.05, attempts=3)
 CONTEXT = {"service_name": "tda-collector", "environment": "test", "mode": "live"}
 _names = itertools.count()
-
-
-class Recorder(logging.Handler):
-    """Keeps every record the logger saw, to count what reached Loki against it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def events(self, name: str) -> list[dict]:
-        return [f for f in map(record_fields, self.records) if f["event"] == name]
 
 
 @pytest.fixture
@@ -54,8 +41,9 @@ def logger(stdout: io.StringIO) -> Iterator[logging.Logger]:
 
 
 @pytest.fixture
-def recorder(logger: logging.Logger) -> Recorder:
-    recorder = Recorder()
+def recorder(logger: logging.Logger) -> EventRecorder:
+    """Every record the logger saw, to count what reached Loki against it."""
+    recorder = EventRecorder()
     logger.addHandler(recorder)
     return recorder
 
@@ -162,7 +150,9 @@ def emit_many(events: EventLog, count: int) -> float:
     return time.perf_counter() - started
 
 
-def test_loki_down_never_blocks_and_warns_once(logger: logging.Logger, recorder: Recorder) -> None:
+def test_loki_down_never_blocks_and_warns_once(
+    logger: logging.Logger, recorder: EventRecorder
+) -> None:
     metrics = Metrics()
     handler, events = attach(
         logger, closed_port_url(), queue_size=100, batch_size=20, on_drop=metrics.loki_dropped
@@ -172,7 +162,7 @@ def test_loki_down_never_blocks_and_warns_once(logger: logging.Logger, recorder:
     wait_until(lambda: handler.dropped >= 950)  # 900 pushed out of the queue, then lost batches
     handler.close()
 
-    [warning] = recorder.events("loki_push_failed")
+    [warning] = recorder.named("loki_push_failed")
     assert warning["level"] == "WARNING" and "ConnectionRefusedError" in warning["error"]
     assert handler.sent == 0
     assert handler.dropped == len(recorder.records)  # nothing got through, and all is counted
@@ -180,26 +170,26 @@ def test_loki_down_never_blocks_and_warns_once(logger: logging.Logger, recorder:
 
 
 def test_a_hanging_loki_never_blocks_and_close_keeps_its_deadline(
-    logger: logging.Logger, recorder: Recorder
+    logger: logging.Logger, recorder: EventRecorder
 ) -> None:
     with LokiCapture(mode="hang") as loki:
         handler, events = attach(logger, loki.url, queue_size=100, timeout_s=0.2)
 
         assert emit_many(events, 1000) < 1.0
-        wait_until(lambda: recorder.events("loki_push_failed"))
+        wait_until(lambda: recorder.named("loki_push_failed"))
         time.sleep(0.5)  # more timed-out attempts: still one warning
         started = time.monotonic()
         handler.close()
         closing_took = time.monotonic() - started
 
     assert closing_took < 0.8
-    assert len(recorder.events("loki_push_failed")) == 1
-    assert "timed out" in recorder.events("loki_push_failed")[0]["error"]
+    assert len(recorder.named("loki_push_failed")) == 1
+    assert "timed out" in recorder.named("loki_push_failed")[0]["error"]
     assert handler.dropped >= 900
 
 
 def test_server_errors_warn_once_then_recovery_is_reported(
-    logger: logging.Logger, recorder: Recorder
+    logger: logging.Logger, recorder: EventRecorder
 ) -> None:
     with LokiCapture(mode="error") as loki:
         handler, events = attach(logger, loki.url)
@@ -207,14 +197,14 @@ def test_server_errors_warn_once_then_recovery_is_reported(
         wait_until(lambda: handler.dropped >= 10)
         loki.mode = "ok"
         events.info("fetch_ok", "after the outage")
-        wait_until(lambda: recorder.events("loki_push_recovered"))
+        wait_until(lambda: recorder.named("loki_push_recovered"))
         delivered = [line["event"] for _, _, line in loki.wait_for_entries(3)]
         handler.close()
 
-    [failed] = recorder.events("loki_push_failed")
+    [failed] = recorder.named("loki_push_failed")
     assert failed["error"] == "HTTP 500: ingester unavailable"
     assert "tda_loki_dropped_entries_total" in failed["message"]
-    [recovered] = recorder.events("loki_push_recovered")
+    [recovered] = recorder.named("loki_push_recovered")
     assert recovered["dropped"] >= 10
     assert "loki_push_failed" in delivered  # the outage itself reaches Loki afterwards
 
@@ -233,15 +223,15 @@ def flap(loki: LokiCapture, events: EventLog, outages: int) -> None:
 
 @pytest.mark.parametrize(("warn_every_s", "warnings"), [(300.0, 1), (0.0, 3)])
 def test_a_flapping_loki_is_warned_about_at_most_once_per_quiet_period(
-    logger: logging.Logger, recorder: Recorder, warn_every_s: float, warnings: int
+    logger: logging.Logger, recorder: EventRecorder, warn_every_s: float, warnings: int
 ) -> None:
     with LokiCapture() as loki:
         handler, events = attach(logger, loki.url, warn_every_s=warn_every_s)
         flap(loki, events, outages=3)
         handler.close()
 
-    assert len(recorder.events("loki_push_failed")) == warnings
-    assert len(recorder.events("loki_push_recovered")) == warnings
+    assert len(recorder.named("loki_push_failed")) == warnings
+    assert len(recorder.named("loki_push_recovered")) == warnings
 
 
 def test_a_rejected_push_is_not_retried(logger: logging.Logger) -> None:
@@ -271,7 +261,7 @@ def test_shutdown_holding_the_handler_lock_does_not_deadlock(logger: logging.Log
 
 
 def test_credentials_come_from_the_environment_and_never_show(
-    logger: logging.Logger, stdout: io.StringIO, recorder: Recorder
+    logger: logging.Logger, stdout: io.StringIO, recorder: EventRecorder
 ) -> None:
     environ = {"LOKI_TENANT_ID": "team-a", "LOKI_USERNAME": "collector", "LOKI_PASSWORD": "s3cr3t"}
     with LokiCapture(mode="error") as loki:
@@ -281,7 +271,7 @@ def test_credentials_come_from_the_environment_and_never_show(
         assert handler is not None
         logger.addHandler(handler)
         events.info("config_loaded", "start")
-        wait_until(lambda: recorder.events("loki_push_failed"))
+        wait_until(lambda: recorder.named("loki_push_failed"))
         loki.mode = "ok"
         loki.wait_for_entries(1)
         handler.close()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 from bigquery_support import (
+    FAST_RETRY,
     PROJECT,
     FaultProxy,
     bigquery_emulator_fixture,  # noqa: F401 (registers the fixture)
@@ -26,11 +27,9 @@ from google.cloud import bigquery
 from store_support import KEY, MIN, OTHER, T0, batch
 
 from tda_collector.config import BigQueryConfig
-from tda_collector.errors import StoreFault, UsageError
+from tda_collector.errors import PermanentStoreError, TransientStoreError, UsageError
 from tda_collector.models import BASE_COLUMNS, Column, JobKey
-from tda_collector.retry import RetryPolicy
 from tda_collector.store.bigquery_schema import (
-    RowErrors,
     TableNames,
     chunks,
     conform,
@@ -40,7 +39,6 @@ from tda_collector.store.bigquery_schema import (
 )
 from tda_collector.store.bigquery_store import BigQueryStore
 
-FAST_RETRY = RetryPolicy(base_s=0.01, cap_s=0.05, attempts=3)
 RSI = Column("rsi_14", "FLOAT64")
 
 
@@ -167,7 +165,7 @@ async def test_rejected_rows_raise_and_are_logged_while_the_others_are_stored(
     async with bigquery_store(
         tmp_path, url=proxy.url, dataset=dataset, events=events, retry=FAST_RETRY
     ) as (store, rows):
-        with pytest.raises(StoreFault, match="rejected 1 rows"):
+        with pytest.raises(PermanentStoreError, match="rejected 1 rows: invalid at open"):
             await store.write(batch(KEY, T0, 4))
         (error,) = log.named("store_write_error")
         assert error["rows"] == 1
@@ -177,15 +175,38 @@ async def test_rejected_rows_raise_and_are_logged_while_the_others_are_stored(
         assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0, T0 + 2 * MIN, T0 + 3 * MIN]
 
 
-async def test_an_insert_that_keeps_failing_raises_store_fault(proxy, tmp_path):
+async def test_an_insert_that_keeps_failing_raises_a_transient_error(proxy, tmp_path):
     proxy.insert_faults.extend(["lost_response"] * FAST_RETRY.attempts)
     events, log = recording_events()
     opened = bigquery_store(tmp_path, url=proxy.url, events=events, retry=FAST_RETRY)
     async with opened as (store, _):
-        with pytest.raises(StoreFault, match="streaming insert failed"):
+        with pytest.raises(TransientStoreError, match="streaming insert failed: ServiceUnav"):
             await store.write(batch(KEY, T0, 2))
         assert store.insert_requests == FAST_RETRY.attempts
         assert len(log.named("backoff_retry")) == FAST_RETRY.attempts - 1
+
+
+async def test_a_refused_insert_is_a_permanent_error_at_once(client, proxy, tmp_path):
+    dataset = unique_dataset()
+    proxy.insert_faults.append("bad_request")
+    opened = bigquery_store(tmp_path, url=proxy.url, dataset=dataset, retry=FAST_RETRY)
+    async with opened as (store, _):
+        with pytest.raises(PermanentStoreError, match=r"BadRequest: 400 .*no such field: rsi_14"):
+            await store.write(batch(KEY, T0, 2))
+        assert store.insert_requests == 1  # not retried
+        assert count_stored(client, dataset) == 0
+
+
+async def test_a_store_that_cannot_be_reached_at_start_raises_a_one_line_permanent_error(
+    proxy, tmp_path
+):
+    proxy.refuse_all = 403
+    with pytest.raises(PermanentStoreError) as raised:
+        async with bigquery_store(tmp_path, url=proxy.url):
+            pass
+    message = str(raised.value)
+    assert message.startswith(f"ensuring BigQuery table {PROJECT}.")
+    assert "Forbidden: 403" in message and "\n" not in message
 
 
 # --- history mode: batched load jobs --------------------------------------------------------
@@ -247,7 +268,9 @@ async def test_a_failed_load_job_is_retried(client, proxy, tmp_path):
         assert "injected: load job failed" in log.named("backoff_retry")[0]["error"]
 
 
-async def test_every_writer_of_a_load_job_that_keeps_failing_gets_store_fault(proxy, tmp_path):
+async def test_every_writer_of_a_load_job_that_keeps_failing_gets_the_transient_error(
+    proxy, tmp_path
+):
     proxy.failed_load_jobs = FAST_RETRY.attempts
     async with bigquery_store(
         tmp_path, url=proxy.url, mode="load", flush_seconds=0.05, retry=FAST_RETRY
@@ -257,8 +280,29 @@ async def test_every_writer_of_a_load_job_that_keeps_failing_gets_store_fault(pr
             store.write(batch(OTHER, T0, 3)),
             return_exceptions=True,
         )
-        assert [type(o) for o in outcomes] == [StoreFault, StoreFault]
+        assert [type(o) for o in outcomes] == [TransientStoreError, TransientStoreError]
+        assert outcomes[0] is not outcomes[1] and str(outcomes[0]) == str(outcomes[1])
+        assert "load job failed: InternalServerError" in str(outcomes[0])
         assert store.load_jobs == FAST_RETRY.attempts
+
+
+async def test_a_load_job_refused_as_invalid_fails_every_writer_permanently_at_once(
+    client, proxy, tmp_path
+):
+    dataset = unique_dataset()
+    proxy.failed_load_jobs, proxy.load_job_error = 1, "invalid"
+    async with bigquery_store(
+        tmp_path, url=proxy.url, dataset=dataset, mode="load", flush_rows=6, retry=FAST_RETRY
+    ) as (store, _):
+        outcomes = await asyncio.gather(
+            store.write(batch(KEY, T0, 3)),
+            store.write(batch(OTHER, T0, 3)),
+            return_exceptions=True,
+        )
+        assert [type(o) for o in outcomes] == [PermanentStoreError, PermanentStoreError]
+        assert "load job failed: BadRequest" in str(outcomes[0])
+        assert store.load_jobs == 1
+        assert count_stored(client, dataset) == 0
 
 
 # --- reading back, configuration ------------------------------------------------------------
@@ -304,18 +348,6 @@ def test_streaming_requests_stay_within_row_and_size_limits():
     by_bytes = list(chunks(rows, ids, max_bytes=100_000))
     assert all(len(r) <= 98 for r, _ in by_bytes)
     assert [row for r, _ in by_bytes for row in r] == rows
-
-
-def test_row_errors_split_into_retry_and_rejected():
-    triage = RowErrors.of(
-        [
-            {"index": 0, "errors": [{"reason": "stopped"}]},
-            {"index": 2, "errors": [{"reason": "invalid", "location": "open", "message": "nan"}]},
-            {"index": 3, "errors": [{"reason": "backendError"}, {"reason": "timeout"}]},
-        ]
-    )
-    assert triage.retry == [0, 3]
-    assert triage.rejected == {2: "invalid at open: nan"}
 
 
 async def test_a_closed_version_wins_over_a_newer_open_one(tmp_path):

@@ -1,22 +1,54 @@
-"""The store contract, run against every store: DuckDB here, BigQuery where its emulator runs.
+"""The store contract, run against every store: DuckDB, the in-memory fake the other tests use
+(so it cannot drift from the real ones), and BigQuery where its emulator runs.
 
 `store_factory(tmp_path)` fixtures return an async context manager yielding an opened store
 plus a `rows(key)` reader that returns what users query (one row per key, newest version).
+`failing_store_factory(tmp_path)` ones yield a store whose writes fail transiently, in the way
+that store can (DuckDB: its file locked by another process; BigQuery: 503s; the fake: its
+knob), plus `clear()` that ends the fault.
 """
 
 from __future__ import annotations
 
-import pytest
-from bigquery_support import bigquery_store
-from store_support import KEY, MIN, OTHER, T0, batch, duckdb_store
+from dataclasses import replace
 
+import numpy as np
+import pytest
+from bigquery_support import bigquery_store, bigquery_store_failing_transiently
+from store_support import (
+    KEY,
+    MIN,
+    OTHER,
+    T0,
+    batch,
+    duckdb_store,
+    duckdb_store_failing_transiently,
+    memory_store,
+    memory_store_failing_transiently,
+)
+
+from tda_collector.errors import PermanentStoreError, TransientStoreError
 from tda_collector.models import JobKey
 
-STORES = [pytest.param(duckdb_store, id="duckdb"), pytest.param(bigquery_store, id="bigquery")]
+STORES = [
+    pytest.param(duckdb_store, id="duckdb"),
+    pytest.param(memory_store, id="memory"),
+    pytest.param(bigquery_store, id="bigquery"),
+]
+FAILING_STORES = [
+    pytest.param(duckdb_store_failing_transiently, id="duckdb"),
+    pytest.param(memory_store_failing_transiently, id="memory"),
+    pytest.param(bigquery_store_failing_transiently, id="bigquery"),
+]
 
 
 @pytest.fixture(params=STORES)
 def store_factory(request):
+    return request.param
+
+
+@pytest.fixture(params=FAILING_STORES)
+def failing_store_factory(request):
     return request.param
 
 
@@ -70,3 +102,27 @@ async def test_series_reads_back_closed_candles_in_time_order(store_factory, tmp
         assert series.timestamps.tolist() == [T0 + i * MIN for i in range(5)]
         assert series.close.tolist() == [50.5, 51.5, 52.5, 100.5, 101.5]
         assert series.closed.all()
+
+
+async def test_a_column_the_table_lacks_is_a_permanent_error_and_nothing_is_stored(
+    store_factory, tmp_path
+):
+    async with store_factory(tmp_path) as (store, rows):
+        page = batch(KEY, T0, 3)
+        page = replace(page, extra={"rsi_14": np.full(len(page), 50.0)})
+        with pytest.raises(PermanentStoreError, match="rsi_14"):
+            await store.write(page)
+        assert await rows(KEY) == []
+        assert await store.newest([KEY], closed_only=False) == {}
+
+
+async def test_a_transient_fault_is_raised_as_transient_and_the_write_succeeds_once_it_clears(
+    failing_store_factory, tmp_path
+):
+    async with failing_store_factory(tmp_path) as (store, rows, clear):
+        with pytest.raises(TransientStoreError) as raised:
+            await store.write(batch(KEY, T0, 3))
+        assert "\n" not in str(raised.value)
+        await clear()
+        assert await store.write(batch(KEY, T0, 3)) == 3
+        assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0 + i * MIN for i in range(3)]

@@ -1,8 +1,9 @@
 """The DuckDB store's group commit and its one-row-per-key bookkeeping without a primary key.
 
 What the shared contract (test_store_contract.py) cannot see: how many transactions carried
-the writes, what stays stored when a page overlaps rows of an earlier run, failing commits, and
-tables created by the previous version (with a primary key).
+the writes, what stays stored when a page overlaps rows of an earlier run, failing commits,
+tables created by the previous version (with a primary key), a file that cannot be opened, and
+how each of DuckDB's errors is sorted (transient or permanent).
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ from dataclasses import replace
 import duckdb
 import numpy as np
 import pytest
-from store_support import KEY, MIN, OTHER, T0, batch, quiet_events, read_duckdb_rows, stored_rows
+from store_support import (
+    KEY,
+    MIN,
+    OTHER,
+    T0,
+    LockHolder,
+    batch,
+    quiet_events,
+    read_duckdb_rows,
+    stored_rows,
+)
 
-from tda_collector.app import build_store
 from tda_collector.config import Config
-from tda_collector.errors import StoreFault
+from tda_collector.errors import PermanentStoreError, StoreFault, TransientStoreError
 from tda_collector.models import TABLE_NAME, Column, JobKey
-from tda_collector.store.duckdb_store import DuckDBStore
+from tda_collector.store import build_store
+from tda_collector.store.duckdb_store import DuckDBStore, duckdb_fault
 
 RSI = Column("rsi_14", "FLOAT64")
 BASE_DDL = """"timestamp" TIMESTAMP NOT NULL, "exchange" VARCHAR NOT NULL,
@@ -173,14 +184,14 @@ async def test_a_failing_commit_fails_its_writers_keeps_what_was_stored_and_spar
             return_exceptions=True,
         )
         assert first == 4
-        assert isinstance(second, StoreFault) and "NOT NULL" in str(second)
+        assert isinstance(second, PermanentStoreError) and "NOT NULL" in str(second)
         assert store.commits == 1
         # The second statement deleted rows 2 and 3 before failing: rolled back, they are back.
         got = await stored_rows(store, KEY)
         assert opens(got) == [(i, 100.0 + i) for i in range(4)]
         assert {r["rsi_14"] for r in got} == {50.0}
 
-        with pytest.raises(StoreFault):
+        with pytest.raises(PermanentStoreError, match="ConstraintException"):
             await store.write(with_rsi(batch(OTHER, T0, 8), np.nan))
         assert await stored_rows(store, OTHER) == []
         await store.write(with_rsi(batch(OTHER, T0, 8), 1.0))  # nothing was taken as stored
@@ -253,8 +264,92 @@ async def test_a_batch_lacking_indicator_columns_keeps_their_stored_values(tmp_p
 
 async def test_a_column_the_store_does_not_know_is_refused(tmp_path):
     async with opened(tmp_path / "ohlcv.duckdb") as store:
-        with pytest.raises(StoreFault, match="rsi_14"):
+        with pytest.raises(PermanentStoreError, match="rsi_14"):
             await store.write(with_rsi(batch(KEY, T0, 2), 1.0))
+
+
+async def test_a_column_dropped_behind_the_stores_back_is_a_permanent_error_naming_it(tmp_path):
+    async with opened(tmp_path / "ohlcv.duckdb", (RSI,), batch_rows=2) as store:
+        drop = f"ALTER TABLE {TABLE_NAME} DROP COLUMN rsi_14"
+        await store._run(lambda: store._connection().execute(drop))
+        with pytest.raises(PermanentStoreError) as raised:
+            await store.write(with_rsi(batch(KEY, T0, 2), 1.0))
+        message = str(raised.value)
+        assert message.startswith("DuckDB commit failed: BinderException")
+        assert "rsi_14" in message and "\n" not in message
+        assert isinstance(raised.value.__cause__.__cause__, duckdb.BinderException)
+
+
+async def test_a_file_locked_by_another_process_fails_ensure_with_one_transient_line(tmp_path):
+    path = str(tmp_path / "ohlcv.duckdb")
+    holder = LockHolder(path)
+    store = DuckDBStore(path, quiet_events())
+    try:
+        with pytest.raises(TransientStoreError) as raised:
+            await store.ensure()
+        message = str(raised.value)
+        assert message.startswith(f"opening DuckDB file {path} failed: IOException")
+        assert "Could not set lock" in message and "\n" not in message
+        holder.release()
+        await store.ensure()  # the lock is gone: the same store opens
+    finally:
+        holder.release()
+        await store.close()
+
+
+async def ensure_error(path) -> BaseException:
+    """What `ensure` raised for a store on `path` (it must raise)."""
+    store = DuckDBStore(str(path), quiet_events())
+    try:
+        with pytest.raises(StoreFault) as raised:
+            await store.ensure()
+        return raised.value
+    finally:
+        await store.close()
+
+
+async def test_a_file_that_is_not_a_duckdb_database_fails_ensure_with_one_line(tmp_path):
+    path = tmp_path / "ohlcv.duckdb"
+    path.write_text("not a database" * 100)
+    message = str(await ensure_error(path))
+    assert message.startswith(f"opening DuckDB file {path} failed: IOException")
+    assert "not a valid DuckDB database file" in message and "\n" not in message
+
+
+async def test_a_directory_that_is_a_file_fails_ensure_permanently(tmp_path):
+    (tmp_path / "data").write_text("a file")
+    error = await ensure_error(tmp_path / "data" / "ohlcv.duckdb")
+    assert isinstance(error, PermanentStoreError)
+    assert str(error).startswith(f"opening DuckDB file {tmp_path}/data/ohlcv.duckdb failed: ")
+
+
+@pytest.mark.parametrize(
+    ("error", "sorted_as"),
+    [
+        (duckdb.IOException("Could not set lock on file"), TransientStoreError),
+        (duckdb.OutOfMemoryException("could not allocate"), TransientStoreError),
+        (duckdb.TransactionException("Conflict on update"), TransientStoreError),
+        (duckdb.InterruptException("Interrupted!"), TransientStoreError),
+        (OSError(28, "No space left on device"), TransientStoreError),
+        (duckdb.ConnectionException("Connection already closed!"), PermanentStoreError),
+        (duckdb.CatalogException("Table with name t does not exist!"), PermanentStoreError),
+        (duckdb.BinderException('Table "t" does not have a column "x"'), PermanentStoreError),
+        (duckdb.ConversionException("Could not convert string 'a' to DOUBLE"), PermanentStoreError),
+        (duckdb.ConstraintException("NOT NULL constraint failed: t.a"), PermanentStoreError),
+        (duckdb.FatalException("database has been invalidated"), PermanentStoreError),
+        (PermissionError(13, "Permission denied"), PermanentStoreError),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
+def test_duckdb_errors_are_sorted_into_transient_and_permanent(error, sorted_as):
+    fault = duckdb_fault(error, "DuckDB commit")
+    assert type(fault) is sorted_as
+    assert fault.__cause__ is error
+    assert str(fault).startswith(f"DuckDB commit failed: {type(error).__name__}: ")
+
+
+def test_errors_that_are_not_duckdbs_are_left_to_propagate():
+    assert duckdb_fault(ValueError("a bug"), "DuckDB commit") is None
 
 
 async def test_writing_before_ensure_is_refused(tmp_path):
@@ -277,7 +372,7 @@ def configured(tmp_path, **duckdb_config) -> Config:
 
 async def test_the_configured_batch_size_reaches_the_store(tmp_path):
     config = configured(tmp_path, batch_rows=2, batch_seconds=3600)
-    store = build_store(config, quiet_events(), "history")
+    store = build_store(config.storage, quiet_events(), "history")
     await store.ensure()
     try:
         await asyncio.wait_for(store.write(batch(KEY, T0, 2)), timeout=5)  # 2 rows: no waiting
@@ -287,7 +382,7 @@ async def test_the_configured_batch_size_reaches_the_store(tmp_path):
 
 
 async def test_live_mode_commits_without_waiting_for_more_writes(tmp_path):
-    store = build_store(configured(tmp_path, batch_seconds=3600), quiet_events(), "live")
+    store = build_store(configured(tmp_path, batch_seconds=3600).storage, quiet_events(), "live")
     await store.ensure()
     try:
         # Writes made in the same turn of the event loop share a commit; nothing waits longer.

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tda_collector.errors import StoreFault
+from tda_collector.errors import PermanentStoreError, StoreFault, TransientStoreError
 from tda_collector.store.write_buffer import WriteBuffer
 
 
@@ -57,6 +57,19 @@ async def test_a_write_that_raises_fails_every_writer_of_the_flush():
     outcomes = await asyncio.gather(buffer.add("a"), buffer.add("b"), return_exceptions=True)
     assert [type(o) for o in outcomes] == [StoreFault, StoreFault]
     assert outcomes[0] is not outcomes[1]
+
+
+@pytest.mark.parametrize("error", [PermanentStoreError("rsi_14"), TransientStoreError("locked")])
+async def test_a_sorted_store_error_reaches_every_writer_as_it_is(error):
+    async def write(items: list[str]) -> list[Exception | None]:
+        raise error
+
+    buffer = WriteBuffer(write, len, max_rows=2, max_wait_s=3600)
+    outcomes = await asyncio.gather(buffer.add("a"), buffer.add("b"), return_exceptions=True)
+    assert [type(o) for o in outcomes] == [type(error)] * 2
+    assert [(str(o), o.permanent) for o in outcomes] == [(str(error), error.permanent)] * 2
+    assert outcomes[0] is not outcomes[1]  # one each: every raise adds to its traceback
+    assert all(o.__cause__ is error for o in outcomes)
 
 
 async def test_a_flush_happens_before_a_write_would_touch_too_many_partitions():

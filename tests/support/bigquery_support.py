@@ -35,6 +35,7 @@ from google.cloud import bigquery
 
 from tda_collector.config import BigQueryConfig
 from tda_collector.models import JobKey
+from tda_collector.retry import RetryPolicy
 from tda_collector.store.bigquery_store import BigQueryStore
 
 PROJECT = "test-project"
@@ -42,6 +43,8 @@ SCRIPT = Path(__file__).parent / "tools" / "bq-emulator"
 # The first run installs the emulator's venv from PyPI (about 30 s); stay under pytest's
 # 300 s per-test timeout so a stuck install ends in a readable skip or failure.
 _START_TIMEOUT_S = 280
+# Retries inside one write, short enough for tests that exhaust them.
+FAST_RETRY = RetryPolicy(base_s=0.01, cap_s=0.05, attempts=3)
 
 
 def _emulator_venv() -> Path | None:
@@ -164,6 +167,20 @@ def count_stored(client: bigquery.Client, dataset: str) -> int:
 
 
 @asynccontextmanager
+async def bigquery_store_failing_transiently(tmp_path):
+    """A store (with `FAST_RETRY`) whose writes get 503s until `clear()`: yields
+    (store, rows, clear), for the contract's transient fault."""
+    with FaultProxy(emulator_url()) as proxy:
+        proxy.insert_faults.extend(["unavailable"] * FAST_RETRY.attempts)
+
+        async def clear() -> None:
+            proxy.insert_faults.clear()
+
+        async with bigquery_store(tmp_path, url=proxy.url, retry=FAST_RETRY) as (store, rows):
+            yield store, rows, clear
+
+
+@asynccontextmanager
 async def bigquery_store(tmp_path, *, url: str | None = None, dataset: str | None = None, **kw):
     """An ensured BigQueryStore on a fresh dataset of the emulator, plus a `rows(key)` reader
     of the `_latest` view. `tmp_path` is unused: the data lives in the emulator."""
@@ -206,9 +223,13 @@ class FaultProxy:
 
     - `insert_faults`: per insertAll request, one of
       "lost_response" (the emulator stores the rows, the client gets a 503),
+      "unavailable" (not forwarded: 503, BigQuery briefly unavailable),
+      "bad_request" (not forwarded: 400 `invalid`, a request BigQuery refuses for good),
       "rows_backend_error" (stored, but every row reported as backendError),
       "reject_second_row" (not forwarded: row 1 `invalid`, the others `stopped`).
-    - `failed_load_jobs`: that many load-job uploads get back a job that failed (backendError).
+    - `failed_load_jobs`: that many load-job uploads get back a job that failed with
+      `load_job_error` as its reason ("backendError" unless told).
+    - `refuse_all`: when set, an HTTP status that every request gets back, not forwarded.
 
     `seen` counts forwarded or answered requests by kind ("insert", "load", "other").
     """
@@ -217,6 +238,8 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.insert_faults: list[str] = []
         self.failed_load_jobs = 0
+        self.load_job_error = "backendError"
+        self.refuse_all: int | None = None
         self.seen: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._session = requests.Session()
@@ -240,6 +263,8 @@ class FaultProxy:
     def _next_fault(self, kind: str) -> str | None:
         with self._lock:
             self.seen[kind] += 1
+            if self.refuse_all is not None:
+                return "refused"
             if kind == "insert" and self.insert_faults:
                 return self.insert_faults.pop(0)
             if kind == "load" and self.failed_load_jobs > 0:
@@ -260,8 +285,13 @@ class FaultProxy:
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
         fault = self._next_fault(_kind(method, path))
+        if fault in _ANSWERS:
+            return _ANSWERS[fault]
+        if fault == "refused":
+            return _error_reply(self.refuse_all or 500, "refused", "injected: refused")
         if fault == "failed_job":
-            return 200, _JSON, json.dumps(_failed_job(headers, body)).encode()
+            job = _failed_job(headers, body, self.load_job_error)
+            return 200, _JSON, json.dumps(job).encode()
         if fault == "reject_second_row":
             count = len(json.loads(body)["rows"])
             return 200, _JSON, _insert_errors(count, lambda i: _INVALID if i == 1 else _STOPPED)
@@ -304,6 +334,16 @@ def _kind(method: str, path: str) -> str:
     return "other"
 
 
+def _error_reply(status: int, reason: str, message: str) -> Reply:
+    """A request-level error answer, as the API sends it."""
+    error = {"code": status, "message": message, "errors": [{"reason": reason, "message": message}]}
+    return status, _JSON, json.dumps({"error": error}).encode()
+
+
+_ANSWERS = {
+    "unavailable": _error_reply(503, "backendError", "injected: service unavailable"),
+    "bad_request": _error_reply(400, "invalid", "injected: no such field: rsi_14"),
+}
 _INVALID = {"reason": "invalid", "location": "open", "message": "injected: not a number"}
 _STOPPED = {"reason": "stopped", "message": ""}
 _BACKEND_ERROR = {"reason": "backendError", "message": "injected"}
@@ -317,11 +357,11 @@ def _insert_errors(count: int, error_of: Callable[[int], dict[str, str]]) -> byt
     ).encode()
 
 
-def _failed_job(headers: dict[str, str], body: bytes) -> dict[str, Any]:
-    """The job resource of a multipart load upload, answered as DONE with a backendError."""
+def _failed_job(headers: dict[str, str], body: bytes, reason: str) -> dict[str, Any]:
+    """The job resource of a multipart load upload, answered as DONE with error `reason`."""
     content_type = next(v for k, v in headers.items() if k.lower() == "content-type")
     message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     job = json.loads(message.get_payload()[0].get_payload())
-    error = {"reason": "backendError", "message": "injected: load job failed"}
+    error = {"reason": reason, "message": "injected: load job failed"}
     job["status"] = {"state": "DONE", "errorResult": error, "errors": [error]}
     return job

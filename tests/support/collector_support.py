@@ -62,6 +62,7 @@ def write_config(
             }
         ],
         "history_page_limit": page_limit,
+        "live_page_limit": page_limit,
         "storage": {"backend": "duckdb", "duckdb": {"path": str(tmp_path / "ohlcv.duckdb")}},
         "state_path": str(tmp_path / "state.sqlite"),
         "admin": {"port": 0},

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
+from event_support import recording_logger
 from fake_exchange import candle
 from memory_source import MemorySource
 from memory_store import MemoryStore
@@ -17,24 +17,12 @@ from tda_collector.jobs.ledger import StateStore
 from tda_collector.models import JobKey
 from tda_collector.modes.durable_writer import DurableWriter
 from tda_collector.modes.live import LiveExchange, LiveJob, LiveSettings
-from tda_collector.observability.events import EventLog, record_fields
+from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics
 from tda_collector.retry import RetryPolicy
 
 MIN = 60_000
 T0 = 1_709_251_200.0 + 30  # 2024-03-01T00:00:30Z
-
-
-class Recorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append(record_fields(record))
-
-    def named(self, name: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == name]
 
 
 class TrackedState:
@@ -66,11 +54,7 @@ class Harness:
         self.vt = VirtualTime(T0)
         self.source = MemorySource(specs, self.vt.clock, self.vt.sleep, latency_s, page_size)
         self.store = MemoryStore()
-        self.recorder = Recorder()
-        logger = logging.getLogger(f"test.live.{id(self)}")
-        logger.addHandler(self.recorder)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
+        logger, self.recorder = recording_logger("test.live")
         self.events = EventLog(logger, {"exchange": "binance"})
         self.tmp_path = tmp_path
         self.metrics = Metrics(clock=self.vt.clock)

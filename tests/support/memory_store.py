@@ -1,29 +1,64 @@
-"""A store fake with fault knobs (after dlt's fake destination), on the CandleStore contract."""
+"""A store fake with fault knobs (after dlt's dummy destination), on the CandleStore contract.
+
+Knobs, as constructor keywords and as attributes to change mid-test:
+- `fail_next_writes`: that many writes raise TransientStoreError, then writes succeed again;
+- `fail_permanently`: every write raises PermanentStoreError until it is set back to False;
+- `write_delay_s`: each write first waits this long on `sleep` (inject a virtual clock's).
+A failed write stores nothing and does not count in `writes`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import numpy as np
 
-from tda_collector.models import CandleBatch, JobKey
+from tda_collector.errors import PermanentStoreError, TransientStoreError
+from tda_collector.models import CandleBatch, Column, JobKey
 
 
 class MemoryStore:
+    """Rows by (key, open time), the newest write winning. `extra_columns=None` takes any
+    extra column; a tuple makes it refuse the others, as the real stores do."""
+
     name = "memory"
     pipeline_pages = 1
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        extra_columns: tuple[Column, ...] | None = None,
+        *,
+        fail_next_writes: int = 0,
+        fail_permanently: bool = False,
+        write_delay_s: float = 0.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.rows: dict[tuple[JobKey, int], tuple] = {}
         self.extra: dict[tuple[JobKey, int], dict[str, float]] = {}
-        self.fail_next_writes = 0
+        self.columns = None if extra_columns is None else {c.name for c in extra_columns}
+        self.fail_next_writes = fail_next_writes
+        self.fail_permanently = fail_permanently
+        self.write_delay_s = write_delay_s
+        self.sleep = sleep
         self.writes = 0
 
     async def ensure(self) -> None:
         return None
 
     async def write(self, batch: CandleBatch) -> int:
+        if not len(batch):
+            return 0
+        if self.write_delay_s:
+            await self.sleep(self.write_delay_s)
+        unknown = sorted(set(batch.extra) - self.columns) if self.columns is not None else []
+        if unknown:
+            raise PermanentStoreError(f"columns {unknown} are not in the store's schema")
+        if self.fail_permanently:
+            raise PermanentStoreError("memory store refused the write (injected)")
         if self.fail_next_writes:
             self.fail_next_writes -= 1
-            raise OSError("disk full (injected)")
+            raise TransientStoreError("disk full (injected)")
         self.writes += 1
         for i, ts in enumerate(batch.timestamps.tolist()):
             self.rows[(batch.key, ts)] = (

@@ -1,12 +1,17 @@
-"""Store factories for the contract tests: each yields (store, rows) for a fresh store."""
+"""Store factories for the contract tests: each yields (store, rows) for a fresh store; the
+`..._failing_transiently` ones yield (store, rows, clear), a store whose writes fail
+transiently until `await clear()`."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from contextlib import asynccontextmanager
 
 import duckdb
 import numpy as np
+from memory_store import MemoryStore
 
 from tda_collector.models import TABLE_NAME, CandleBatch, JobKey
 from tda_collector.observability.events import EventLog
@@ -55,6 +60,87 @@ async def duckdb_store(tmp_path):
         yield store, rows
     finally:
         await store.close()
+
+
+_HOLD_LOCK = """import sys, duckdb
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+class LockHolder:
+    """Another process holding DuckDB's lock on a file (DuckDB allows one writing process)
+    until `release()`."""
+
+    def __init__(self, path: str) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_LOCK, path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None and self._process.stdin is not None
+        if self._process.stdout.readline().strip() != "locked":
+            self.release()
+            raise RuntimeError(f"the lock holder could not open {path}")
+
+    def release(self) -> None:
+        if self._process.returncode is None:
+            self._process.communicate(timeout=30)  # closes its stdin: it exits
+
+
+@asynccontextmanager
+async def duckdb_store_failing_transiently(tmp_path):
+    """An opened store whose file another process has taken: as if its connection had been
+    lost, the next write must open the file again and finds it locked (an IOException)."""
+    async with duckdb_store(tmp_path) as (store, rows):
+        await store._run(store._close)
+        holder = LockHolder(store._path)
+
+        async def clear() -> None:
+            holder.release()
+
+        try:
+            yield store, rows, clear
+        finally:
+            holder.release()
+
+
+def memory_rows(store: MemoryStore, key: JobKey) -> list[dict]:
+    """What users query from the memory store, in the shape of the other stores' rows."""
+    names = ("timestamp_ms", "open", "high", "low", "close", "volume", "is_closed")
+    series = {"exchange": key.exchange, "symbol": key.symbol, "timeframe": key.timeframe}
+    return [
+        {**series, **dict(zip(names, row, strict=True)), **store.extra[(key, row[0])]}
+        for row in store.series_rows(key)
+    ]
+
+
+@asynccontextmanager
+async def memory_store(tmp_path):
+    """The in-memory fake, held to the same contract (`tmp_path` is unused)."""
+    store = MemoryStore(extra_columns=())
+    await store.ensure()
+
+    async def rows(key: JobKey) -> list[dict]:
+        return memory_rows(store, key)
+
+    try:
+        yield store, rows
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def memory_store_failing_transiently(tmp_path):
+    async with memory_store(tmp_path) as (store, rows):
+        store.fail_next_writes = 1_000
+
+        async def clear() -> None:
+            store.fail_next_writes = 0
+
+        yield store, rows, clear
 
 
 KEY = JobKey("binance", "BTC/USDT", "1m")

@@ -5,7 +5,9 @@
                                 separated), exchange, symbol, timeframe, mode, q (part of the id);
                                 paging: limit, offset
     GET  /jobs/{id}             one job (404 if unknown)
-    GET  /progress              the run's totals, rates, ETA and each exchange's budget use
+    GET  /progress              the run's totals, rates, ETA and each exchange's budget use;
+                                "paused": [{"exchange", "status", "resume_at"}] for exchanges
+                                that asked to be left alone past retry.retry_after_max_seconds
     POST /jobs/{id}/pause|resume|cancel   the job after the move; 409 {"error"} when refused
     POST /pause, POST /resume   every job that can move; {"changed": n}
 
@@ -25,16 +27,10 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from ..exchange.throttle import Pauses
+from ..jobs.model import PAUSED, PENDING, RUNNING, STATUSES, USER_ACTIONS, TransitionRefused
 from ..jobs.progress import Progress
-from ..jobs.registry import (
-    PAUSED,
-    PENDING,
-    RUNNING,
-    STATUSES,
-    USER_ACTIONS,
-    JobRegistry,
-    TransitionRefused,
-)
+from ..jobs.registry import JobRegistry
 from .status_page import STATUS_PAGE
 
 _FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
@@ -79,10 +75,17 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class JobsApi:
-    def __init__(self, registry: JobRegistry, progress: Progress, access: AdminAccess) -> None:
+    def __init__(
+        self,
+        registry: JobRegistry,
+        progress: Progress,
+        access: AdminAccess,
+        pauses: Pauses | None = None,
+    ) -> None:
         self._registry = registry
         self._progress = progress
         self._access = access
+        self._pauses = pauses if pauses is not None else Pauses()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -106,7 +109,8 @@ class JobsApi:
         return web.Response(text=STATUS_PAGE, content_type="text/html", charset="utf-8")
 
     async def progress(self, request: web.Request) -> web.Response:
-        return web.json_response(self._progress.summary().to_json())
+        paused = [p.to_json() for p in self._pauses.active()]
+        return web.json_response({**self._progress.summary().to_json(), "paused": paused})
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         query = request.query
@@ -125,14 +129,14 @@ class JobsApi:
             jobs = [job for job in jobs if job.status in statuses]
         chosen = jobs[offset : None if limit is None else offset + limit]
         return web.json_response(
-            {"total": len(jobs), "offset": offset, "jobs": [job.to_json() for job in chosen]}
+            {"total": len(jobs), "offset": offset, "jobs": [job.record.to_json() for job in chosen]}
         )
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         if job is None:
             return _error(404, f"no job {request.match_info['id']}")
-        return web.json_response(job.to_json())
+        return web.json_response(job.record.to_json())
 
     async def command(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
@@ -144,7 +148,7 @@ class JobsApi:
         except TransitionRefused as exc:
             return _error(409, str(exc))
         await self._registry.flush()
-        return web.json_response(job.to_json())
+        return web.json_response(job.record.to_json())
 
     async def pause_all(self, request: web.Request) -> web.Response:
         changed = self._registry.command_all("pause", (PENDING, RUNNING))
@@ -158,7 +162,12 @@ class JobsApi:
 
 
 def jobs_routes(
-    registry: JobRegistry, progress: Progress, host: str, token: str | None, token_env: str
+    registry: JobRegistry,
+    progress: Progress,
+    host: str,
+    token: str | None,
+    token_env: str,
+    pauses: Pauses | None = None,
 ) -> list[web.RouteDef]:
     access = AdminAccess(is_loopback(host), token, token_env)
-    return JobsApi(registry, progress, access).routes()
+    return JobsApi(registry, progress, access, pauses).routes()

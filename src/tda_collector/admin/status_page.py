@@ -43,7 +43,7 @@ header button{font-size:13px}
 <div class="stats" id="stats"></div></section>
 <section><h2>Exchange budgets</h2><table id="budgets"><thead><tr><th>exchange</th>
 <th>requests/s</th><th>limit/s</th><th>budget/s</th><th>budget used</th><th>jobs done</th>
-</tr></thead><tbody></tbody></table></section>
+<th>paused</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Jobs <span id="shown"></span></h2>
 <p><select id="status"><option value="">every status</option></select>
 <input id="q" placeholder="filter by id, e.g. BTC" size="24"></p>
@@ -113,6 +113,7 @@ function renderProgress(p) {
     d.appendChild(el("span", s, "chip " + s)); stats.push(d);
   }
   $("stats").replaceChildren(...stats);
+  const paused = new Map((p.paused || []).map((x) => [x.exchange, x]));
   $("budgets").tBodies[0].replaceChildren(...p.exchanges.map((x) => {
     const tr = el("tr");
     tr.appendChild(el("td", x.id));
@@ -122,6 +123,9 @@ function renderProgress(p) {
     const used = el("td"); used.appendChild(bar(x.budget_used));
     used.appendChild(el("span", pct(x.budget_used))); tr.appendChild(used);
     tr.appendChild(el("td", num(x.done) + " / " + num(x.jobs)));
+    const pause = paused.get(x.id);  // a Retry-After or ban past retry.retry_after_max_seconds
+    tr.appendChild(el("td", pause ? "until " + pause.resume_at + " (HTTP " + pause.status + ")"
+      : "", "err"));
     return tr;
   }));
   $("updated").textContent = new Date(p.updated_ms).toLocaleTimeString();

@@ -163,7 +163,17 @@ class CcxtExchange:
                 return limit
         return Capabilities().max_page_size
 
-    def _record_response(self, code, reason, url, method, headers, body, req_headers, req_body):
+    def _record_response(
+        self,
+        code: int,
+        reason: str,
+        url: str,
+        method: str,
+        headers: Mapping[str, str] | None,
+        body: str,
+        req_headers: Any,
+        req_body: Any,
+    ) -> str:
         """ccxt's hook before it parses a body: what we return is what ccxt parses."""
         meta = _current_response.get()
         if self._used_weight_listener is not None:

@@ -1,9 +1,9 @@
-"""Candle requests with the exchange's shared budget, retries and server feedback.
+"""Requests to one exchange with its shared budget, the job gate, retries and server feedback.
 
-Every request first takes a slot from the exchange's one `RateLimiter`. Transient faults are
-retried per page with the `RetryPolicy` (tenacity runs the loop); a 429/418 pauses the whole
-exchange's limiter until the exchange's `Retry-After` before anyone asks again. Permanent faults
-propagate at once.
+Every request first takes a slot from the exchange's one `RateLimiter`, then asks the gate (a
+paused job's request never leaves). Transient faults are retried per page by `retry_async` with
+the `RetryPolicy`; a 429/418 pauses the whole exchange's limiter for the exchange's `Retry-After`
+(see `Throttle`) before anyone asks again. Permanent faults propagate at once.
 """
 
 from __future__ import annotations
@@ -12,36 +12,27 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from functools import partial
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from typing import Any, TypeVar
 
 from ..errors import ExchangeFault, PermanentFault, RateLimited, TransientFault
 from ..models import JobKey, RawCandles
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from ..retry import RetryPolicy
+from ..retry import Failure, RetryPolicy, retry_async
 from .ratelimit import RateLimiter
 from .source import CandleSource
+from .throttle import Pauses, Throttle
 
-# A rate-limit answer says "wait", not "broken": it does not use up the transient attempts,
-# but an exchange that keeps refusing after this many waits in a row is reported.
-MAX_RATE_LIMITED_WAITS = 20
+T = TypeVar("T")
+
+# Raises when the job may not send a request now (the job registry's `JobPaused`).
+Gate = Callable[[JobKey], None]
 
 
 def _outcome(exc: ExchangeFault) -> str:
     if isinstance(exc, RateLimited):
         return "rate_limited"
     return "permanent" if isinstance(exc, PermanentFault) else "transient"
-
-
-@dataclass
-class _Tally:
-    """Failed attempts of one page so far, by kind."""
-
-    transient: int = 0
-    rate_limited: int = 0
 
 
 class Fetcher:
@@ -55,7 +46,12 @@ class Fetcher:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
+        gate: Gate | None = None,
+        pauses: Pauses | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """`gate` is asked right before each candle request leaves; `pauses` collects the run's
+        long exchange pauses (for /readyz); `wall` is the epoch clock their times are read on."""
         self.source = source
         self._metrics = metrics or Metrics()
         self.limiter = limiter
@@ -64,95 +60,95 @@ class Fetcher:
         self._rng = rng or random.Random()
         self._clock = clock
         self._sleep = sleep
+        self._gate = gate
+        self.throttle = Throttle(
+            source.id, limiter, policy, events, self._metrics, pauses, clock, wall
+        )
         self.requests = 0
 
-    def _tally(self, tally: _Tally, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RateLimited):
-            tally.rate_limited += 1
-        else:
-            tally.transient += 1
+    async def open(self, forever: bool) -> None:
+        """Load markets and the clock, retrying transient faults like any other request. A live
+        daemon keeps trying (`forever`: an exchange down at boot is downtime like any other); a
+        history run gives up after the policy's attempts."""
 
-    def _wait(self, tally: _Tally, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RateLimited):
-            return 0.0  # the limiter's pause holds every task of the exchange
-        return self._policy.delay(tally.transient, self._rng)
+        async def attempt() -> None:
+            await self.limiter.acquire(2)  # markets + server time
+            await self.source.open()
 
-    def _stop(self, tally: _Tally, state: RetryCallState) -> bool:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RateLimited):
-            return tally.rate_limited > MAX_RATE_LIMITED_WAITS
-        return self._policy.gives_up_after(tally.transient)
-
-    def _on_rate_limited(self, key: JobKey, exc: RateLimited, attempt: int) -> None:
-        wait_s = exc.retry_after_s if exc.retry_after_s is not None else self._policy.ceiling(1)
-        self.limiter.pause_until(self._clock() + wait_s)
-        log = self._events.error if exc.status == 418 else self._events.warning
-        log(
-            "rate_limited",
-            f"{key.exchange} answered {exc.status}; every request waits {wait_s:.1f}s",
-            symbol=key.symbol,
-            timeframe=key.timeframe,
-            status=exc.status,
-            wait_s=round(wait_s, 3),
-            attempt=attempt,
-        )
+        await self._retry(attempt, self._reporter("could not load markets; "), forever)
 
     async def candles(self, key: JobKey, since_ms: int, until_ms: int, limit: int) -> RawCandles:
-        """One page of raw candles opening in [since_ms, until_ms], retried as the policy says."""
-        tally = _Tally()
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((TransientFault, RateLimited)),
-            after=partial(self._tally, tally),
-            wait=partial(self._wait, tally),
-            stop=partial(self._stop, tally),
-            sleep=self._sleep,
-            before_sleep=partial(self._before_retry, key, tally),
-            reraise=True,
+        """One page of raw candles opening in [since_ms, until_ms], retried as the policy says;
+        the gate's error (a paused job) propagates before anything is sent."""
+        return await self._retry(
+            lambda: self._request(key, since_ms, until_ms, limit),
+            self._reporter("", symbol=key.symbol, timeframe=key.timeframe),
+            forever=False,
         )
-        async for attempt in retrying:
-            with attempt:
-                cost = self.source.capabilities.ohlcv_request_cost
-                await self.limiter.acquire(cost)
-                self.requests += 1
-                started = self._clock()
-                try:
-                    rows = await self.source.fetch_ohlcv(
-                        key.symbol, key.timeframe, since_ms, until_ms, limit
-                    )
-                except ExchangeFault as exc:
-                    self._count(key, _outcome(exc), started, cost)
-                    if isinstance(exc, RateLimited) and exc.status in (418, 429):
-                        self._metrics.throttled(key.exchange, exc.status)
-                    raise
-                self._count(key, "ok", started, cost)
-                self._events.debug(
-                    "fetch_ok",
-                    f"{len(rows)} candles",
-                    symbol=key.symbol,
-                    timeframe=key.timeframe,
-                    rows=len(rows),
-                    duration_ms=round((self._clock() - started) * 1000, 1),
-                )
-                return rows
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _reporter(self, prefix: str, **fields: Any) -> Callable[[Failure], None]:
+        """Tells about each failure that is retried: a refusal through the throttle, a transient
+        fault as `backoff_retry`. The error that ends the loop is the caller's to report."""
+
+        def report(failure: Failure) -> None:
+            if failure.gives_up:
+                return
+            exc = failure.error
+            if isinstance(exc, RateLimited):
+                self.throttle.report(exc, failure.wait_s, failure.attempt, **fields)
+                return
+            self._events.warning(
+                "backoff_retry",
+                f"{prefix}retrying in {failure.wait_s:.1f}s",
+                **fields,
+                attempt=failure.attempt,
+                status=getattr(exc, "status", None),
+                error=str(exc)[:500],
+                wait_s=round(failure.wait_s, 3),
+            )
+
+        return report
+
+    async def _retry(
+        self, call: Callable[[], Awaitable[T]], report: Callable[[Failure], None], forever: bool
+    ) -> T:
+        return await retry_async(
+            call,
+            self._policy,
+            transient=(TransientFault,),
+            on_failure=report,
+            pause=self.throttle.pause,  # holds every task of the exchange, this one included
+            forever=forever,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+
+    async def _request(self, key: JobKey, since_ms: int, until_ms: int, limit: int) -> RawCandles:
+        cost = self.source.capabilities.ohlcv_request_cost
+        await self.limiter.acquire(cost)
+        if self._gate is not None:
+            self._gate(key)  # after the wait for a slot: a pause during it still holds
+        self.requests += 1
+        started = self._clock()
+        try:
+            rows = await self.source.fetch_ohlcv(
+                key.symbol, key.timeframe, since_ms, until_ms, limit
+            )
+        except ExchangeFault as exc:
+            self._count(key, _outcome(exc), started, cost)
+            if isinstance(exc, RateLimited) and exc.status in (418, 429):
+                self._metrics.throttled(key.exchange, exc.status)
+            raise
+        self._count(key, "ok", started, cost)
+        self._events.debug(
+            "fetch_ok",
+            f"{len(rows)} candles",
+            symbol=key.symbol,
+            timeframe=key.timeframe,
+            rows=len(rows),
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
+        return rows
 
     def _count(self, key: JobKey, outcome: str, started: float, cost: float) -> None:
         self._metrics.request(key.exchange, outcome, self._clock() - started, cost)
-
-    def _before_retry(self, key: JobKey, tally: _Tally, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, RateLimited):
-            self._on_rate_limited(key, exc, tally.rate_limited)
-            return
-        self._events.warning(
-            "backoff_retry",
-            f"retrying in {state.upcoming_sleep:.1f}s",
-            symbol=key.symbol,
-            timeframe=key.timeframe,
-            attempt=tally.transient,
-            status=getattr(exc, "status", None),
-            error=str(exc),
-            wait_s=round(state.upcoming_sleep, 3),
-        )

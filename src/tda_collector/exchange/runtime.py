@@ -6,21 +6,21 @@ Built from the config once per run; everything that talks to one exchange shares
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..config import Config, ExchangeConfig
-from ..errors import RateLimited, TransientFault, UsageError
+from ..errors import UsageError
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
 from .ccxt_source import CcxtExchange
-from .fetcher import Fetcher
+from .fetcher import Fetcher, Gate
 from .ratelimit import RateLimiter, burst_for
 from .source import CandleSource, Capabilities, UsedWeightRule
+from .throttle import Pauses
 from .universe import check_symbols, check_timeframes, filter_markets, merge_symbols, top_by_volume
 from .weight_guard import UsedWeightGuard
 
@@ -82,7 +82,9 @@ def used_weight_rule(
 
 def retry_policy(config: Config) -> RetryPolicy:
     r = config.retry
-    return RetryPolicy(r.base_seconds, r.factor, r.cap_seconds, r.attempts)
+    return RetryPolicy(
+        r.base_seconds, r.factor, r.cap_seconds, r.attempts, r.retry_after_max_seconds
+    )
 
 
 def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig]:
@@ -94,41 +96,6 @@ def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig
         )
     wanted = request.exchanges or tuple(configured)
     return [configured[e] for e in wanted]
-
-
-async def _open_source(
-    source: CandleSource,
-    limiter: RateLimiter,
-    policy: RetryPolicy,
-    events: EventLog,
-    forever: bool,
-) -> None:
-    """Load markets and the clock, retrying transient faults like any other request. A live
-    daemon keeps trying (an exchange down at boot is downtime like any other); a history run
-    gives up after the policy's attempts and exits 1."""
-    attempt = 0
-    rng = random.Random()
-    while True:
-        attempt += 1
-        await limiter.acquire(2)  # markets + server time
-        try:
-            await source.open()
-            return
-        except (TransientFault, RateLimited) as exc:
-            if policy.gives_up_after(attempt) and not forever:
-                raise
-            wait_s = policy.delay(min(attempt, policy.attempts), rng)
-            if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
-                wait_s = max(wait_s, exc.retry_after_s)
-            events.warning(
-                "backoff_retry",
-                f"could not load markets; retrying in {wait_s:.1f}s",
-                attempt=attempt,
-                status=exc.status,
-                error=str(exc)[:500],
-                wait_s=round(wait_s, 3),
-            )
-            await asyncio.sleep(wait_s)
 
 
 async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunRequest) -> list[JobKey]:
@@ -156,9 +123,12 @@ async def open_exchange(
     factory: SourceFactory,
     metrics: Metrics,
     position: int,
+    gate: Gate | None = None,
+    pauses: Pauses | None = None,
 ) -> ExchangeRuntime:
     """Build the exchange's source, limiter and fetcher, load its markets and resolve its jobs;
-    `position` is its index in the config's `exchanges`, for error messages."""
+    `position` is its index in the config's `exchanges`, for error messages. The fetcher asks
+    `gate` before each candle request and reports long pauses to `pauses`."""
     source = factory(cfg)
     try:
         budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
@@ -177,9 +147,11 @@ async def open_exchange(
                 cfg.id, rule, safety, limiter, exchange_events, metrics, source.now_ms
             )
             source.watch_used_weight(rule.header, guard.observe)
-        fetcher = Fetcher(source, limiter, policy, exchange_events, metrics=metrics)
+        fetcher = Fetcher(
+            source, limiter, policy, exchange_events, metrics=metrics, gate=gate, pauses=pauses
+        )
         runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
-        await _open_source(source, limiter, policy, exchange_events, forever=request.mode == "live")
+        await fetcher.open(forever=request.mode == "live")
         runtime.keys = await _job_keys(cfg, source, request)
     except BaseException:
         await source.close()
@@ -193,14 +165,24 @@ async def open_all(
     events: EventLog,
     factory: SourceFactory,
     metrics: Metrics,
+    gate: Gate | None = None,
+    pauses: Pauses | None = None,
 ) -> tuple[list[ExchangeRuntime], BaseException | None]:
     """Open every selected exchange concurrently; the opened ones are returned even when
-    another failed, so that they can be closed."""
+    another failed, so that they can be closed. `gate` and `pauses` go to every fetcher."""
     policy = retry_policy(config)
     opened = await asyncio.gather(
         *(
             open_exchange(
-                cfg, request, events, policy, factory, metrics, config.exchanges.index(cfg)
+                cfg,
+                request,
+                events,
+                policy,
+                factory,
+                metrics,
+                config.exchanges.index(cfg),
+                gate,
+                pauses,
             )
             for cfg in select_exchanges(config, request)
         ),

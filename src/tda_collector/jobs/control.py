@@ -1,5 +1,5 @@
-"""Jobs in a run: registering them (with what a restart carries over), the request gate, running
-a job so that a cancel stops it at once, and the once-a-second background duties.
+"""Jobs in a run: registering them (with what a restart carries over), running a job so that a
+cancel stops it at once, and the once-a-second background duties.
 
 What a restart carries over. History: when the previous history run did not finish (a crash or
 SIGTERM) and this one has the same `--start`, it is a restart of it, and each job keeps its saved
@@ -14,17 +14,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
-from ..exchange.source import CandleSource, Capabilities, MarketInfo
 from ..intervals import subtract
-from ..models import JobKey, RawCandles
+from ..models import JobKey
 from ..observability.events import EventLog
 from ..timeframes import ceil_ms, closed_before, timeframe_ms
-from .ledger import JobRecord, RunRecord, StateStore
+from .ledger import RunRecord, StateStore
+from .model import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRecord
 from .progress import Progress
 from .progress_bar import ProgressBar
-from .registry import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRegistry
+from .registry import JobRegistry
 
 TICK_S = 1.0  # rates sampled and changed job rows saved at least this often
 PROGRESS_EVENT_S = 5.0  # the `progress` event, at most this often
@@ -37,14 +38,18 @@ def history_window(start_ms: int, end_ms: int, tf_ms: int, now_ms: int) -> tuple
     return start, max(start, end)
 
 
-def restore(job: Job, saved: JobRecord, keep_status: Iterable[str]) -> Job:
-    """Carry a saved row's counts, times and last error over to a new job (before `add`), and
-    its status too when that is one of `keep_status`."""
-    if saved.status in set(keep_status):
-        job.status = saved.status
-    job.rows, job.pages, job.last_error = saved.rows, saved.pages, saved.last_error
-    job.last_run_ms, job.next_run_ms = saved.last_run_ms, saved.next_run_ms
-    return job
+def restore(record: JobRecord, saved: JobRecord, keep_status: Iterable[str]) -> JobRecord:
+    """A new job's record with a saved row's counts, times and last error carried over, and its
+    status too when that is one of `keep_status`."""
+    return replace(
+        record,
+        status=saved.status if saved.status in set(keep_status) else record.status,
+        rows=saved.rows,
+        pages=saved.pages,
+        last_error=saved.last_error,
+        last_run_ms=saved.last_run_ms,
+        next_run_ms=saved.next_run_ms,
+    )
 
 
 async def register_history_jobs(
@@ -67,20 +72,19 @@ async def register_history_jobs(
             tf_ms = timeframe_ms(key.timeframe)
             start, end = history_window(start_ms, end_ms, tf_ms, now_ms)
             gaps = subtract((start, end), ledger.get(key, []))
-            job = Job(
+            record = JobRecord.of(
                 key,
                 "history",
-                tf_ms,
                 start_ms=start,
                 end_ms=end,
                 covered_ms=end - start - sum(b - a for a, b in gaps),
                 cursor_ms=gaps[0][0] if gaps else end,
             )
             if key in saved:
-                restore(job, saved[key], (PAUSED, CANCELLED))
-            if not gaps and job.status == PENDING:
-                job.status = COMPLETED
-            jobs.append(registry.add(job))
+                record = restore(record, saved[key], (PAUSED, CANCELLED))
+            if not gaps and record.status == PENDING:
+                record = replace(record, status=COMPLETED)
+            jobs.append(registry.add(Job(record)))
     return jobs
 
 
@@ -98,10 +102,10 @@ async def register_live_jobs(
 ) -> None:
     saved = {r.key: r for r in await state.load_jobs("live")}
     for key in keys:
-        job = Job(key, "live", timeframe_ms(key.timeframe), cursor_ms=cursors.get(key))
+        record = JobRecord.of(key, "live", cursor_ms=cursors.get(key))
         if key in saved:
-            restore(job, saved[key], (PAUSED,))
-        registry.add(job)
+            record = restore(record, saved[key], (PAUSED,))
+        registry.add(Job(record))
 
 
 async def run_cancellable(job: Job, work: Coroutine[Any, Any, object]) -> bool:
@@ -119,67 +123,6 @@ async def run_cancellable(job: Job, work: Coroutine[Any, Any, object]) -> bool:
         raise
     finally:
         job.task = None
-
-
-class GatedSource:
-    """A CandleSource that will not send a paused job's request: it raises JobPaused instead.
-
-    The check sits right before the wire, after the limiter and inside the fetcher's retries, so
-    a pause holds even for a request that was waiting for the budget or backing off.
-    """
-
-    def __init__(self, inner: CandleSource, gate: Callable[[JobKey], None]) -> None:
-        self.inner = inner
-        self._gate = gate
-
-    @property
-    def id(self) -> str:  # type: ignore[override]
-        return self.inner.id
-
-    @property
-    def capabilities(self) -> Capabilities:  # type: ignore[override]
-        return self.inner.capabilities
-
-    @property
-    def default_requests_per_second(self) -> float:
-        return self.inner.default_requests_per_second
-
-    @property
-    def timeframes(self) -> set[str]:
-        return self.inner.timeframes
-
-    def now_ms(self) -> int:
-        return self.inner.now_ms()
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    def markets(self) -> list[MarketInfo]:
-        return self.inner.markets()
-
-    async def quote_volumes(self, symbols: list[str]) -> dict[str, float]:
-        return await self.inner.quote_volumes(symbols)
-
-    async def fetch_ohlcv(
-        self, symbol: str, timeframe: str, since_ms: int, until_ms: int, limit: int
-    ) -> RawCandles:
-        self._gate(JobKey(self.inner.id, symbol, timeframe))
-        return await self.inner.fetch_ohlcv(symbol, timeframe, since_ms, until_ms, limit)
-
-    def watch_used_weight(self, header: str, listener: Callable[[int, int], None]) -> None:
-        self.inner.watch_used_weight(header, listener)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-def gated(factory: Callable[[Any], CandleSource], registry: JobRegistry) -> Callable[..., Any]:
-    """Wrap a source factory so that every source it builds asks the registry's gate."""
-
-    def build(config: Any) -> CandleSource:
-        return GatedSource(factory(config), registry.check)
-
-    return build
 
 
 class JobMonitor:

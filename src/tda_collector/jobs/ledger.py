@@ -9,20 +9,36 @@ Beside it, one row per job (exchange, symbol, timeframe, mode) holds what the jo
 status, counts, cursor, last error, last and next run. A history page updates its job row in
 the same transaction as its ledger interval, so the two never disagree after a crash; other
 changes (status, live runs) are saved in batches. A `runs` row per mode tells whether the last
-run finished, which decides what a restart carries over (see `jobs.py`).
+run finished, which decides what a restart carries over (see `control.py`).
+
+The `jobs` table's columns, and the column lists that write and read it, are derived from the
+fields of `JobRecord` (names and SQLite types), so a field is declared in one place; the table
+is the one existing state files hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..intervals import Interval, merge
 from ..models import JobKey
+from .model import JobRecord
+
+# A record field's annotation -> its column type.
+_SQL_TYPES = {
+    "str": "TEXT NOT NULL",
+    "str | None": "TEXT",
+    "int": "INTEGER NOT NULL",
+    "int | None": "INTEGER",
+}
+_JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
+_JOB_KEY = ("exchange", "symbol", "timeframe", "mode")  # a job's identity (see `job_id`)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS coverage (
@@ -31,49 +47,23 @@ CREATE TABLE IF NOT EXISTS coverage (
     PRIMARY KEY (exchange, symbol, timeframe, start_ms)
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL, mode TEXT NOT NULL,
-    status TEXT NOT NULL, start_ms INTEGER, end_ms INTEGER, covered_ms INTEGER NOT NULL,
-    cursor_ms INTEGER, rows INTEGER NOT NULL, pages INTEGER NOT NULL, last_error TEXT,
-    last_run_ms INTEGER, next_run_ms INTEGER, updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe, mode)
+    {columns},
+    PRIMARY KEY ({key})
 );
 CREATE TABLE IF NOT EXISTS runs (
     mode TEXT PRIMARY KEY, start_ms INTEGER, end_ms INTEGER,
     started_ms INTEGER NOT NULL, finished_ms INTEGER
 );
-"""
-_JOB_COLUMNS = (
-    "exchange, symbol, timeframe, mode, status, start_ms, end_ms, covered_ms, cursor_ms, rows,"
-    " pages, last_error, last_run_ms, next_run_ms, updated_ms"
+""".format(
+    columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
+    key=", ".join(_JOB_KEY),
 )
-_UPSERT_JOB = f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+_UPSERT_JOB = (
+    f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * len(_JOB_FIELDS))})"
+)
 
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A job's saved row. `covered_ms` is how much of [start_ms, end_ms) the ledger covers;
-    `cursor_ms` is where the job goes on (history: the first uncovered instant; live: the newest
-    stored closed candle)."""
-
-    exchange: str
-    symbol: str
-    timeframe: str
-    mode: str
-    status: str
-    start_ms: int | None = None
-    end_ms: int | None = None
-    covered_ms: int = 0
-    cursor_ms: int | None = None
-    rows: int = 0
-    pages: int = 0
-    last_error: str | None = None
-    last_run_ms: int | None = None
-    next_run_ms: int | None = None
-    updated_ms: int = 0
-
-    @property
-    def key(self) -> JobKey:
-        return JobKey(self.exchange, self.symbol, self.timeframe)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,7 +97,7 @@ class StateStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self._db: sqlite3.Connection | None = None
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open(self) -> None:

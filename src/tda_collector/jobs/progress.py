@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .registry import OPEN, PAUSED, STATUSES, ExchangeTally, JobRegistry
+from .model import OPEN, PAUSED, STATUSES
+from .registry import ExchangeTally, JobRegistry
 
 RATE_WINDOW_S = 30.0  # rates are over about the last half minute
 _MIN_SPAN_S = 0.5  # no rate from less than this

@@ -1,48 +1,26 @@
-"""Jobs you can watch and steer: statuses, the state machine, stable ids, and the registry.
+"""The registry: every job of the run, by id and by key, and the only writer of their records.
 
-A job is one (exchange, symbol, timeframe, mode). Its id is stable and URL-safe, e.g.
-`binance:BTC-USDT:1m:history`: the symbol's "/" becomes "-", and a symbol that already holds "-"
-or any character outside `A-Z a-z 0-9 . _ :` gets "~" and 8 hex digits of a hash of the exact
-symbol, so that two symbols never share an id.
-
-The registry holds the run's jobs in memory and keeps per-exchange sums current on every change
-(see `progress.py`), so that `/progress` never walks the jobs. It also keeps the set of jobs whose
-saved row is out of date; `flush` writes them in one transaction (history pages save their own
-row with their ledger interval instead: see `StateStore.add_coverage`).
+It keeps per-exchange sums current on every change (see `progress.py`), so that `/progress`
+never walks the jobs. It also keeps the set of jobs whose saved row is out of date; `flush`
+writes them in one transaction (history pages save their own row with their ledger interval
+instead: see `StateStore.add_coverage`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from .ledger import JobRecord, StateStore
+from .ledger import StateStore
+from .model import OPEN, USER_ACTIONS, Job, JobRecord, TransitionRefused, next_status
 
-PENDING, RUNNING, PAUSED = "PENDING", "RUNNING", "PAUSED"
-COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
-STATUSES = (PENDING, RUNNING, PAUSED, COMPLETED, FAILED, CANCELLED)
-OPEN = frozenset({PENDING, RUNNING, PAUSED})  # a run is not over while a job is in one of these
-
-# action -> {from: to}. Users send pause, resume and cancel; the collector itself starts,
-# completes, fails and requeues (a transient failure, or a job resumed while letting go).
-TRANSITIONS: dict[str, dict[str, str]] = {
-    "pause": {PENDING: PAUSED, RUNNING: PAUSED},
-    "resume": {PAUSED: PENDING},
-    "cancel": {PENDING: CANCELLED, RUNNING: CANCELLED, PAUSED: CANCELLED},
-    "start": {PENDING: RUNNING},
-    "complete": {PENDING: COMPLETED, RUNNING: COMPLETED, PAUSED: COMPLETED},
-    "fail": {PENDING: FAILED, RUNNING: FAILED, PAUSED: FAILED},
-    "requeue": {RUNNING: PENDING},
-}
-USER_ACTIONS = ("pause", "resume", "cancel")
 _EVENTS = {"pause": "job_paused", "resume": "job_resumed", "cancel": "job_cancelled"}
 
 
@@ -89,137 +67,14 @@ class ExchangeTally:
             self.remaining -= covered_slots
 
 
-class TransitionRefused(Exception):
-    """The state machine has no such move, e.g. "Cannot pause job in COMPLETED state"."""
-
-
-class JobPaused(Exception):
-    """Raised at a page boundary, or instead of sending a request, when the job is paused."""
-
-
-def next_status(action: str, status: str) -> str:
-    try:
-        return TRANSITIONS[action][status]
-    except KeyError:
-        raise TransitionRefused(f"Cannot {action} job in {status} state") from None
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
-
-
-def job_id(key: JobKey, mode: str) -> str:
-    slug = key.symbol.replace("/", "-")
-    if "-" in key.symbol or _UNSAFE.search(slug):
-        digest = hashlib.blake2b(key.symbol.encode(), digest_size=4).hexdigest()
-        slug = f"{_UNSAFE.sub('_', slug)}~{digest}"
-    return f"{key.exchange}:{slug}:{key.timeframe}:{mode}"
-
-
 def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass(eq=False)
-class Job:
-    """One job's live state. The saved fields mirror `JobRecord`; the rest is run plumbing."""
-
-    key: JobKey
-    mode: str
-    tf_ms: int
-    status: str = PENDING
-    start_ms: int | None = None  # history: the requested window, aligned to the timeframe
-    end_ms: int | None = None
-    covered_ms: int = 0
-    cursor_ms: int | None = None
-    rows: int = 0
-    pages: int = 0
-    last_error: str | None = None
-    last_run_ms: int | None = None
-    next_run_ms: int | None = None
-    updated_ms: int = 0
-    active: bool = False  # a worker or live task is running it right now
-    queued: bool = False  # waiting in a worker pool's queue
-    task: asyncio.Future[object] | None = None  # cancelled by a cancel command
-    requeue: Callable[[Job], None] | None = None  # how a resumed, idle job gets a worker again
-    id: str = field(init=False)
-    _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    def __post_init__(self) -> None:
-        self.id = job_id(self.key, self.mode)
-
-    @property
-    def window_ms(self) -> int | None:
-        if self.start_ms is None or self.end_ms is None:
-            return None
-        return self.end_ms - self.start_ms
-
-    @property
-    def slots(self) -> float:
-        """Candle intervals in the window: the unit progress and ETA count in."""
-        return (self.window_ms or 0) / self.tf_ms
-
-    @property
-    def covered(self) -> float | None:
-        """Fraction of the requested window that the ledger covers (None in live mode)."""
-        window = self.window_ms
-        if window is None:
-            return None
-        return 1.0 if window <= 0 else self.covered_ms / window
-
-    def check(self) -> None:
-        """Raise JobPaused when paused: called before each page and before each request."""
-        if self.status == PAUSED:
-            raise JobPaused(self.id)
-
-    async def wait_unpaused(self) -> None:
-        while self.status == PAUSED:
-            self._wake.clear()
-            await self._wake.wait()
-
-    def record(self) -> JobRecord:
-        k = self.key
-        return JobRecord(
-            k.exchange,
-            k.symbol,
-            k.timeframe,
-            self.mode,
-            self.status,
-            self.start_ms,
-            self.end_ms,
-            self.covered_ms,
-            self.cursor_ms,
-            self.rows,
-            self.pages,
-            self.last_error,
-            self.last_run_ms,
-            self.next_run_ms,
-            self.updated_ms,
-        )
-
-    def to_json(self) -> dict[str, object]:
-        covered = self.covered
-        return {
-            "id": self.id,
-            "exchange": self.key.exchange,
-            "symbol": self.key.symbol,
-            "timeframe": self.key.timeframe,
-            "mode": self.mode,
-            "status": self.status,
-            "start_ms": self.start_ms,
-            "end_ms": self.end_ms,
-            "covered": None if covered is None else round(covered, 6),
-            "cursor_ms": self.cursor_ms,
-            "rows": self.rows,
-            "pages": self.pages,
-            "last_error": self.last_error,
-            "last_run_ms": self.last_run_ms,
-            "next_run_ms": self.next_run_ms,
-            "updated_ms": self.updated_ms,
-        }
-
-
 class JobRegistry:
-    """Every job of this run, by id and by key, with per-exchange tallies kept current."""
+    """Every job of this run, by id and by key, with per-exchange tallies kept current. Every
+    change of a job's record goes through here: one new record per change, stamped with
+    `updated_ms`, tallied, marked for the next `flush` and waking whoever waits on the job."""
 
     def __init__(
         self,
@@ -245,7 +100,8 @@ class JobRegistry:
         if job.id in self.jobs:
             raise ValueError(f"job {job.id} is registered twice")
         self.jobs[job.id] = self._by_key[job.key] = job
-        self.tally(job.key.exchange).add(job.status, job.rows, job.slots, self._uncovered(job))
+        tally = self.tally(job.key.exchange)
+        tally.add(job.status, job.record.rows, job.slots, self._uncovered(job))
         self._changed(job)
         return job
 
@@ -263,20 +119,20 @@ class JobRegistry:
         return self._by_key.get(key)
 
     def check(self, key: JobKey) -> None:
-        """The request gate (see `GatedSource`): JobPaused when that job is paused."""
+        """The request gate (the `Fetcher`'s `gate`): JobPaused when that job is paused."""
         job = self._by_key.get(key)
         if job is not None:
             job.check()
 
     def select(self, **wanted: str | None) -> list[Job]:
-        """Jobs whose attributes equal every given value; `q` is a substring of the id."""
+        """Jobs whose record fields equal every given value; `q` is a substring of the id."""
         text = wanted.pop("q", None)
-        found = self.jobs.values()
+        found = list(self.jobs.values())
         if text:
             found = [j for j in found if text.lower() in j.id.lower()]
         for name, value in wanted.items():
             if value:
-                found = [j for j in found if _attribute(j, name) == value]
+                found = [j for j in found if getattr(j.record, name) == value]
         return list(found)
 
     def counts(self) -> Counter[str]:
@@ -290,10 +146,10 @@ class JobRegistry:
         """Move a job along the state machine (TransitionRefused if it has no such move)."""
         status = next_status(action, job.status)
         self.tally(job.key.exchange).move(job.status, status, self._uncovered(job))
-        job.status = status
-        if error is not None:
-            job.last_error = error
-        self._changed(job)
+        if error is None:
+            self._changed(job, status=status)
+        else:
+            self._changed(job, status=status, last_error=error)
 
     def command(self, job: Job, action: str, log: bool = True) -> None:
         """A user's pause, resume or cancel, with what it sets in motion."""
@@ -342,21 +198,32 @@ class JobRegistry:
         interval. [since, covered_to) was uncovered, so the covered length grows by exactly it."""
         grown = max(0, covered_to_ms - since_ms)
         self.tally(job.key.exchange).grow(rows, grown / job.tf_ms, job.status in OPEN)
-        job.covered_ms += grown
-        job.cursor_ms = covered_to_ms
-        job.rows += rows
-        job.pages += 1
-        job.last_run_ms = job.updated_ms = self.clock_ms()
-        return job.record()
+        was, now = job.record, self.clock_ms()
+        job.changed(
+            replace(
+                was,
+                covered_ms=was.covered_ms + grown,
+                cursor_ms=covered_to_ms,
+                rows=was.rows + rows,
+                pages=was.pages + 1,
+                last_run_ms=now,
+                updated_ms=now,
+            )
+        )
+        return job.record
 
-    def note(self, job: Job, rows: int = 0, **changes: object) -> None:
-        """Live runs: rows written and new last/next run, cursor or last error."""
+    def note(self, job: Job, rows: int = 0, **changes: Any) -> None:
+        """Live runs: `rows` more written, and new values of record fields (last/next run,
+        cursor, last error); TypeError for a name that is not a field."""
         if rows:
             self.tally(job.key.exchange).grow(rows, 0.0, False)
-            job.rows += rows
-        for name, value in changes.items():
-            setattr(job, name, value)
-        self._changed(job, metrics=False)
+            changes["rows"] = job.record.rows + rows
+        self._changed(job, metrics=False, **changes)
+
+    def run_started(self, job: Job, at_ms: int) -> None:
+        """A live run of the job starts at `at_ms`: count it and show it as its last run."""
+        job.runs += 1
+        self.note(job, last_run_ms=at_ms)
 
     # -- persistence
     async def flush(self) -> None:
@@ -364,31 +231,22 @@ class JobRegistry:
         if self._state is None or not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        records = [job.record() for job in dirty.values()]
         try:
-            await self._state.save_jobs(records)
+            await self._state.save_jobs([job.record for job in dirty.values()])
         except BaseException:
-            for record in records:  # try again at the next flush
-                job = self._by_key[record.key]
-                self._dirty[job.id] = job
+            for job_id, job in dirty.items():  # try again at the next flush
+                self._dirty.setdefault(job_id, job)
             raise
 
     # -- internals
     def _uncovered(self, job: Job) -> float:
-        return max(0.0, job.slots - job.covered_ms / job.tf_ms)
+        return max(0.0, job.slots - job.record.covered_ms / job.tf_ms)
 
-    def _changed(self, job: Job, metrics: bool = True) -> None:
-        job.updated_ms = self.clock_ms()
+    def _changed(self, job: Job, metrics: bool = True, **changes: Any) -> None:
+        job.changed(replace(job.record, updated_ms=self.clock_ms(), **changes))
         self._dirty[job.id] = job
-        job._wake.set()
         exchange = job.key.exchange
         if not self.tally(exchange).open_jobs and exchange in self._settled:
             self._settled[exchange].set()
         if metrics and self._metrics is not None:
             self._metrics.set_jobs(self.counts())
-
-
-def _attribute(job: Job, name: str) -> object:
-    if name in ("exchange", "symbol", "timeframe"):
-        return getattr(job.key, name)
-    return getattr(job, name)

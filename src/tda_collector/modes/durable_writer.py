@@ -1,8 +1,9 @@
 """Durable writes with retries: rows are retried, never dropped.
 
 Both modes write through this, so a store fault is handled the same way everywhere: each
-failure is logged as `store_write_error`, retried with backoff, and after the last attempt a
-`StoreFault` tells the caller not to move its cursor.
+failure is logged as `store_write_error`; a transient one (or one the store did not classify) is
+retried with backoff, and after the last attempt a `StoreFault` tells the caller not to move its
+cursor; a `PermanentStoreError` is raised at once, since retrying cannot help.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..errors import StoreFault
 from ..models import CandleBatch
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from ..retry import RetryPolicy
+from ..retry import Failure, RetryPolicy, is_permanent, retry_async
 from ..store import CandleStore
 from ..timeframes import timeframe_ms
 from .indicator_stage import IndicatorStage
@@ -59,33 +60,45 @@ class DurableWriter:
         return written
 
     async def write_as_is(self, batch: CandleBatch) -> int:
-        """Write the rows exactly as given (no indicator step), with retries."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                written = await self.store.write(batch)
-            except Exception as exc:  # a store may raise whatever its client raises
-                self._metrics.store_write_error(self.store.name)
-                self._events.error(
-                    "store_write_error",
-                    f"writing {len(batch)} rows to {self.store.name} failed",
-                    exchange=batch.key.exchange,
-                    symbol=batch.key.symbol,
-                    timeframe=batch.key.timeframe,
-                    rows=len(batch),
-                    attempt=attempt,
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                )
-                if self._policy.gives_up_after(attempt):
-                    raise StoreFault(f"store write failed {attempt} times: {exc}") from exc
-                await self._sleep(self._policy.delay(attempt, self._rng))
-                continue
-            self._metrics.rows_written(self.store.name, written)
-            newest = batch.newest_closed_ms
-            if newest is not None:
-                key, tf_ms = batch.key, timeframe_ms(batch.key.timeframe)
-                self._metrics.newest_closed_candle(
-                    key.exchange, key.symbol, key.timeframe, (newest + tf_ms) / 1000
-                )
-            return written
+        """Write the rows exactly as given (no indicator step). A `PermanentStoreError` is raised
+        at once; any other error is retried as the policy says (an unclassified one counts as
+        transient: rows are never dropped on a guess), then a `StoreFault` is raised. Each failed
+        attempt is a `store_write_error` event."""
+
+        def report(failure: Failure) -> None:
+            self._metrics.store_write_error(self.store.name)
+            exc = failure.error
+            self._events.error(
+                "store_write_error",
+                f"writing {len(batch)} rows to {self.store.name} failed",
+                exchange=batch.key.exchange,
+                symbol=batch.key.symbol,
+                timeframe=batch.key.timeframe,
+                rows=len(batch),
+                attempt=failure.attempt,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+
+        try:
+            written = await retry_async(
+                lambda: self.store.write(batch),
+                self._policy,
+                transient=(Exception,),  # a store may raise whatever its client raises
+                on_failure=report,
+                sleep=self._sleep,
+                rng=self._rng,
+            )
+        except Exception as exc:
+            if is_permanent(exc):
+                raise  # as the store said it, reason and all
+            raise StoreFault(
+                f"store write failed {self._policy.attempts} times: {exc}", permanent=False
+            ) from exc
+        self._metrics.rows_written(self.store.name, written)
+        newest = batch.newest_closed_ms
+        if newest is not None:
+            key, tf_ms = batch.key, timeframe_ms(batch.key.timeframe)
+            self._metrics.newest_closed_candle(
+                key.exchange, key.symbol, key.timeframe, (newest + tf_ms) / 1000
+            )
+        return written

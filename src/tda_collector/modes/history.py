@@ -3,42 +3,39 @@
 A job pages forward through the parts of its range the ledger does not cover yet. Each page is
 normalised, written (durably), and only then added to the ledger, together with the job row that
 counts it; so a rerun of a finished range asks for nothing, and a crash costs at most the pages
-that were in flight. A paused job stops between pages (and no request of it leaves: see
-`GatedSource`); resuming runs it again from the ledger, which is exactly where it stopped.
+that were in flight. A paused job stops between pages (and no request of it leaves: the
+fetcher's gate refuses it); resuming runs it again from the ledger, which is exactly where it
+stopped. The page step itself (fetch, normalise, report rejections) is `pipeline.PageStep`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..errors import ExchangeFault, PermanentFault, StoreFault
+from ..errors import ExchangeFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..intervals import subtract
 from ..jobs.ledger import StateStore
-from ..jobs.registry import COMPLETED, FAILED, PAUSED, Job, JobPaused, JobRegistry
-from ..models import CandleBatch, JobKey
-from ..normalize import Window, normalize_page
+from ..jobs.model import COMPLETED, FAILED, PAUSED, Job, JobPaused
+from ..jobs.registry import JobRegistry
+from ..models import CandleBatch
+from ..normalize import Window
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
+from ..retry import is_permanent
 from .durable_writer import DurableWriter
-from .rejections import report_rejections
-
-
-def _forget_stored(task: asyncio.Future[int]) -> None:
-    """Mark the outcome seen: the job that awaited it may be gone (cancelled); faults it met
-    were reported by the writer."""
-    if not task.cancelled():
-        task.exception()
+from .pipeline import PageStep, ShieldedWrites, forget
 
 
 @dataclass
-class JobResult:
-    key: JobKey
+class HistoryOutcome:
+    """What one run of a history job came to, counted as its pages are stored: COMPLETED,
+    PAUSED (it let go of its worker at a page boundary) or FAILED, with the error and whether
+    a retry may help. The pool applies it to the job (see `ExchangeHistory`)."""
+
     status: str = COMPLETED
     rows: int = 0
     pages: int = 0
@@ -71,9 +68,9 @@ class HistoryBackfill:
         metrics: Metrics,
         registry: JobRegistry,
     ) -> None:
-        self._fetcher = fetcher
+        self._step = PageStep(fetcher, events, metrics)
         self._registry = registry
-        self._storing: set[asyncio.Future[int]] = set()
+        self._writes = ShieldedWrites()
         self._metrics = metrics
         self._writer = writer
         self._state = state
@@ -81,7 +78,7 @@ class HistoryBackfill:
         self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
         self._pipeline_pages = max(1, writer.store.pipeline_pages)
 
-    async def _fill(self, job: Job, gap: tuple[int, int], result: JobResult) -> None:
+    async def _fill(self, job: Job, gap: tuple[int, int], result: HistoryOutcome) -> None:
         """Page through `gap`. Up to the store's `pipeline_pages` writes of the job may be under
         way while the next page is fetched, since stores gather pages of many jobs into one
         commit or load job; a crash refetches at most that many pages. The ledger is a set of
@@ -93,15 +90,13 @@ class HistoryBackfill:
             while True:
                 job.check()  # paused: let go of the worker between pages
                 started = time.monotonic()
-                raw = await self._fetcher.candles(key, since, end - 1, self._page_limit)
-                page = normalize_page(raw, key, tf_ms, Window(since, end, closed_before_ms=end))
-                if page.rejected:
-                    result.rejected.update(page.rejected)
-                    report_rejections(self._events, self._metrics, key, page.rejected)
+                window = Window(since, end, closed_before_ms=end)
+                page = await self._step.fetch(key, tf_ms, window, end - 1, self._page_limit)
+                result.rejected.update(page.rejected)
                 following = next_since(since, page.newest_open_ms, tf_ms, end)
                 covered_to = end if following is None else following
                 pending.append(
-                    self._shielded(self._store(job, page.batch, since, covered_to, started))
+                    self._writes.start(self._store(job, page.batch, since, covered_to, started))
                 )
                 result.pages += 1
                 while len(pending) >= (1 if following is None else self._pipeline_pages):
@@ -110,8 +105,8 @@ class HistoryBackfill:
                     return
                 since = following
         finally:
-            for abandoned in pending:  # a fault or a pause: their outcome is the writer's
-                abandoned.add_done_callback(_forget_stored)
+            for abandoned in pending:
+                forget(abandoned)
 
     async def _store(
         self, job: Job, batch: CandleBatch, since: int, covered_to: int, started: float
@@ -133,33 +128,23 @@ class HistoryBackfill:
         )
         return written
 
-    def _shielded(self, storing: Coroutine[Any, Any, int]) -> Awaitable[int]:
-        """A page being stored finishes even when its job is cancelled meanwhile, so that the
-        job's saved count always matches the rows in the store; `drain` waits for them."""
-        task = asyncio.ensure_future(storing)
-        self._storing.add(task)
-        task.add_done_callback(_forget_stored)
-        task.add_done_callback(self._storing.discard)
-        return asyncio.shield(task)
-
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait for pages still being stored (at most `timeout_s`)."""
-        if self._storing:
-            await asyncio.wait(set(self._storing), timeout=timeout_s)
+        await self._writes.drain(timeout_s)
 
-    async def run_job(self, job: Job, result: JobResult | None = None) -> JobResult:
-        """Backfill the job's window from the ledger on; faults are caught here and reported in
-        the result, and so is a pause (status PAUSED). `result` accumulates across attempts."""
-        result = result or JobResult(job.key)
-        result.status, result.error, result.retryable = COMPLETED, None, False
-        assert job.start_ms is not None and job.end_ms is not None
+    async def run_job(self, job: Job, result: HistoryOutcome) -> HistoryOutcome:
+        """Backfill the job's window from the ledger on, counting into `result` (a fresh one per
+        run, so a cancelled run leaves what it counted), and return it. Faults are caught here
+        and reported in it, and so is a pause (status PAUSED); the job itself is not moved."""
+        start, end = job.record.start_ms, job.record.end_ms
+        assert start is not None and end is not None
         try:
-            for gap in subtract((job.start_ms, job.end_ms), await self._state.coverage(job.key)):
+            for gap in subtract((start, end), await self._state.coverage(job.key)):
                 await self._fill(job, gap, result)
         except JobPaused:
             result.status = PAUSED
         except (ExchangeFault, StoreFault) as exc:
             result.status = FAILED
             result.error = str(exc)
-            result.retryable = not isinstance(exc, PermanentFault)
+            result.retryable = not is_permanent(exc)
         return result

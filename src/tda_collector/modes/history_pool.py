@@ -9,19 +9,39 @@ Jobs that failed on a transient fault are queued once more, at the back, resumin
 ledger. More than `failure_limit` failed jobs stop the exchange: jobs not started yet fail with
 "not run". The pool ends when none of its jobs is PENDING, RUNNING or PAUSED, so a paused job
 keeps the run open until it is resumed or cancelled.
+
+A run of a job returns a `HistoryOutcome`; `_apply` is the one place that moves the job in the
+registry accordingly. The registry's record is the job's truth: the run's summary (`JobResult`)
+reads its final status and error from there.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from dataclasses import dataclass
 
 from ..jobs.control import run_cancellable
-from ..jobs.registry import CANCELLED, COMPLETED, FAILED, PAUSED, PENDING, RUNNING, Job, JobRegistry
+from ..jobs.model import COMPLETED, FAILED, PAUSED, PENDING, RUNNING, Job
+from ..jobs.registry import JobRegistry
+from ..models import JobKey
 from ..observability.events import EventLog
-from .history import HistoryBackfill, JobResult
+from .history import HistoryBackfill, HistoryOutcome
+from .pipeline import DRAIN_ON_STOP_S
 
 NOT_RUN = "not run: the exchange was stopped after too many failures"
-DRAIN_ON_STOP_S = 0.6  # of the 1 s stop budget, for pages being stored
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A history job at the end of the run, for its summary: the final status, the rows stored
+    and candles rejected (by reason) in this run, and for a FAILED job its error."""
+
+    key: JobKey
+    status: str
+    rows: int
+    rejected: Counter[str]
+    error: str | None = None
 
 
 class ExchangeHistory:
@@ -41,7 +61,7 @@ class ExchangeHistory:
         self._failure_limit = failure_limit
         self._events = events
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._results = {job.id: JobResult(job.key) for job in jobs}
+        self._outcomes: dict[str, list[HistoryOutcome]] = {job.id: [] for job in jobs}
         self._retried: set[str] = set()
         self._failures = 0
 
@@ -69,14 +89,15 @@ class ExchangeHistory:
             current = asyncio.current_task()
             stopping = current is not None and current.cancelling() > 0
             await self._backfill.drain(DRAIN_ON_STOP_S if stopping else None)
-        return [self._final(job) for job in self._jobs]
+        return [self._result(job) for job in self._jobs]
 
-    def _final(self, job: Job) -> JobResult:
-        result = self._results[job.id]
-        result.status = job.status
-        if job.status == FAILED:
-            result.error = job.last_error
-        return result
+    def _result(self, job: Job) -> JobResult:
+        outcomes = self._outcomes[job.id]
+        rejected: Counter[str] = Counter()
+        for outcome in outcomes:
+            rejected.update(outcome.rejected)
+        error = job.record.last_error if job.status == FAILED else None
+        return JobResult(job.key, job.status, sum(o.rows for o in outcomes), rejected, error)
 
     async def _worker(self) -> None:
         while True:
@@ -86,33 +107,34 @@ class ExchangeHistory:
                 await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        result = self._results[job.id]
+        outcome = HistoryOutcome()
+        self._outcomes[job.id].append(outcome)  # a cancelled run keeps what it counted
         self._registry.apply(job, "start")
         job.active = True
         try:
-            finished = await run_cancellable(job, self._backfill.run_job(job, result))
+            finished = await run_cancellable(job, self._backfill.run_job(job, outcome))
         finally:
             job.active = False
-        if finished:
-            self._settle(job, result)
-        else:
-            result.status = CANCELLED
+        if finished:  # cancelled: the cancel command has moved it already
+            self._apply(job, outcome)
 
-    def _settle(self, job: Job, result: JobResult) -> None:
-        if result.status == COMPLETED:
+    def _apply(self, job: Job, outcome: HistoryOutcome) -> None:
+        """Move the job as its run came out: complete it, queue it again when it was resumed
+        while letting go, or count the failure (and retry it once, or fail it)."""
+        if outcome.status == COMPLETED:
             self._registry.apply(job, "complete")
-        elif result.status == PAUSED:
+        elif outcome.status == PAUSED:
             if job.status == RUNNING:  # resumed while it was letting go: queue it again
                 self._registry.apply(job, "requeue")
                 self.enqueue(job)
         else:
-            self._failed(job, result)
+            self._failed(job, outcome)
 
-    def _failed(self, job: Job, result: JobResult) -> None:
+    def _failed(self, job: Job, outcome: HistoryOutcome) -> None:
         self._failures += 1
-        error = result.error or "failed"
+        error = outcome.error or "failed"
         limit_reached = self._failures > self._failure_limit
-        if result.retryable and job.id not in self._retried and not limit_reached:
+        if outcome.retryable and job.id not in self._retried and not limit_reached:
             self._retried.add(job.id)
             if job.status == RUNNING:
                 self._registry.apply(job, "requeue", error=error)
@@ -134,5 +156,5 @@ class ExchangeHistory:
         """Fail every job that is not running now: queued, parked or waiting for a retry."""
         for job in self._jobs:
             if job.status in (PENDING, PAUSED) and not job.active:
-                already = self._results[job.id].error if job.id in self._retried else None
+                already = self._outcomes[job.id][-1].error if job.id in self._retried else None
                 self._registry.apply(job, "fail", error=already or NOT_RUN)

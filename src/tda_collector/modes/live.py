@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..config import Config
 from ..errors import ExchangeFault, PermanentFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..jobs.control import register_live_jobs, run_cancellable
 from ..jobs.ledger import StateStore
-from ..jobs.registry import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRegistry
+from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
+from ..jobs.registry import JobRegistry
 from ..models import CandleBatch, JobKey
-from ..normalize import Window, normalize_page
+from ..normalize import Window
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
@@ -34,13 +34,10 @@ from ..store import CandleStore
 from ..timeframes import closed_before, timeframe_ms
 from .durable_writer import DurableWriter
 from .indicator_stage import IndicatorStage
-from .rejections import report_rejections
+from .pipeline import DRAIN_ON_STOP_S, PageStep, ShieldedWrites
 
 if TYPE_CHECKING:
     from ..exchange.runtime import ExchangeRuntime
-
-
-PERSIST_DRAIN_S = 0.6  # of the 1 s stop budget, for in-flight writes
 
 
 def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int:
@@ -53,13 +50,13 @@ def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int
 
 @dataclass
 class LiveJob:
+    """What scheduling a live series needs. What the jobs API shows (runs, last error, rows)
+    lives on `handle`, the registry's job, and changes only through the registry."""
+
     key: JobKey
     tf_ms: int
     cursor_ms: int | None  # newest stored closed candle's open time
     next_due_ms: int = 0
-    last_run_ms: int | None = None
-    last_error: str | None = None
-    runs: int = 0
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
 
     def lag_s(self, now_ms: int) -> float | None:
@@ -81,8 +78,10 @@ class _Cycle:
     failed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LiveSettings:
+    """Live mode's part of the configuration (the app builds it once)."""
+
     refresh_ms: int
     settle_ms: int
     page_limit: int
@@ -102,22 +101,16 @@ class LiveExchange:
     metrics: Metrics
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     registry: JobRegistry = field(default_factory=lambda: JobRegistry("live"))
-    jobs: dict[JobKey, LiveJob] = field(default_factory=dict)
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
-    _persisting: set[asyncio.Future[None]] = field(default_factory=set)
+    _writes: ShieldedWrites = field(default_factory=ShieldedWrites)
+    _step: PageStep = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._step = PageStep(self.fetcher, self.events, self.metrics)
 
     def now_ms(self) -> int:
         return self.fetcher.source.now_ms()
-
-    def lag_by_timeframe(self) -> dict[str, float]:
-        """Worst lag per timeframe across this exchange's jobs (for metrics and events)."""
-        now, lags = self.now_ms(), {}
-        for job in self.jobs.values():
-            lag = job.lag_s(now)
-            if lag is not None:
-                lags[job.key.timeframe] = max(lags.get(job.key.timeframe, 0.0), lag)
-        return lags
 
     async def _persist(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
         """Write, then move the cursor and the ledger: in that order, and not interrupted."""
@@ -155,15 +148,12 @@ class LiveExchange:
             since = job.cursor_ms + job.tf_ms
         rows = pages = 0
         while True:
-            raw = await self.fetcher.candles(job.key, since, boundary, self.settings.page_limit)
             window = Window(since, boundary + job.tf_ms, closed_before_ms=boundary, keep_open=True)
-            page = normalize_page(raw, job.key, job.tf_ms, window)
-            report_rejections(self.events, self.metrics, job.key, page.rejected)
+            page = await self._step.fetch(
+                job.key, job.tf_ms, window, boundary, self.settings.page_limit
+            )
             self._report_holes(job, since, page.batch)
-            persisting = asyncio.ensure_future(self._persist(job, since, page.batch))
-            self._persisting.add(persisting)
-            persisting.add_done_callback(self._persisting.discard)
-            await asyncio.shield(persisting)
+            await self._writes.start(self._persist(job, since, page.batch))
             rows += len(page.batch)
             pages += 1
             newest = page.newest_open_ms
@@ -217,21 +207,17 @@ class LiveExchange:
     async def _run_once(self, job: LiveJob) -> tuple[int, bool]:
         assert self._slots is not None
         async with self._slots:
-            job.last_run_ms = self.now_ms()
-            job.runs += 1
             handle = self._handle(job)
-            self.registry.note(handle, last_run_ms=job.last_run_ms)
+            self.registry.run_started(handle, self.now_ms())
             try:
                 rows = await self.sync(job)
-                job.last_error = None
                 self.registry.note(handle, last_error=None)
                 return rows, False
             except JobPaused:  # paused mid-way: what was stored stays, the rest on resume
                 return 0, False
             except (ExchangeFault, StoreFault) as exc:
                 # The cursor did not move: the next run starts where this one stopped.
-                job.last_error = str(exc)
-                self.registry.note(handle, last_error=job.last_error)
+                self.registry.note(handle, last_error=str(exc))
                 level = (
                     self.events.error if isinstance(exc, PermanentFault) else self.events.warning
                 )
@@ -280,10 +266,9 @@ class LiveExchange:
     async def run(self, jobs: list[LiveJob]) -> None:
         """Start every job with a catch-up sync now (one cycle), then keep them live."""
         self._slots = asyncio.Semaphore(self.settings.concurrency)
-        self.jobs = {job.key: job for job in jobs}
         for job in jobs:
             handle = self.registry.find(job.key) or self.registry.add(
-                Job(job.key, "live", job.tf_ms, cursor_ms=job.cursor_ms)
+                Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
             )
             if handle.status == PENDING:
                 self.registry.apply(handle, "start")
@@ -296,23 +281,12 @@ class LiveExchange:
             await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
         except asyncio.CancelledError:
             # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
-            if self._persisting:
-                await asyncio.wait(set(self._persisting), timeout=PERSIST_DRAIN_S)
+            await self._writes.drain(DRAIN_ON_STOP_S)
             raise
 
 
-def live_settings(config: Config, max_page_size: int) -> LiveSettings:
-    return LiveSettings(
-        refresh_ms=int(config.update_interval_seconds * 1000),
-        settle_ms=int(config.live_settle_seconds * 1000),
-        page_limit=min(config.history_page_limit, max_page_size),
-        initial_candles=config.live_initial_candles,
-        concurrency=config.history_concurrency,
-    )
-
-
 async def run_live(
-    config: Config,
+    settings: LiveSettings,
     events: EventLog,
     runtimes: list[ExchangeRuntime],
     store: CandleStore,
@@ -345,7 +319,10 @@ async def run_live(
             ),
             state,
             exchange_events,
-            live_settings(config, rt.source.capabilities.max_page_size),
+            replace(
+                settings,
+                page_limit=min(settings.page_limit, rt.source.capabilities.max_page_size),
+            ),
             metrics,
             registry=registry,
         )

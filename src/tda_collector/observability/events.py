@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 FIELDS_ATTR = "tda_fields"
-_FIRST_KEYS = ("ts", "level", "event", "message")
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -165,7 +165,7 @@ class LokiHandler(logging.Handler):
         self._thread.start()
 
     # -- the logging side: never blocks on the network
-    def handle(self, record: logging.LogRecord) -> bool | logging.LogRecord:
+    def handle(self, record: logging.LogRecord) -> bool:
         """Like `Handler.handle` but without the handler lock: `emit` is thread-safe on its
         own, and `logging.shutdown` holds that lock around `flush`/`close`, which would make
         the pushing thread's own warning events wait for the flush they are part of."""
@@ -174,7 +174,7 @@ class LokiHandler(logging.Handler):
             record = accepted
         if accepted:
             self.emit(record)
-        return accepted
+        return bool(accepted)  # nothing in logging reads a handler's answer beyond its truth
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -63,6 +63,34 @@ class _LagCollector(Collector):
         yield family
 
 
+class _PausedCollector(Collector):
+    """Until when each exchange is paused after a rate-limit answer (epoch seconds); 0 once
+    that time has passed, read at scrape time so that a pause ends on its own."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._until: dict[str, float] = {}
+        self._lock = Lock()
+
+    def update(self, exchange: str, until_s: float) -> None:
+        with self._lock:
+            self._until[exchange] = max(until_s, self._until.get(exchange, until_s))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tda_exchange_paused_until_seconds",
+            "Epoch seconds until which the exchange asked to be left alone (429/418 with "
+            "Retry-After); 0 when it is not paused.",
+            labels=["exchange"],
+        )
+        now = self._clock()
+        with self._lock:
+            until = sorted(self._until.items())
+        for exchange, until_s in until:
+            family.add_metric([exchange], until_s if until_s > now else 0.0)
+        yield family
+
+
 class Metrics:
     """Every metric the collector exports. Thread-safe (the Loki thread reports drops)."""
 
@@ -154,6 +182,8 @@ class Metrics:
         )
         self._lag = _LagCollector(clock)
         r.register(self._lag)
+        self._paused = _PausedCollector(clock)
+        r.register(self._paused)
         self._job_states: set[str] = set()
         self._jobs_lock = Lock()
 
@@ -184,6 +214,10 @@ class Metrics:
     def throttled(self, exchange: str, status: int) -> None:
         """The exchange answered 429 (slow down) or 418 (banned)."""
         self._throttled.labels(exchange, str(status)).inc()
+
+    def exchange_paused(self, exchange: str, until_s: float) -> None:
+        """No request goes to the exchange before `until_s` (epoch seconds; 0: not paused)."""
+        self._paused.update(exchange, until_s)
 
     def candles_rejected(self, exchange: str, reason: str, count: int) -> None:
         self._rejected.labels(exchange, reason).inc(count)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Literal, Protocol
 
-from ..models import CandleBatch, JobKey
+from ..config import StorageConfig
+from ..models import CandleBatch, Column, JobKey
+from ..observability.events import EventLog
+from .duckdb_store import DuckDBStore
 
 
 class CandleStore(Protocol):
@@ -13,6 +17,13 @@ class CandleStore(Protocol):
     `write` returns only once the rows are durable (committed, or loaded); callers move their
     cursor after it returns and never before. Writing a key again replaces it: the newest
     version wins in what users query.
+
+    Errors (after dlt's transient/terminal split): each store sorts its client's errors in one
+    place. A call that may succeed if repeated raises `TransientStoreError`; one that cannot
+    (an unknown or mistyped column, rows rejected for good, no permission) raises
+    `PermanentStoreError`. A batch with a column the store does not know is refused that way
+    before any of it is stored. `ensure` raises one of them, with a one-line message, when
+    the store cannot be opened. Anything else a store raises is a bug it could not sort.
     """
 
     name: str
@@ -32,3 +43,38 @@ class CandleStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def build_store(
+    config: StorageConfig,
+    events: EventLog,
+    mode: Literal["history", "live"],
+    extra_columns: tuple[Column, ...] = (),
+    environ: Mapping[str, str] | None = None,
+) -> CandleStore:
+    """DuckDB (writes grouped into commits), or BigQuery: streaming inserts for live mode,
+    batched load jobs for history."""
+    if config.backend == "duckdb":
+        duck = config.duckdb
+        return DuckDBStore(
+            duck.path,
+            events,
+            extra_columns,
+            batch_rows=duck.batch_rows,
+            # Live: a candle's latency is what counts, and its writes are a row or two; a
+            # commit then carries the writes made in one turn of the event loop, with no wait.
+            batch_seconds=duck.batch_seconds if mode == "history" else 0.0,
+        )
+    from .bigquery_store import BigQueryStore  # the Google libraries take ~0.5 s to import
+
+    bq = config.bigquery
+    return BigQueryStore(
+        bq,
+        events,
+        mode="load" if mode == "history" else "stream",
+        extra_columns=extra_columns,
+        environ=environ or {},
+        partitioning=bq.partitioning,
+        flush_rows=bq.load_batch_rows,
+        flush_seconds=bq.load_batch_seconds,
+    )

@@ -6,6 +6,8 @@ at once. History mode writes thousands of pages, and a load job per page would e
 appended; the `<table>_latest` view shows one row per key, the newest version.
 
 Every blocking client call runs on a worker thread: the event loop never waits on the network.
+The client's errors are sorted into transient and permanent ones by `bigquery_fault`; only the
+transient ones are retried here, and the caller's DurableWriter retries the whole write on top.
 """
 
 from __future__ import annotations
@@ -15,30 +17,27 @@ import io
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import google.auth
 import pyarrow as pa
-import requests
-from google.api_core import exceptions as api_errors
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ..config import BigQueryConfig
-from ..errors import StoreFault, UsageError
+from ..errors import PermanentStoreError, StoreFault, TransientStoreError, UsageError
 from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
-from ..retry import RetryPolicy
+from ..retry import Failure, RetryPolicy, retry_async
+from .bigquery_errors import bigquery_fault
 from .bigquery_load import MAX_PARTITIONS_PER_JOB, parquet_bytes
 from .bigquery_schema import (
-    RETRYABLE_REASONS,
     RowErrors,
     TableNames,
     check_types,
@@ -62,27 +61,8 @@ _REQUEST_TIMEOUT_S = 60.0
 _LOAD_JOB_TIMEOUT_S = 900.0
 # Retries inside one write; the caller's DurableWriter retries the whole write on top.
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
-_TRANSIENT_ERRORS = (
-    api_errors.ServerError,
-    api_errors.TooManyRequests,
-    requests.ConnectionError,
-    requests.Timeout,
-    ConnectionError,
-    TimeoutError,
-)
 
-
-class _RowsToRetry(Exception):
-    """Some rows of an insertAll request came back with a transient reason."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (_RowsToRetry, *_TRANSIENT_ERRORS)):
-        return True
-    if not isinstance(exc, api_errors.GoogleAPICallError):
-        return False
-    reasons = {e.get("reason") for e in exc.errors or () if isinstance(e, dict)}
-    return not reasons.isdisjoint(RETRYABLE_REASONS)  # e.g. 403 rateLimitExceeded
+T = TypeVar("T")
 
 
 def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) -> bigquery.Client:
@@ -93,7 +73,7 @@ def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) ->
         return bigquery.Client(
             project=project,
             location=config.location,
-            credentials=AnonymousCredentials(),
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options=ClientOptions(api_endpoint=config.api_endpoint),
         )
     path = environ.get("GOOGLE_APPLICATION_CREDENTIALS")
@@ -169,7 +149,7 @@ class BigQueryStore:
         self.load_jobs = 0
         self.insert_requests = 0
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _client(self) -> bigquery.Client:
@@ -179,25 +159,36 @@ class BigQueryStore:
                 self._client_instance = connect(self._config, self._names.project, self._environ)
             return self._client_instance
 
-    def _retrying(self, what: str) -> AsyncRetrying:
-        def wait(state: RetryCallState) -> float:
-            return self._retry.delay(state.attempt_number, self._rng)
+    async def _retried(self, doing: str, call: Callable[[], Awaitable[None]]) -> None:
+        """`await call()` with the client's errors sorted by `bigquery_fault`: a transient one
+        is retried as the policy says, a permanent one raised at once, the last one raised."""
 
-        def log(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            self._events.warning(
-                "backoff_retry",
-                f"{what} failed, retrying",
-                attempt=state.attempt_number,
-                error=f"{type(error).__name__}: {error}"[:500],
-            )
+        async def sorted_call() -> None:
+            try:
+                await call()
+            except StoreFault:
+                raise
+            except Exception as exc:
+                failed = bigquery_fault(exc, doing)
+                if failed is None:
+                    raise
+                raise failed from exc
 
-        return AsyncRetrying(
-            stop=stop_after_attempt(self._retry.attempts),
-            wait=wait,
-            retry=retry_if_exception(_is_transient),
-            before_sleep=log,
-            reraise=True,
+        def log(failure: Failure) -> None:
+            if not failure.gives_up:
+                self._events.warning(
+                    "backoff_retry",
+                    f"{doing} failed, retrying",
+                    attempt=failure.attempt,
+                    error=f"{type(failure.error).__name__}: {failure.error}"[:500],
+                )
+
+        await retry_async(
+            sorted_call,
+            self._retry,
+            transient=(TransientStoreError,),
+            on_failure=log,
+            rng=self._rng,
         )
 
     # --- ensure -------------------------------------------------------------------------
@@ -224,8 +215,15 @@ class BigQueryStore:
 
     async def ensure(self) -> None:
         """Create the dataset, table and view if missing; add missing NULLABLE columns to an
-        existing table and leave everything else as it is (differences are reported)."""
-        added, differences = await self._run(self._ensure)
+        existing table and leave everything else as it is (differences are reported). A table
+        that cannot be reached or made raises a one-line StoreFault (see `bigquery_fault`)."""
+        try:
+            added, differences = await self._run(self._ensure)
+        except Exception as exc:
+            failed = bigquery_fault(exc, f"ensuring BigQuery table {self._names.table_id}")
+            if failed is None:
+                raise
+            raise failed from exc
         if differences:
             self._events.warning(
                 "store_ensure_table",
@@ -244,14 +242,16 @@ class BigQueryStore:
     # --- writes ---------------------------------------------------------------------------
 
     async def write(self, batch: CandleBatch) -> int:
-        """Rows written; returns once they are durable, else raises (StoreFault when BigQuery
-        rejected rows or kept failing)."""
+        """Rows written; returns once they are durable. Raises PermanentStoreError for columns
+        the store does not know (nothing stored) and for rows BigQuery rejected (a streaming
+        insert keeps the rows it accepted), TransientStoreError when it kept failing
+        transiently; see `bigquery_fault` for the rest."""
         if not len(batch):
             return 0
         known = {c.name for c in self._columns}
         unknown = sorted(set(batch.extra) - known)
         if unknown:
-            raise StoreFault(f"columns {unknown} are not in the store's schema")
+            raise PermanentStoreError(f"columns {unknown} are not in the store's schema")
         table = conform(batch.to_arrow(datetime.now(UTC)), self._fields)
         if self._buffer is not None:
             await self._buffer.add(table, partition_ids(batch.timestamps, self._partitioning))
@@ -275,46 +275,55 @@ class BigQueryStore:
                 rows=len(rejected),
                 error="; ".join(reasons)[:500],
             )
-            raise StoreFault(f"BigQuery rejected {len(rejected)} rows: {reasons[0]}")
+            raise PermanentStoreError(f"BigQuery rejected {len(rejected)} rows: {reasons[0]}")
 
     async def _insert_chunk(self, rows: list[dict[str, Any]], ids: list[str]) -> dict[str, str]:
         """Insert one request's rows, sending rows with transient errors again (same ids);
         returns the rejected rows (row id -> reason)."""
         pending = list(range(len(rows)))
         rejected: dict[str, str] = {}
-        try:
-            async for attempt in self._retrying("streaming insert"):
-                with attempt:
-                    self.insert_requests += 1
-                    errors = await self._run(
-                        self._insert, [rows[i] for i in pending], [ids[i] for i in pending]
-                    )
-                    triage = RowErrors.of(errors)
-                    rejected.update({ids[pending[i]]: why for i, why in triage.rejected.items()})
-                    pending = [pending[i] for i in triage.retry]
-                    if pending:
-                        raise _RowsToRetry(f"{len(pending)} rows failed transiently: {errors[0]}")
-        except Exception as exc:
-            raise StoreFault(f"streaming insert failed: {type(exc).__name__}: {exc}") from exc
+
+        async def insert_pending() -> None:
+            nonlocal pending
+            self.insert_requests += 1
+            errors = await self._run(
+                self._insert, [rows[i] for i in pending], [ids[i] for i in pending]
+            )
+            triage = RowErrors.of(errors)
+            rejected.update({ids[pending[i]]: why for i, why in triage.rejected.items()})
+            pending = [pending[i] for i in triage.retry]
+            if pending:
+                raise TransientStoreError(
+                    f"streaming insert failed: {len(pending)} rows failed transiently: {errors[0]}"
+                )
+
+        await self._retried("streaming insert", insert_pending)
         return rejected
 
     def _insert(self, rows: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]:
         # retry=None: transient failures are retried above, together with per-row errors.
-        return self._client().insert_rows_json(
-            self._names.table_id, rows, row_ids=ids, retry=None, timeout=_REQUEST_TIMEOUT_S
+        errors = self._client().insert_rows_json(
+            self._names.table_id,
+            rows,
+            row_ids=ids,
+            retry=None,  # type: ignore[arg-type]  # the client accepts None: no retries of its own
+            timeout=_REQUEST_TIMEOUT_S,
         )
+        return list(errors)
 
     async def _load_pages(self, tables: list[pa.Table]) -> list[None]:
         """One load job (Parquet, WRITE_APPEND: all rows or none) for the buffered pages;
-        raises if it failed."""
+        raises the job's last error (see `_retried`) if it failed."""
         table = pa.concat_tables(tables)
         data = await self._run(parquet_bytes, table)
         started = time.monotonic()
+
+        async def load() -> None:
+            self.load_jobs += 1
+            await self._run(self._load, data)
+
         try:
-            async for attempt in self._retrying("load job"):
-                with attempt:
-                    self.load_jobs += 1
-                    await self._run(self._load, data)
+            await self._retried("load job", load)
         except Exception as exc:
             self._events.error(
                 "store_write_error",
@@ -322,7 +331,7 @@ class BigQueryStore:
                 rows=table.num_rows,
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
-            raise StoreFault(f"load job failed: {type(exc).__name__}: {exc}") from exc
+            raise
         self._events.debug(
             "store_load_job",
             f"loaded {table.num_rows} rows from {len(tables)} writes",
@@ -378,7 +387,7 @@ class BigQueryStore:
 
     def _close_client(self) -> None:
         if self._client_instance is not None:
-            self._client_instance.close()
+            self._client_instance.close()  # type: ignore[no-untyped-call]
             self._client_instance = None
 
     async def close(self) -> None:

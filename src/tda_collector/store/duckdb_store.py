@@ -10,24 +10,27 @@ the stored rows it replaces. Tables created with the primary key keep it and wor
 
 DuckDB is not safe for concurrent use from several threads on one connection and its calls
 block, so every call runs on one dedicated worker thread: the event loop never waits on disk.
+
+DuckDB's errors are sorted into transient and permanent ones in one place, `duckdb_fault`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 
-from ..errors import StoreFault
+from ..errors import PermanentStoreError, StoreFault, TransientStoreError
 from ..models import BASE_COLUMNS, KEY_COLUMNS, TABLE_NAME, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
+from .faults import fault
 from .write_buffer import WriteBuffer
 
 _DUCKDB_TYPES = {"STRING": "VARCHAR", "FLOAT64": "DOUBLE", "BOOL": "BOOLEAN"}
@@ -39,6 +42,35 @@ _SAME_KEY = " AND ".join(f't."{k}" = s."{k}"' for k in KEY_COLUMNS)
 # CPU-bound backfill of 16 jobs at a time: 1 page ~65 requests/s, 2 ~108, 4 ~128), but with the
 # short `batch_seconds` default ten jobs already keep a 45 requests/s budget busy.
 PIPELINE_PAGES = 1
+
+T = TypeVar("T")
+
+
+def duckdb_fault(exc: BaseException, doing: str) -> StoreFault | None:
+    """`exc` as the store error it means, by DuckDB's exception family (PEP 249's); None for
+    an exception that is not DuckDB's or the file system's (a bug: it propagates as it is)."""
+    if isinstance(exc, duckdb.ConnectionException):
+        # "Connection already closed": no repeat on this connection can succeed.
+        return fault(PermanentStoreError, doing, exc)
+    if isinstance(exc, (duckdb.OperationalError, duckdb.InterruptException)):
+        # The database's state, not the statement: IOException (the file locked by another
+        # process, a full disk, a failed read or write; also a file that is not a DuckDB
+        # database, which only `ensure` meets and reports once), TransactionException and
+        # SerializationException (a conflicting transaction), OutOfMemoryException (memory
+        # held by other work), an interrupted statement. The same write may succeed later.
+        return fault(TransientStoreError, doing, exc)
+    if isinstance(exc, duckdb.Error):
+        # The statement or the table is wrong, and repeating it gets the same answer:
+        # Catalog/Binder (an unknown table or column), Conversion/TypeMismatch/OutOfRange (a
+        # value the column's type cannot hold), Constraint (NULL in a NOT NULL column),
+        # NotImplemented, and Internal/Fatal (the database is invalidated until reopened).
+        return fault(PermanentStoreError, doing, exc)
+    if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)):
+        # Creating the file's directory: the path itself is wrong.
+        return fault(PermanentStoreError, doing, exc)
+    if isinstance(exc, OSError):
+        return fault(TransientStoreError, doing, exc)  # a full disk, a failing mount
+    return None
 
 
 def _ddl_type(column: Column) -> str:
@@ -105,7 +137,7 @@ class DuckDBStore:
         self._table_columns: frozenset[str] = frozenset()
         self.commits = 0
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
@@ -146,8 +178,15 @@ class DuckDBStore:
 
     async def ensure(self) -> None:
         """Create the table if missing (without a primary key), add missing NULLABLE columns,
-        and learn the stored range of every series."""
-        added = await self._run(self._ensure)
+        and learn the stored range of every series. A file that cannot be opened (locked by
+        another process, not a DuckDB file) raises a one-line StoreFault (see `duckdb_fault`)."""
+        try:
+            added = await self._run(self._ensure)
+        except Exception as exc:
+            failed = duckdb_fault(exc, f"opening DuckDB file {self._path}")
+            if failed is None:
+                raise
+            raise failed from exc
         self._events.info(
             "store_ensure_table",
             f"table {TABLE_NAME} ready in {self._path}",
@@ -156,14 +195,16 @@ class DuckDBStore:
         )
 
     async def write(self, batch: CandleBatch) -> int:
-        """Rows written; returns once they are committed, else raises StoreFault."""
+        """Rows written; returns once they are committed. Raises TransientStoreError or
+        PermanentStoreError (see `duckdb_fault`) when their transaction failed: none of them
+        is stored then. Columns the store does not know are a PermanentStoreError."""
         if not len(batch):
             return 0
         if self._ranges is None:
             raise RuntimeError("DuckDBStore.write before ensure()")
         unknown = sorted(set(batch.extra) - {c.name for c in self._columns})
         if unknown:
-            raise StoreFault(f"columns {unknown} are not in the store's schema")
+            raise PermanentStoreError(f"columns {unknown} are not in the store's schema")
         await self._buffer.add(batch)
         return len(batch)
 
@@ -176,9 +217,9 @@ class DuckDBStore:
         for group in statement_groups(batches):
             try:
                 self._commit(group)
-                error = None
+                error: Exception | None = None
             except Exception as exc:  # this group's writers hear of it; later groups still go
-                error = exc
+                error = duckdb_fault(exc, "DuckDB commit") or exc
             outcomes += [error] * len(group)
         return outcomes
 

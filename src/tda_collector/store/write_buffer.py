@@ -10,6 +10,7 @@ its rows are durable.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import Generic, TypeVar
 
@@ -24,8 +25,10 @@ class WriteBuffer(Generic[T]):
     `max_partitions` distinct partitions (when a limit is given), and on `close`.
 
     `write(items)` makes the items durable and returns one outcome per item, in order: None,
-    or the error its writer gets (as a StoreFault); raising fails every item. Items whose
-    writer was cancelled before the flush are left out."""
+    or the error its writer gets; raising fails every item. A StoreFault reaches each writer
+    as it is (its type, so whether it is transient or permanent, and its message); any other
+    error as a StoreFault saying so. Items whose writer was cancelled before the flush are
+    left out."""
 
     def __init__(
         self,
@@ -89,9 +92,7 @@ class WriteBuffer(Generic[T]):
             if error is None:
                 future.set_result(None)
             else:
-                fault = StoreFault(str(error))  # one per writer: each raise adds a traceback
-                fault.__cause__ = error
-                future.set_exception(fault)
+                future.set_exception(_for_one_writer(error))
 
     async def close(self) -> None:
         """Flush what is buffered and wait for every write in flight."""
@@ -102,3 +103,12 @@ class WriteBuffer(Generic[T]):
             finished = list(self._flushes)
             await asyncio.gather(*finished)
             self._flushes.difference_update(finished)
+
+
+def _for_one_writer(error: Exception) -> StoreFault:
+    """A StoreFault of its own for one writer (each raise adds to its traceback): a copy of
+    `error` when it is one (same type, message and `permanent`), else a StoreFault naming it.
+    Caused by `error`, which keeps the traceback of the failed write."""
+    fault = copy.copy(error) if isinstance(error, StoreFault) else StoreFault(str(error))
+    fault.__cause__ = error
+    return fault

@@ -1,0 +1,141 @@
+"""History mode's run: every job of every exchange backfilled over one window, then a summary.
+
+The run registers its jobs (carrying over what an earlier run of the same window left), gives
+each exchange a bounded pool of workers (`history_pool`) that page through each job's gaps
+(`history.HistoryBackfill`), and ends with one `history_complete` event and the exit code:
+0 when every job completed (cancelled ones do not count against it), 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from ..errors import EXIT_JOBS_FAILED, EXIT_OK
+from ..exchange.runtime import ExchangeRuntime
+from ..jobs.control import finish_history_run, register_history_jobs
+from ..jobs.ledger import StateStore
+from ..jobs.model import CANCELLED, FAILED
+from ..jobs.registry import JobRegistry
+from ..models import JobKey
+from ..observability.events import EventLog
+from ..observability.metrics import Metrics
+from ..retry import RetryPolicy
+from ..store import CandleStore
+from .durable_writer import DurableWriter
+from .history import HistoryBackfill
+from .history_pool import ExchangeHistory, JobResult
+from .indicator_stage import IndicatorStage
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    """History mode's part of the configuration (the app builds it once)."""
+
+    page_limit: int  # candles per request, before the exchange's own maximum clamps it
+    concurrency: int  # jobs in flight per exchange
+    failure_limit: int  # more failed jobs than this stop the exchange's remaining jobs
+
+
+def _summarise(
+    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
+) -> int:
+    duration = time.monotonic() - started
+    failed = [r for r in results if r.status == FAILED]
+    cancelled = sum(r.status == CANCELLED for r in results)
+    for r in failed:
+        events.error(
+            "job_failed",
+            f"{r.key} failed: {r.error}",
+            exchange=r.key.exchange,
+            symbol=r.key.symbol,
+            timeframe=r.key.timeframe,
+            error=r.error,
+        )
+    rows = sum(r.rows for r in results)
+    requests = sum(rt.fetcher.requests for rt in runtimes)
+    rejected = sum(sum(r.rejected.values()) for r in results)
+    log = events.error if failed else events.info
+    log(
+        "history_complete",
+        f"{len(results) - len(failed) - cancelled}/{len(results)} jobs complete, "
+        f"{rows} candles stored"
+        + (f"; {cancelled} cancelled" if cancelled else "")
+        + (f"; failed: {', '.join(str(r.key) for r in failed)}" if failed else ""),
+        jobs=len(results),
+        completed=len(results) - len(failed) - cancelled,
+        failed=len(failed),
+        cancelled=cancelled or None,
+        failed_jobs=[str(r.key) for r in failed] or None,
+        rows=rows,
+        rejected=rejected,
+        requests=requests,
+        duration_ms=round(duration * 1000),
+        candles_per_s=round(rows / duration, 1) if duration > 0 else None,
+        requests_per_s=round(requests / duration, 2) if duration > 0 else None,
+    )
+    return EXIT_JOBS_FAILED if failed else EXIT_OK
+
+
+async def _discard_orphan_ledgers(
+    store: CandleStore, state: StateStore, keys: list[JobKey], events: EventLog
+) -> None:
+    """A ledger whose store has no rows at all (file deleted, new dataset) would skip data
+    forever; forget it so the range is fetched again."""
+    newest = await store.newest(keys, closed_only=False)
+    for key in keys:
+        if key not in newest and await state.coverage(key):
+            events.warning(
+                "state_reset",
+                f"{key}: the ledger covers ranges but the store has no rows; refetching",
+                exchange=key.exchange,
+                symbol=key.symbol,
+                timeframe=key.timeframe,
+            )
+            await state.forget(key)
+
+
+async def run_history(
+    settings: HistorySettings,
+    window: tuple[int, int],
+    events: EventLog,
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+    metrics: Metrics,
+    policy: RetryPolicy,
+    indicators: IndicatorStage | None = None,
+    registry: JobRegistry | None = None,
+) -> int:
+    """Backfill `window` ([start, end) in epoch ms) for every job of `runtimes`, then report
+    the run (`history_complete`); returns the process's exit code."""
+    started = time.monotonic()
+    keys = [k for rt in runtimes for k in rt.keys]
+    await _discard_orphan_ledgers(store, state, keys, events)
+    registry = registry or JobRegistry("history", state, metrics, events)
+    exchanges = [(rt.config.id, rt.keys, rt.source.now_ms()) for rt in runtimes]
+    jobs = await register_history_jobs(registry, state, exchanges, *window)
+    per_exchange = []
+    for rt in runtimes:
+        exchange_events = events.bind(exchange=rt.config.id)
+        writer = DurableWriter(
+            store, policy, exchange_events, metrics=metrics, indicators=indicators
+        )
+        backfill = HistoryBackfill(
+            rt.fetcher, writer, state, exchange_events, settings.page_limit, metrics, registry
+        )
+        pool = ExchangeHistory(
+            backfill,
+            registry,
+            [job for job in jobs if job.key.exchange == rt.config.id],
+            settings.concurrency,
+            settings.failure_limit,
+            exchange_events,
+        )
+        per_exchange.append(pool.run())
+    results = [r for group in await asyncio.gather(*per_exchange) for r in group]
+    if indicators is not None:
+        await indicators.repair(DurableWriter(store, policy, events).write_as_is)
+    await finish_history_run(registry, state)
+    return _summarise(events, results, runtimes, started)

@@ -1,0 +1,58 @@
+"""How the BigQuery store sorts its client's errors: transient (retry) or permanent (give up).
+
+One place for the whole store, after dlt's `_make_database_exception`. A load job's error comes
+back as the exception of its HTTP status, chosen by the job's reason (`backendError` 500,
+`invalid` 400, `rateLimitExceeded` 429, `quotaExceeded` 403, ...), so the same rules serve
+requests and jobs. https://cloud.google.com/bigquery/docs/error-messages
+"""
+
+from __future__ import annotations
+
+import requests
+from google.api_core import exceptions as api_errors
+from google.auth import exceptions as auth_errors
+
+from ..errors import PermanentStoreError, StoreFault, TransientStoreError
+from .bigquery_schema import RETRYABLE_REASONS
+from .faults import fault
+
+_TRANSIENT = (
+    # 500 backendError/internalError, 502, 503 while BigQuery is unavailable, 504. (501 is
+    # not: a method that does not exist stays missing.)
+    api_errors.InternalServerError,
+    api_errors.BadGateway,
+    api_errors.ServiceUnavailable,
+    api_errors.GatewayTimeout,
+    api_errors.TooManyRequests,  # 429
+    api_errors.RetryError,  # the client's own retries ran out of time (ensure's calls)
+    requests.ConnectionError,  # connection refused or reset
+    requests.Timeout,
+    auth_errors.TransportError,  # a token refresh that could not reach the server
+    ConnectionError,
+    TimeoutError,  # also a load job still running at `job.result(timeout=...)`
+)
+# Everything else the API answers is a 4xx that repeating gets again: BadRequest (an invalid
+# schema or value, a column the table lacks), NotFound (the table or dataset is gone),
+# Forbidden (no permission, billing off), Conflict, Unauthorized; and 501.
+_PERMANENT = (api_errors.GoogleAPICallError, auth_errors.RefreshError)
+
+
+def _reasons(exc: api_errors.GoogleAPICallError) -> set[str | None]:
+    return {e.get("reason") for e in exc.errors or () if isinstance(e, dict)}
+
+
+def bigquery_fault(exc: BaseException, doing: str) -> StoreFault | None:
+    """`exc` as the store error it means, or None for an exception that is not the client's
+    (a bug: it propagates as it is)."""
+    if isinstance(exc, api_errors.GoogleAPICallError) and not _reasons(exc).isdisjoint(
+        RETRYABLE_REASONS
+    ):
+        # By reason before status: quota and rate limits come as 403 Forbidden.
+        return fault(TransientStoreError, doing, exc)
+    if isinstance(exc, auth_errors.RefreshError) and getattr(exc, "retryable", False):
+        return fault(TransientStoreError, doing, exc)  # the token server said "try again"
+    if isinstance(exc, _TRANSIENT):
+        return fault(TransientStoreError, doing, exc)
+    if isinstance(exc, _PERMANENT):
+        return fault(PermanentStoreError, doing, exc)
+    return None
