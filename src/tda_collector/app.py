@@ -30,7 +30,7 @@ from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
-from .modes.history_run import HistorySettings, run_history
+from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings, run_live
 from .observability.events import EventLog

@@ -26,8 +26,8 @@ from tda_collector.jobs.model import (
 )
 from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
+from tda_collector.modes.backfill import HistoryBackfill, HistoryOutcome
 from tda_collector.modes.durable_writer import DurableWriter
-from tda_collector.modes.history import HistoryBackfill, HistoryOutcome
 from tda_collector.modes.history_pool import ExchangeHistory
 from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics

@@ -21,7 +21,7 @@ from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
 from tda_collector.models import JobKey
-from tda_collector.modes.history import next_since
+from tda_collector.modes.backfill import next_since
 from tda_collector.store.duckdb_store import DuckDBStore
 
 NOW_MS = int(FROZEN_NOW_S * 1000)

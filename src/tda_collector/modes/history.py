@@ -1,150 +1,141 @@
-"""History mode: backfill [start, end) for every job, exactly and resumably.
+"""History mode's run: every job of every exchange backfilled over one window, then a summary.
 
-A job pages forward through the parts of its range the ledger does not cover yet. Each page is
-normalised, written (durably), and only then added to the ledger, together with the job row that
-counts it; so a rerun of a finished range asks for nothing, and a crash costs at most the pages
-that were in flight. A paused job stops between pages (and no request of it leaves: the
-fetcher's gate refuses it); resuming runs it again from the ledger, which is exactly where it
-stopped. The page step itself (fetch, normalise, report rejections) is `pipeline.PageStep`.
+The run registers its jobs (carrying over what an earlier run of the same window left), gives
+each exchange a bounded pool of workers (`history_pool`) that page through each job's gaps
+(`backfill.HistoryBackfill`), and ends with one `history_complete` event and the exit code:
+0 when every job completed (cancelled ones do not count against it), 1 when any failed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..errors import ExchangeFault, StoreFault
-from ..exchange.fetcher import Fetcher
-from ..intervals import subtract
+from ..errors import EXIT_JOBS_FAILED, EXIT_OK
+from ..exchange.runtime import ExchangeRuntime
+from ..jobs.control import finish_history_run, register_history_jobs
 from ..jobs.ledger import StateStore
-from ..jobs.model import COMPLETED, FAILED, PAUSED, Job, JobPaused
+from ..jobs.model import CANCELLED, FAILED
 from ..jobs.registry import JobRegistry
-from ..models import CandleBatch
-from ..normalize import Window
+from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from ..retry import is_permanent
+from ..retry import RetryPolicy
+from ..store import CandleStore
+from .backfill import HistoryBackfill
 from .durable_writer import DurableWriter
-from .pipeline import PageStep, ShieldedWrites, forget
+from .history_pool import ExchangeHistory, JobResult
+from .indicator_stage import IndicatorStage
 
 
-@dataclass
-class HistoryOutcome:
-    """What one run of a history job came to, counted as its pages are stored: COMPLETED,
-    PAUSED (it let go of its worker at a page boundary) or FAILED, with the error and whether
-    a retry may help. The pool applies it to the job (see `ExchangeHistory`)."""
+@dataclass(frozen=True)
+class HistorySettings:
+    """History mode's part of the configuration (the app builds it once)."""
 
-    status: str = COMPLETED
-    rows: int = 0
-    pages: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    error: str | None = None
-    retryable: bool = False
+    page_limit: int  # candles per request, before the exchange's own maximum clamps it
+    concurrency: int  # jobs in flight per exchange
+    failure_limit: int  # more failed jobs than this stop the exchange's remaining jobs
 
 
-def next_since(since_ms: int, newest_open_ms: int | None, tf_ms: int, end_ms: int) -> int | None:
-    """Where the next page starts, or None when [since, end) is exhausted.
-
-    An empty page means the exchange has nothing from `since` on (Binance answers a request
-    before a listing with the first candles after it, and jumps over maintenance holes).
-    The next page starts one timeframe after the newest candle seen, and always moves forward.
-    """
-    if newest_open_ms is None:
-        return None
-    candidate = max(newest_open_ms + tf_ms, since_ms + tf_ms)
-    return candidate if candidate < end_ms else None
-
-
-class HistoryBackfill:
-    def __init__(
-        self,
-        fetcher: Fetcher,
-        writer: DurableWriter,
-        state: StateStore,
-        events: EventLog,
-        page_limit: int,
-        metrics: Metrics,
-        registry: JobRegistry,
-    ) -> None:
-        self._step = PageStep(fetcher, events, metrics)
-        self._registry = registry
-        self._writes = ShieldedWrites()
-        self._metrics = metrics
-        self._writer = writer
-        self._state = state
-        self._events = events
-        self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
-        self._pipeline_pages = max(1, writer.store.pipeline_pages)
-
-    async def _fill(self, job: Job, gap: tuple[int, int], result: HistoryOutcome) -> None:
-        """Page through `gap`. Up to the store's `pipeline_pages` writes of the job may be under
-        way while the next page is fetched, since stores gather pages of many jobs into one
-        commit or load job; a crash refetches at most that many pages. The ledger is a set of
-        intervals, so pages may become durable in any order."""
-        key, tf_ms = job.key, job.tf_ms
-        since, end = gap
-        pending: deque[Awaitable[int]] = deque()
-        try:
-            while True:
-                job.check()  # paused: let go of the worker between pages
-                started = time.monotonic()
-                window = Window(since, end, closed_before_ms=end)
-                page = await self._step.fetch(key, tf_ms, window, end - 1, self._page_limit)
-                result.rejected.update(page.rejected)
-                following = next_since(since, page.newest_open_ms, tf_ms, end)
-                covered_to = end if following is None else following
-                pending.append(
-                    self._writes.start(self._store(job, page.batch, since, covered_to, started))
-                )
-                result.pages += 1
-                while len(pending) >= (1 if following is None else self._pipeline_pages):
-                    result.rows += await pending.popleft()
-                if following is None:
-                    return
-                since = following
-        finally:
-            for abandoned in pending:
-                forget(abandoned)
-
-    async def _store(
-        self, job: Job, batch: CandleBatch, since: int, covered_to: int, started: float
-    ) -> int:
-        """Write the page, then count it and add it to the ledger in one transaction."""
-        written = await self._writer.write(batch)
-        self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
-        record = self._registry.record_page(job, since, covered_to, written)
-        await self._state.add_coverage(job.key, since, covered_to, record)
-        self._events.info(
-            "history_page_done",
-            f"stored {len(batch)} candles",
-            symbol=job.key.symbol,
-            timeframe=job.key.timeframe,
-            rows=len(batch),
-            since=since,
-            until=covered_to,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+def _summarise(
+    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
+) -> int:
+    duration = time.monotonic() - started
+    failed = [r for r in results if r.status == FAILED]
+    cancelled = sum(r.status == CANCELLED for r in results)
+    for r in failed:
+        events.error(
+            "job_failed",
+            f"{r.key} failed: {r.error}",
+            exchange=r.key.exchange,
+            symbol=r.key.symbol,
+            timeframe=r.key.timeframe,
+            error=r.error,
         )
-        return written
+    rows = sum(r.rows for r in results)
+    requests = sum(rt.fetcher.requests for rt in runtimes)
+    rejected = sum(sum(r.rejected.values()) for r in results)
+    log = events.error if failed else events.info
+    log(
+        "history_complete",
+        f"{len(results) - len(failed) - cancelled}/{len(results)} jobs complete, "
+        f"{rows} candles stored"
+        + (f"; {cancelled} cancelled" if cancelled else "")
+        + (f"; failed: {', '.join(str(r.key) for r in failed)}" if failed else ""),
+        jobs=len(results),
+        completed=len(results) - len(failed) - cancelled,
+        failed=len(failed),
+        cancelled=cancelled or None,
+        failed_jobs=[str(r.key) for r in failed] or None,
+        rows=rows,
+        rejected=rejected,
+        requests=requests,
+        duration_ms=round(duration * 1000),
+        candles_per_s=round(rows / duration, 1) if duration > 0 else None,
+        requests_per_s=round(requests / duration, 2) if duration > 0 else None,
+    )
+    return EXIT_JOBS_FAILED if failed else EXIT_OK
 
-    async def drain(self, timeout_s: float | None = None) -> None:
-        """Wait for pages still being stored (at most `timeout_s`)."""
-        await self._writes.drain(timeout_s)
 
-    async def run_job(self, job: Job, result: HistoryOutcome) -> HistoryOutcome:
-        """Backfill the job's window from the ledger on, counting into `result` (a fresh one per
-        run, so a cancelled run leaves what it counted), and return it. Faults are caught here
-        and reported in it, and so is a pause (status PAUSED); the job itself is not moved."""
-        start, end = job.record.start_ms, job.record.end_ms
-        assert start is not None and end is not None
-        try:
-            for gap in subtract((start, end), await self._state.coverage(job.key)):
-                await self._fill(job, gap, result)
-        except JobPaused:
-            result.status = PAUSED
-        except (ExchangeFault, StoreFault) as exc:
-            result.status = FAILED
-            result.error = str(exc)
-            result.retryable = not is_permanent(exc)
-        return result
+async def _discard_orphan_ledgers(
+    store: CandleStore, state: StateStore, keys: list[JobKey], events: EventLog
+) -> None:
+    """A ledger whose store has no rows at all (file deleted, new dataset) would skip data
+    forever; forget it so the range is fetched again."""
+    newest = await store.newest(keys, closed_only=False)
+    for key in keys:
+        if key not in newest and await state.coverage(key):
+            events.warning(
+                "state_reset",
+                f"{key}: the ledger covers ranges but the store has no rows; refetching",
+                exchange=key.exchange,
+                symbol=key.symbol,
+                timeframe=key.timeframe,
+            )
+            await state.forget(key)
+
+
+async def run_history(
+    settings: HistorySettings,
+    window: tuple[int, int],
+    events: EventLog,
+    runtimes: list[ExchangeRuntime],
+    store: CandleStore,
+    state: StateStore,
+    metrics: Metrics,
+    policy: RetryPolicy,
+    indicators: IndicatorStage | None = None,
+    registry: JobRegistry | None = None,
+) -> int:
+    """Backfill `window` ([start, end) in epoch ms) for every job of `runtimes`, then report
+    the run (`history_complete`); returns the process's exit code."""
+    started = time.monotonic()
+    keys = [k for rt in runtimes for k in rt.keys]
+    await _discard_orphan_ledgers(store, state, keys, events)
+    registry = registry or JobRegistry("history", state, metrics, events)
+    exchanges = [(rt.config.id, rt.keys, rt.source.now_ms()) for rt in runtimes]
+    jobs = await register_history_jobs(registry, state, exchanges, *window)
+    per_exchange = []
+    for rt in runtimes:
+        exchange_events = events.bind(exchange=rt.config.id)
+        writer = DurableWriter(
+            store, policy, exchange_events, metrics=metrics, indicators=indicators
+        )
+        backfill = HistoryBackfill(
+            rt.fetcher, writer, state, exchange_events, settings.page_limit, metrics, registry
+        )
+        pool = ExchangeHistory(
+            backfill,
+            registry,
+            [job for job in jobs if job.key.exchange == rt.config.id],
+            settings.concurrency,
+            settings.failure_limit,
+            exchange_events,
+        )
+        per_exchange.append(pool.run())
+    results = [r for group in await asyncio.gather(*per_exchange) for r in group]
+    if indicators is not None:
+        await indicators.repair(DurableWriter(store, policy, events).write_as_is)
+    await finish_history_run(registry, state)
+    return _summarise(events, results, runtimes, started)

@@ -26,7 +26,7 @@ from ..jobs.model import COMPLETED, FAILED, PAUSED, PENDING, RUNNING, Job
 from ..jobs.registry import JobRegistry
 from ..models import JobKey
 from ..observability.events import EventLog
-from .history import HistoryBackfill, HistoryOutcome
+from .backfill import HistoryBackfill, HistoryOutcome
 from .pipeline import DRAIN_ON_STOP_S
 
 NOT_RUN = "not run: the exchange was stopped after too many failures"
