@@ -20,14 +20,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import google.auth
 import pyarrow as pa
-from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
-from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery
 
 from ..config import BigQueryConfig
@@ -35,6 +30,7 @@ from ..errors import PermanentStoreError, StoreFault, TransientStoreError, Usage
 from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from ..retry import Failure, RetryPolicy, retry_async
+from .bigquery_client import connect
 from .bigquery_errors import bigquery_fault
 from .bigquery_load import MAX_PARTITIONS_PER_JOB, parquet_bytes
 from .bigquery_schema import (
@@ -56,38 +52,12 @@ from .write_buffer import WriteBuffer
 
 WriteMode = Literal["stream", "load"]
 CLUSTERING = ("exchange", "symbol", "timeframe")
-_SCOPES = ("https://www.googleapis.com/auth/bigquery",)
 _REQUEST_TIMEOUT_S = 60.0
 _LOAD_JOB_TIMEOUT_S = 900.0
 # Retries inside one write; the caller's DurableWriter retries the whole write on top.
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
 T = TypeVar("T")
-
-
-def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) -> bigquery.Client:
-    """A client for `project`: anonymous against an emulator, else Application Default
-    Credentials (the `GOOGLE_APPLICATION_CREDENTIALS` file, gcloud's login, or the metadata
-    server). Missing credentials are a one-line UsageError."""
-    if config.api_endpoint:
-        return bigquery.Client(
-            project=project,
-            location=config.location,
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            client_options=ClientOptions(api_endpoint=config.api_endpoint),
-        )
-    path = environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if path and not Path(path).is_file():
-        raise UsageError(f"GOOGLE_APPLICATION_CREDENTIALS: no such file: {path}")
-    try:
-        credentials, _ = google.auth.default(scopes=_SCOPES)
-    except DefaultCredentialsError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(
-            f"storage.bigquery: no Google credentials ({reason}); "
-            "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
-        ) from None
-    return bigquery.Client(project=project, location=config.location, credentials=credentials)
 
 
 # Load mode: pages of one history job that may wait for the same load job, so that jobs keep
