@@ -31,8 +31,8 @@ from tda_collector.observability.events import EventLog
 from tda_collector.store.duckdb_store import DuckDBStore
 
 from .harness import (
-    FakeExchangeProcess,
     ccxt_options,
+    fake_exchange,
     run_measured,
     synthetic_symbols,
     write_collector_config,
@@ -56,7 +56,7 @@ def _cpu_s() -> float:
 
 def startup() -> Floor:
     start_ms, end_ms = _range(1)
-    with tempfile.TemporaryDirectory() as tmp, FakeExchangeProcess(1, None, 0.0) as fake:
+    with tempfile.TemporaryDirectory() as tmp, fake_exchange(1, None, 0.0) as fake:
         config = write_collector_config(
             Path(tmp), fake.base_url, synthetic_symbols(1), 50, 0.9, concurrency=32
         )
@@ -92,7 +92,7 @@ async def _fetch_pages(base_url: str, tasks: int, pages: int) -> tuple[int, floa
 
 
 def request_path(tasks: int = 8, pages: int = 100) -> Floor:
-    with FakeExchangeProcess(tasks, None, 0.0) as fake:
+    with fake_exchange(tasks, None, 0.0) as fake:
         candles, cpu_s = asyncio.run(_fetch_pages(fake.base_url, tasks, pages))
     return Floor(
         "request path (ccxt, aiohttp, klines parser)",

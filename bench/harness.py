@@ -1,10 +1,8 @@
-"""Shared benchmark plumbing: a fake exchange process and measured child processes."""
+"""Shared benchmark plumbing: the fake exchange process and measured child processes."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_EXCHANGE = ROOT / "tests" / "support" / "fake_exchange.py"
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+
+from fake_exchange_process import FakeExchangeProcess  # noqa: E402
+
 # 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.
 FAKE_NOW_S = 1_709_251_200.0
 
@@ -64,40 +65,19 @@ def run_measured(
     )
 
 
-class FakeExchangeProcess:
-    """tests/support/fake_exchange.py in its own process, so its CPU is not counted as ours."""
-
-    def __init__(self, symbols: int, rps: int | None, latency_ms: float, realtime: bool = False):
-        clock = [] if realtime else ["--start-time", str(FAKE_NOW_S)]
-        self.argv = [
-            sys.executable,
-            str(FAKE_EXCHANGE),
-            "--port",
-            "0",
-            "--symbols",
-            str(symbols),
-            "--synthetic-only",
-            "--latency-ms",
-            str(latency_ms),
-            *clock,
-            *(["--rps", str(rps)] if rps else []),
-        ]
-        self.proc: subprocess.Popen[str] | None = None
-        self.base_url = ""
-        self.counters: dict[str, Any] = {}
-
-    def __enter__(self) -> FakeExchangeProcess:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGTERM)
-        lines = [line for line in self.proc.stdout.read().splitlines() if line.startswith("{")]
-        self.proc.wait(timeout=10)
-        self.counters = json.loads(lines[-1]) if lines else {}
+def fake_exchange(
+    symbols: int, rps: int | None, latency_ms: float, realtime: bool = False
+) -> FakeExchangeProcess:
+    """The fake exchange in its own process (its CPU is not counted as ours) with ``symbols``
+    synthetic markets; its clock runs from FAKE_NOW_S, or is the wall clock if ``realtime``."""
+    return FakeExchangeProcess(
+        port=0,
+        symbols=symbols,
+        synthetic_only=True,
+        latency_ms=latency_ms,
+        start_time=None if realtime else FAKE_NOW_S,
+        rps=rps or None,
+    )
 
 
 def ccxt_options(base_url: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import duckdb
 import numpy as np
 import yaml
 
-from .harness import FakeExchangeProcess, ccxt_options, synthetic_symbols
+from .harness import ccxt_options, fake_exchange, synthetic_symbols
 
 MIN_MS = 60_000
 SETTLE_S = 2.0
@@ -28,7 +28,7 @@ SETTLE_S = 2.0
 def run(symbols: int, budget: int, safety: float, latency_ms: float) -> dict[str, float]:
     with (
         tempfile.TemporaryDirectory() as tmp,
-        FakeExchangeProcess(symbols, budget, latency_ms, realtime=True) as fake,
+        fake_exchange(symbols, budget, latency_ms, realtime=True) as fake,
     ):
         workdir = Path(tmp)
         config = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .harness import (
     FAKE_NOW_S,
-    FakeExchangeProcess,
+    fake_exchange,
     run_measured,
     synthetic_symbols,
     write_collector_config,
@@ -126,7 +126,7 @@ def run_collector(
     start_ms, end_ms = _range(pages)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        FakeExchangeProcess(symbols, budget, latency_ms) as fake,
+        fake_exchange(symbols, budget, latency_ms) as fake,
     ):
         config = write_collector_config(
             Path(tmp), fake.base_url, synthetic_symbols(symbols), budget, safety, concurrency=32
@@ -156,7 +156,7 @@ def run_baseline(symbols: int, budget: int, safety: float, latency_ms: float, re
     pages = max(1, requests // symbols)
     names = synthetic_symbols(min(symbols, requests))
     start_ms, end_ms = _range(pages)
-    with FakeExchangeProcess(symbols, budget, latency_ms) as fake:
+    with fake_exchange(symbols, budget, latency_ms) as fake:
         measured = run_measured(
             [
                 sys.executable,

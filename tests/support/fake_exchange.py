@@ -890,6 +890,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--symbols", type=int, default=100, help="number of markets")
+    parser.add_argument(
+        "--symbol",
+        action="append",
+        default=[],
+        metavar="BASE/QUOTE",
+        help="a market with SymbolSpec's defaults (repeatable); replaces --symbols",
+    )
     parser.add_argument("--synthetic-only", action="store_true", help="no BTC/USDT etc.")
     parser.add_argument("--listed-at-ms", type=int, default=DEFAULT_LISTED_AT_MS)
     parser.add_argument(
@@ -897,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         default=None,
         help="epoch seconds the clock starts at (then runs in real time)",
+    )
+    parser.add_argument(
+        "--frozen-time", type=float, default=None, help="epoch seconds the clock stays at"
     )
     parser.add_argument("--rps", type=int, default=None, help="request weight per second")
     parser.add_argument("--klines-weight", type=int, default=1)
@@ -912,16 +922,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     clock = time.time
-    if args.start_time is not None:
+    if args.frozen_time is not None:
+
+        def clock() -> float:
+            return args.frozen_time
+
+    elif args.start_time is not None:
         started = time.monotonic()
 
         def clock() -> float:
             return args.start_time + time.monotonic() - started
 
-    exchange = FakeExchange(
+    specs = [SymbolSpec(name, listed_at_ms=args.listed_at_ms) for name in args.symbol] or (
         make_symbols(
             args.symbols, real_names=not args.synthetic_only, listed_at_ms=args.listed_at_ms
-        ),
+        )
+    )
+    exchange = FakeExchange(
+        specs,
         clock=clock,
         host=args.host,
         port=args.port,
