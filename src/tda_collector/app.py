@@ -100,7 +100,7 @@ async def _run_mode(
     store = build_store(
         config.storage, events, request.mode, indicator_columns(spec) if spec else (), environ
     )
-    policy = retry_policy(config)
+    policy = retry_policy(config.retry)
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
@@ -118,7 +118,7 @@ async def _run_mode(
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
         runtimes, failure = await open_all(
-            config, request, events, factory, metrics, registry.check, pauses
+            config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
         )
         if failure is not None:
             raise failure

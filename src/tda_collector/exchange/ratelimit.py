@@ -49,8 +49,6 @@ class RateLimiter:
         self._paused_until = 0.0
         self._window_cap = math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
         self._recent: deque[float] = deque()  # start times within the last second
-        self.acquired = 0
-        self.waited_s = 0.0
 
     def pause_until(self, until: float) -> None:
         """No request may start before `until` (monotonic seconds)."""
@@ -75,7 +73,6 @@ class RateLimiter:
                 if self._clock() < self._paused_until:
                     continue  # a ban arrived while waiting: queue again behind it
             await self._within_window(cost)
-            self.acquired += 1
             return
 
     async def _within_window(self, cost: float) -> None:
@@ -89,7 +86,6 @@ class RateLimiter:
             await self._wait(self._recent[0] + 1.0 - now)
 
     async def _wait(self, seconds: float) -> None:
-        self.waited_s += seconds
         if self._on_wait is not None:
             self._on_wait(seconds)
         await self._sleep(seconds)

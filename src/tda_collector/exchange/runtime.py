@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import Config, ExchangeConfig
+from ..config import ExchangeConfig, RetryConfig
 from ..errors import UsageError
 from ..models import JobKey
 from ..observability.events import EventLog
@@ -80,15 +80,18 @@ def used_weight_rule(
     return UsedWeightRule(header, limit, window_s)
 
 
-def retry_policy(config: Config) -> RetryPolicy:
-    r = config.retry
+def retry_policy(config: RetryConfig) -> RetryPolicy:
     return RetryPolicy(
-        r.base_seconds, r.factor, r.cap_seconds, r.attempts, r.retry_after_max_seconds
+        config.base_seconds,
+        config.factor,
+        config.cap_seconds,
+        config.attempts,
+        config.retry_after_max_seconds,
     )
 
 
-def select_exchanges(config: Config, request: RunRequest) -> list[ExchangeConfig]:
-    configured = {e.id: e for e in config.exchanges}
+def select_exchanges(exchanges: list[ExchangeConfig], request: RunRequest) -> list[ExchangeConfig]:
+    configured = {e.id: e for e in exchanges}
     unknown = [e for e in request.exchanges if e not in configured]
     if unknown:
         raise UsageError(
@@ -160,17 +163,17 @@ async def open_exchange(
 
 
 async def open_all(
-    config: Config,
+    exchanges: list[ExchangeConfig],
     request: RunRequest,
     events: EventLog,
     factory: SourceFactory,
     metrics: Metrics,
+    policy: RetryPolicy,
     gate: Gate | None = None,
     pauses: Pauses | None = None,
 ) -> tuple[list[ExchangeRuntime], BaseException | None]:
     """Open every selected exchange concurrently; the opened ones are returned even when
     another failed, so that they can be closed. `gate` and `pauses` go to every fetcher."""
-    policy = retry_policy(config)
     opened = await asyncio.gather(
         *(
             open_exchange(
@@ -180,11 +183,11 @@ async def open_all(
                 policy,
                 factory,
                 metrics,
-                config.exchanges.index(cfg),
+                exchanges.index(cfg),
                 gate,
                 pauses,
             )
-            for cfg in select_exchanges(config, request)
+            for cfg in select_exchanges(exchanges, request)
         ),
         return_exceptions=True,
     )
