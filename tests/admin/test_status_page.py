@@ -9,8 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from chromium_support import RENDERED_JOBS, Browser, find_chromium
-from collector_support import FROZEN_NOW_S, write_config
-from fake_exchange import FakeExchange, SymbolSpec
+from fake_exchange import SymbolSpec
 from jobs_support import Collector, free_port, history_id
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -28,33 +27,27 @@ def chromium() -> str:
 
 
 @pytest.fixture
-def collector(tmp_path):
-    with FakeExchange(
-        [SymbolSpec(s) for s in SYMBOLS], clock=lambda: FROZEN_NOW_S, latency_s=0.1
-    ) as fake:
-        port = free_port()
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            SYMBOLS,
-            ["1m"],
-            page_limit=100,
-            history_concurrency=2,
-            admin={"host": "127.0.0.1", "port": port},
+def collector(exchange_rig):
+    rig = exchange_rig([SymbolSpec(s) for s in SYMBOLS], latency_s=0.1)
+    port = free_port()
+    config = rig.config(
+        page_limit=100,
+        history_concurrency=2,
+        admin={"host": "127.0.0.1", "port": port},
+    )
+    running = Collector(config, port, *ARGS)
+    try:
+        running.wait_ready(len(SYMBOLS))
+        assert running.api("POST", f"/jobs/{history_id('XRP/USDT')}/pause")[0] == 200
+        assert running.api("POST", f"/jobs/{history_id('DOGE/USDT')}/cancel")[0] == 200
+        rig.fake.inject("400")  # the next candle request fails for good: a job shows its error
+        running.wait_until(
+            lambda: running.api("GET", "/jobs?status=FAILED")[1]["jobs"], what="a failure"
         )
-        running = Collector(config, port, *ARGS)
-        try:
-            running.wait_ready(len(SYMBOLS))
-            assert running.api("POST", f"/jobs/{history_id('XRP/USDT')}/pause")[0] == 200
-            assert running.api("POST", f"/jobs/{history_id('DOGE/USDT')}/cancel")[0] == 200
-            fake.inject("400")  # the next candle request fails for good: a job shows its error
-            running.wait_until(
-                lambda: running.api("GET", "/jobs?status=FAILED")[1]["jobs"], what="a failure"
-            )
-            yield running
-            running.stop()
-        finally:
-            running.kill()
+        yield running
+        running.stop()
+    finally:
+        running.kill()
 
 
 @pytest.mark.timeout(1200)  # the first run may install chromium

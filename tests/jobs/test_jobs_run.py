@@ -6,8 +6,8 @@ import math
 import time
 
 import pytest
-from collector_support import DAY_MS, FROZEN_NOW_S, write_config
-from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from collector_support import DAY_MS, FROZEN_NOW_S
+from fake_exchange import SymbolSpec, expected_candles
 from jobs_support import Collector, free_port, history_id, ledger, saved_jobs, stored
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -25,24 +25,19 @@ def specs():
 
 
 @pytest.fixture
-def exchange(specs):
-    with FakeExchange(specs, clock=lambda: FROZEN_NOW_S, latency_s=0.03) as fake:
-        yield fake
+def rig(exchange_rig, specs):
+    return exchange_rig(specs, latency_s=0.03)
 
 
-def start(tmp_path, exchange, specs, concurrency: int) -> Collector:
+def start(rig, concurrency: int) -> Collector:
     port = free_port()
-    config = write_config(
-        tmp_path,
-        exchange.base_url,
-        [s.symbol for s in specs],
-        ["1m"],
+    config = rig.config(
         page_limit=PAGE,
         history_concurrency=concurrency,
         admin={"host": "127.0.0.1", "port": port},
     )
     collector = Collector(config, port, *ARGS)
-    collector.wait_ready(len(specs))
+    collector.wait_ready(len(rig.specs))
     return collector
 
 
@@ -61,8 +56,8 @@ def assert_exact(tmp_path, specs) -> None:
         ), spec.symbol
 
 
-def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, exchange, specs):
-    collector = start(tmp_path, exchange, specs, concurrency=2)
+def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, rig, specs):
+    collector = start(rig, concurrency=2)
     try:
         collector.wait_until(lambda: has_rows(collector, "BTC/USDT"), what="BTC rows")
         status, job = collector.api("POST", f"/jobs/{history_id('BTC/USDT')}/pause")
@@ -81,9 +76,9 @@ def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, 
         assert running <= {"SOL/USDT", "XRP/USDT"}
 
         time.sleep(max(0.0, paused_at + 2.5 - time.monotonic()))
-        assert requests_after(exchange, "BTC/USDT", paused_at + 0.5) == []  # 2 s without one
-        assert requests_after(exchange, "SOL/USDT", paused_at + 0.5) + requests_after(
-            exchange, "XRP/USDT", paused_at + 0.5
+        assert requests_after(rig.fake, "BTC/USDT", paused_at + 0.5) == []  # 2 s without one
+        assert requests_after(rig.fake, "SOL/USDT", paused_at + 0.5) + requests_after(
+            rig.fake, "XRP/USDT", paused_at + 0.5
         )
         cursor = collector.job(history_id("BTC/USDT"))["cursor_ms"]
         assert START_MS < cursor < END_MS
@@ -94,9 +89,9 @@ def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, 
         assert collector.wait_exit(60) == 0
     finally:
         collector.kill()
-    after = requests_after(exchange, "BTC/USDT", resumed_at)
+    after = requests_after(rig.fake, "BTC/USDT", resumed_at)
     assert int(after[0].params["startTime"]) == cursor
-    starts = [int(r.params["startTime"]) for r in exchange.klines_requests("BTC/USDT")]
+    starts = [int(r.params["startTime"]) for r in rig.fake.klines_requests("BTC/USDT")]
     assert len(starts) == len(set(starts)) == PAGES  # not one page asked for twice
     assert_exact(tmp_path, specs)
     assert {e["event"] for e in collector.events} >= {"job_paused", "job_resumed", "progress"}
@@ -104,8 +99,8 @@ def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, 
     assert len(collector.named("progress")) < pages / 20  # throttled, not one a page
 
 
-def test_cancel_stops_the_job_at_once_and_saves_its_state(tmp_path, exchange, specs):
-    collector = start(tmp_path, exchange, specs, concurrency=4)
+def test_cancel_stops_the_job_at_once_and_saves_its_state(tmp_path, rig, specs):
+    collector = start(rig, concurrency=4)
     try:
         collector.wait_until(lambda: has_rows(collector, "ETH/USDT"), what="ETH rows")
         status, job = collector.api("POST", f"/jobs/{history_id('ETH/USDT')}/cancel")
@@ -116,7 +111,7 @@ def test_cancel_stops_the_job_at_once_and_saves_its_state(tmp_path, exchange, sp
         assert collector.wait_exit(60) == 0
     finally:
         collector.kill()
-    assert requests_after(exchange, "ETH/USDT", cancelled_at + 0.2) == []
+    assert requests_after(rig.fake, "ETH/USDT", cancelled_at + 0.2) == []
     summary = collector.named("history_complete")[-1]
     assert (summary["completed"], summary["cancelled"], summary["failed"]) == (3, 1, 0)
     assert collector.named("job_cancelled")[0]["job"] == history_id("ETH/USDT")
@@ -133,9 +128,9 @@ def test_cancel_stops_the_job_at_once_and_saves_its_state(tmp_path, exchange, sp
         assert saved[spec.symbol]["rows"] == len(stored(tmp_path, spec.symbol)) == DAYS * 1440
 
 
-def test_progress_and_status_survive_a_restart(tmp_path, exchange, specs):
+def test_progress_and_status_survive_a_restart(tmp_path, rig, specs):
     specs = specs[:3]
-    collector = start(tmp_path, exchange, specs, concurrency=3)
+    collector = start(rig, concurrency=3)
     try:
         collector.wait_until(lambda: has_rows(collector, "BTC/USDT"), what="BTC rows")
         assert collector.api("POST", f"/jobs/{history_id('BTC/USDT')}/pause")[0] == 200
@@ -159,8 +154,8 @@ def test_progress_and_status_survive_a_restart(tmp_path, exchange, specs):
     window_ms = DAYS * DAY_MS
     assert btc["covered"] == pytest.approx((btc["cursor_ms"] - START_MS) / window_ms, abs=1e-6)
 
-    exchange.reset_log()
-    collector = start(tmp_path, exchange, specs, concurrency=3)  # the same run, restarted
+    rig.fake.reset_log()
+    collector = start(rig, concurrency=3)  # the same run, restarted
     try:
         _, jobs_after = collector.api("GET", "/jobs")
         _, after = collector.api("GET", "/progress")
@@ -175,13 +170,13 @@ def test_progress_and_status_survive_a_restart(tmp_path, exchange, specs):
         assert after["candles"] == before["candles"] and after["covered"] == before["covered"]
         assert after["jobs"]["by_status"] == before["jobs"]["by_status"]
         time.sleep(0.5)
-        assert exchange.klines_requests() == []  # paused stays paused; completed stays done
+        assert rig.fake.klines_requests() == []  # paused stays paused; completed stays done
         assert collector.api("POST", f"/jobs/{history_id('BTC/USDT')}/resume")[0] == 200
         assert collector.wait_exit(60) == 0
     finally:
         collector.kill()
-    first = exchange.klines_requests("BTC/USDT")[0]
+    first = rig.fake.klines_requests("BTC/USDT")[0]
     assert int(first.params["startTime"]) == btc["cursor_ms"]
-    assert exchange.klines_requests("ETH/USDT") == []
+    assert rig.fake.klines_requests("ETH/USDT") == []
     assert_exact(tmp_path, specs)
     assert saved_jobs(tmp_path / "state.sqlite")["BTC/USDT"]["rows"] == DAYS * 1440

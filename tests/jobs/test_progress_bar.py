@@ -11,8 +11,8 @@ import subprocess
 import sys
 import termios
 
-from collector_support import FROZEN_NOW_S, events_named, run_in_process, write_config
-from fake_exchange import FakeExchange, SymbolSpec
+from collector_support import events_named, run_in_process
+from fake_exchange import SymbolSpec
 
 SPECS = [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT"), SymbolSpec("SOL/USDT")]
 ARGS = ("--mode=history", "--start=2024-02-28", "--end=2024-03-01")
@@ -31,25 +31,23 @@ def read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def test_an_interactive_run_shows_a_bar_with_rate_and_eta(tmp_path):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S, latency_s=0.03) as fake:
-        config = write_config(
-            tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=100
-        )
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, cols
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TDA__")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tda_collector", "--config", str(config), *ARGS],
-            stdout=subprocess.PIPE,
-            stderr=slave,
-            text=True,
-            env=env,
-        )
-        os.close(slave)
-        out, _ = proc.communicate(timeout=120)
-        screen = read_all(master).decode(errors="replace")
-        os.close(master)
+def test_an_interactive_run_shows_a_bar_with_rate_and_eta(exchange_rig):
+    rig = exchange_rig(SPECS, latency_s=0.03)
+    config = rig.config(page_limit=100)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, cols
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TDA__")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tda_collector", "--config", str(config), *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+        env=env,
+    )
+    os.close(slave)
+    out, _ = proc.communicate(timeout=120)
+    screen = read_all(master).decode(errors="replace")
+    os.close(master)
     assert proc.returncode == 0
     frames = [f for f in re.split(r"[\r\n]", screen) if f.strip()]
     assert len(frames) >= 2, screen  # drawn at the start, each second, and at the end
@@ -63,9 +61,8 @@ def test_an_interactive_run_shows_a_bar_with_rate_and_eta(tmp_path):
     assert "%|" not in out
 
 
-def test_without_a_terminal_only_the_events_appear(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        config = write_config(tmp_path, fake.base_url, [s.symbol for s in SPECS], ["1m"])
-        code, events = run_in_process(capsys, config, *ARGS)
+def test_without_a_terminal_only_the_events_appear(exchange_rig, capsys):
+    config = exchange_rig(SPECS).config()
+    code, events = run_in_process(capsys, config, *ARGS)
     assert code == 0 and events_named(events, "history_complete")
     assert capsys.readouterr().err == ""

@@ -15,9 +15,8 @@ from collector_support import (
     parse_events,
     run_in_process,
     start_subprocess,
-    write_config,
 )
-from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from fake_exchange import SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
 from tda_collector.models import JobKey
@@ -48,9 +47,8 @@ TIMEFRAMES = ["1m", "1h"]
 
 
 @pytest.fixture
-def exchange():
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        yield fake
+def rig(exchange_rig):
+    return exchange_rig(SPECS)
 
 
 def expected(spec: SymbolSpec, timeframe: str, start=START_MS, end=END_MS):
@@ -76,8 +74,8 @@ def test_next_since_moves_forward_and_stops_at_end():
     assert next_since(5 * MIN, 2 * MIN, MIN, 10 * MIN) == 6 * MIN  # never backwards
 
 
-def test_backfill_stores_exactly_the_exchanges_candles(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, SYMBOLS, TIMEFRAMES, page_limit=500)
+def test_backfill_stores_exactly_the_exchanges_candles(rig, tmp_path, capsys):
+    config = rig.config(SYMBOLS, TIMEFRAMES, page_limit=500)
     code, events = run_in_process(
         capsys, config, "--mode=history", f"--start={START}", f"--end={END}"
     )
@@ -88,35 +86,35 @@ def test_backfill_stores_exactly_the_exchanges_candles(exchange, tmp_path, capsy
     assert summary["rows"] == expected_rows
     assert summary["failed"] == 0 and summary["jobs"] == 6
     # 1m BTC: 2,880 candles in pages of 500 -> 6 requests, not one per candle or a loop.
-    assert len(exchange.klines_requests("BTC/USDT")) == math.ceil(2880 / 500) + 1
+    assert len(rig.fake.klines_requests("BTC/USDT")) == math.ceil(2880 / 500) + 1
     for event in events:
         assert {"ts", "level", "event", "message", "service_name", "environment", "mode"} <= set(
             event
         )
 
 
-def test_rerun_of_a_completed_range_sends_zero_candle_requests(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, SYMBOLS, TIMEFRAMES)
+def test_rerun_of_a_completed_range_sends_zero_candle_requests(rig, tmp_path, capsys):
+    config = rig.config(SYMBOLS, TIMEFRAMES)
     args = ("--mode=history", f"--start={START}", f"--end={END}")
     assert run_in_process(capsys, config, *args)[0] == 0
-    exchange.reset_log()
+    rig.fake.reset_log()
     code, events = run_in_process(capsys, config, *args)
     assert code == 0
-    assert exchange.klines_requests() == []
+    assert rig.fake.klines_requests() == []
     assert events_named(events, "history_complete")[-1]["rows"] == 0
     assert_store_holds_exactly(tmp_path / "ohlcv.duckdb")
 
 
-def test_extending_a_range_fetches_only_the_new_part(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"])
+def test_extending_a_range_fetches_only_the_new_part(rig, tmp_path, capsys):
+    config = rig.config(["BTC/USDT"], ["1m"])
     first = ("--mode=history", "--start=2024-02-29", "--end=2024-03-01")
     assert run_in_process(capsys, config, *first)[0] == 0
-    exchange.reset_log()
+    rig.fake.reset_log()
     code, _ = run_in_process(
         capsys, config, "--mode=history", f"--start={START}", "--end=2024-03-01"
     )
     assert code == 0
-    requests = exchange.klines_requests("BTC/USDT")
+    requests = rig.fake.klines_requests("BTC/USDT")
     assert requests, "the new day must be fetched"
     assert all(int(r.params["startTime"]) < START_MS + DAY_MS for r in requests)
     assert all(int(r.params["endTime"]) < START_MS + DAY_MS for r in requests)
@@ -124,8 +122,8 @@ def test_extending_a_range_fetches_only_the_new_part(exchange, tmp_path, capsys)
     assert len(rows) == 2 * 1440
 
 
-def test_end_defaults_to_now_and_only_closed_candles_are_stored(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1h"])
+def test_end_defaults_to_now_and_only_closed_candles_are_stored(rig, tmp_path, capsys):
+    config = rig.config(["BTC/USDT"], ["1h"])
     code, _ = run_in_process(capsys, config, "--mode=history", "--start=2024-02-29T20:00")
     assert code == 0
     rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", "BTC/USDT", "1h"))
@@ -143,8 +141,8 @@ def test_end_defaults_to_now_and_only_closed_candles_are_stored(exchange, tmp_pa
         (("--exchange=kraken",), "--exchange kraken: not configured"),
     ],
 )
-def test_things_the_exchange_does_not_have_exit_2(exchange, tmp_path, args, message):
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"])
+def test_things_the_exchange_does_not_have_exit_2(rig, tmp_path, args, message):
+    config = rig.config(["BTC/USDT"], ["1m"])
     proc = start_subprocess(config, "--mode=history", f"--start={START}", *args)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
@@ -152,49 +150,42 @@ def test_things_the_exchange_does_not_have_exit_2(exchange, tmp_path, args, mess
     assert len(lines) == 1 and lines[0].startswith(f"tda-collector: error: {message}"), stderr
 
 
-def test_crash_midway_then_rerun_refetches_at_most_one_page_per_job(tmp_path):
+def test_crash_midway_then_rerun_refetches_at_most_one_page_per_job(exchange_rig, tmp_path):
     specs = [SymbolSpec(f"C{i}/USDT") for i in range(4)]
-    with FakeExchange(specs, clock=lambda: FROZEN_NOW_S, latency_s=0.02) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in specs],
-            ["1m"],
-            page_limit=100,
-            history_concurrency=4,
-        )
-        args = ("--mode=history", f"--start={START}", f"--end={END}")
-        proc = start_subprocess(config, *args)
-        done_pages: Counter[str] = Counter()
-        lines = []
-        deadline = time.monotonic() + 60
-        while sum(done_pages.values()) < 20 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            for event in parse_events(line):
-                if event["event"] == "history_page_done":
-                    done_pages[event["symbol"]] += 1
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        assert sum(done_pages.values()) >= 20, "".join(lines[-5:])
-        fetched = {spec.symbol: len(fake.klines_requests(spec.symbol)) for spec in specs}
+    rig = exchange_rig(specs, latency_s=0.02)
+    config = rig.config(page_limit=100, history_concurrency=4)
+    args = ("--mode=history", f"--start={START}", f"--end={END}")
+    proc = start_subprocess(config, *args)
+    done_pages: Counter[str] = Counter()
+    lines = []
+    deadline = time.monotonic() + 60
+    while sum(done_pages.values()) < 20 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        for event in parse_events(line):
+            if event["event"] == "history_page_done":
+                done_pages[event["symbol"]] += 1
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert sum(done_pages.values()) >= 20, "".join(lines[-5:])
+    fetched = {spec.symbol: len(rig.fake.klines_requests(spec.symbol)) for spec in specs}
 
-        fake.reset_log()
-        rerun = start_subprocess(config, *args)
-        _, err = rerun.communicate(timeout=120)
-        assert rerun.returncode == 0, err
-        pages_total = math.ceil(2880 / 100)
-        for spec in specs:
-            # A page fetched but not yet committed at the kill is fetched again: a DuckDB history
-            # job has one page in flight (fetching it, or waiting for its group commit).
-            assert DuckDBStore.pipeline_pages == 1
-            fetched_in_both = fetched[spec.symbol] + len(fake.klines_requests(spec.symbol))
-            assert 0 <= fetched_in_both - pages_total <= 1, spec.symbol
-            rows = read_duckdb_rows(
-                str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m")
-            )
-            got = [
-                (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
-                for r in rows
-            ]
-            assert got == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
+    rig.fake.reset_log()
+    rerun = start_subprocess(config, *args)
+    _, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    pages_total = math.ceil(2880 / 100)
+    for spec in specs:
+        # A page fetched but not yet committed at the kill is fetched again: a DuckDB history
+        # job has one page in flight (fetching it, or waiting for its group commit).
+        assert DuckDBStore.pipeline_pages == 1
+        fetched_in_both = fetched[spec.symbol] + len(rig.fake.klines_requests(spec.symbol))
+        assert 0 <= fetched_in_both - pages_total <= 1, spec.symbol
+        rows = read_duckdb_rows(
+            str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1m")
+        )
+        got = [
+            (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+            for r in rows
+        ]
+        assert got == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)

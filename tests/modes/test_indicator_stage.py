@@ -7,8 +7,8 @@ import random
 import duckdb
 import numpy as np
 import pytest
-from collector_support import DAY_MS, FROZEN_NOW_S, run_in_process, write_config
-from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from collector_support import DAY_MS, FROZEN_NOW_S, run_in_process
+from fake_exchange import SymbolSpec, expected_candles
 from store_support import quiet_events
 
 from tda_collector.indicators import IndicatorSpec, compute, initial_state
@@ -63,22 +63,19 @@ def backfill(capsys, config, start_ms, end_ms):
 
 
 @pytest.fixture
-def exchange():
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        yield fake
+def rig(exchange_rig):
+    return exchange_rig(SPECS)
 
 
-def test_one_backfill_stores_exact_indicators(exchange, tmp_path, capsys):
-    config = write_config(tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"])
+def test_one_backfill_stores_exact_indicators(rig, tmp_path, capsys):
+    config = rig.config()
     backfill(capsys, config, START_MS, END_MS)
     for spec in SPECS:
         assert_matches_one_computation(tmp_path / "ohlcv.duckdb", spec)
 
 
-def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(exchange, tmp_path, capsys):
-    config = write_config(
-        tmp_path, exchange.base_url, [s.symbol for s in SPECS], ["1m"], page_limit=300
-    )
+def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(rig, tmp_path, capsys):
+    config = rig.config(page_limit=300)
     cuts = sorted(random.Random(5).sample(range(START_MS + MIN, END_MS, MIN), 9))
     pieces = list(zip([START_MS, *cuts], [*cuts, END_MS], strict=True))
     random.Random(6).shuffle(pieces)
@@ -88,24 +85,16 @@ def test_a_backfill_in_ten_pieces_in_any_order_gives_the_same_values(exchange, t
         assert_matches_one_computation(tmp_path / "ohlcv.duckdb", spec)
 
 
-def test_changing_the_periods_recomputes_the_stored_series(exchange, tmp_path, capsys):
-    config = write_config(
-        tmp_path,
-        exchange.base_url,
-        ["BTC/USDT"],
-        ["1m"],
-        indicators={"rsi_periods": [6, 14], "ema_periods": [12, 26]},
-    )
+def test_changing_the_periods_recomputes_the_stored_series(rig, tmp_path, capsys):
+    config = rig.config(["BTC/USDT"], indicators={"rsi_periods": [6, 14], "ema_periods": [12, 26]})
     backfill(capsys, config, START_MS, START_MS + DAY_MS)
-    config = write_config(tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"])
+    config = rig.config(["BTC/USDT"])
     backfill(capsys, config, START_MS + DAY_MS, END_MS)
     assert_matches_one_computation(tmp_path / "ohlcv.duckdb", SPECS[0])
 
 
-def test_indicators_can_be_switched_off(exchange, tmp_path, capsys):
-    config = write_config(
-        tmp_path, exchange.base_url, ["BTC/USDT"], ["1m"], indicators={"enabled": False}
-    )
+def test_indicators_can_be_switched_off(rig, tmp_path, capsys):
+    config = rig.config(["BTC/USDT"], indicators={"enabled": False})
     backfill(capsys, config, START_MS, START_MS + DAY_MS)
     with duckdb.connect(str(tmp_path / "ohlcv.duckdb"), read_only=True) as con:
         names = [r[0] for r in con.execute(f"DESCRIBE {TABLE_NAME}").fetchall()]

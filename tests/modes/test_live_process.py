@@ -6,8 +6,8 @@ import time
 from datetime import UTC
 
 import pytest
-from collector_support import free_port, start_subprocess, stop, wait_for_event, write_config
-from fake_exchange import FakeExchange, SymbolSpec, candle
+from collector_support import free_port, start_subprocess, stop, wait_for_event
+from fake_exchange import SymbolSpec, candle
 from store_support import read_duckdb_rows
 
 from tda_collector.models import JobKey
@@ -46,12 +46,12 @@ def assert_no_hole_and_exact(rows, symbol):
         ) == expected
 
 
-def test_sigterm_stops_within_a_second_with_state_saved(tmp_path):
-    with FakeExchange([SymbolSpec(s) for s in SYMBOLS]) as fake:
-        config = write_config(tmp_path, fake.base_url, SYMBOLS, ["1m"], live_initial_candles=30)
-        proc = start_subprocess(config, "--mode=live")
-        wait_for_event(proc, "live_cycle_complete", 60)
-        elapsed, events = stop(proc)
+def test_sigterm_stops_within_a_second_with_state_saved(exchange_rig, tmp_path):
+    rig = exchange_rig([SymbolSpec(s) for s in SYMBOLS], clock=time.time)
+    config = rig.config(live_initial_candles=30)
+    proc = start_subprocess(config, "--mode=live")
+    wait_for_event(proc, "live_cycle_complete", 60)
+    elapsed, events = stop(proc)
     assert proc.returncode == 0
     assert elapsed < 1.0 + 0.3  # the 1 s budget, plus process teardown measured from outside
     assert events[-1]["event"] == "shutdown"
@@ -59,20 +59,18 @@ def test_sigterm_stops_within_a_second_with_state_saved(tmp_path):
         assert len(stored_closed(tmp_path, symbol)) >= 30
 
 
-def test_restart_after_downtime_fills_the_hole_without_duplicates(tmp_path):
+def test_restart_after_downtime_fills_the_hole_without_duplicates(exchange_rig, tmp_path):
     clock = ShiftedClock()
-    with FakeExchange([SymbolSpec(s) for s in SYMBOLS], clock=clock) as fake:
-        config = write_config(
-            tmp_path, fake.base_url, SYMBOLS, ["1m"], live_initial_candles=10, page_limit=50
-        )
-        proc = start_subprocess(config, "--mode=live")
-        wait_for_event(proc, "live_cycle_complete", 60)
-        stop(proc)
-        before = {s: stored_closed(tmp_path, s)[-1]["timestamp_ms"] for s in SYMBOLS}
-        clock.shift_s += 3 * 3600  # three hours pass while the daemon is down
-        proc = start_subprocess(config, "--mode=live")
-        _, seen = wait_for_event(proc, "live_cycle_complete", 60)
-        stop(proc)
+    rig = exchange_rig([SymbolSpec(s) for s in SYMBOLS], clock=clock)
+    config = rig.config(live_initial_candles=10, page_limit=50)
+    proc = start_subprocess(config, "--mode=live")
+    wait_for_event(proc, "live_cycle_complete", 60)
+    stop(proc)
+    before = {s: stored_closed(tmp_path, s)[-1]["timestamp_ms"] for s in SYMBOLS}
+    clock.shift_s += 3 * 3600  # three hours pass while the daemon is down
+    proc = start_subprocess(config, "--mode=live")
+    _, seen = wait_for_event(proc, "live_cycle_complete", 60)
+    stop(proc)
     assert any(e["event"] == "gap_repaired" for e in seen)
     for symbol in SYMBOLS:
         rows = stored_closed(tmp_path, symbol)
@@ -81,15 +79,17 @@ def test_restart_after_downtime_fills_the_hole_without_duplicates(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_closed_minute_is_stored_within_seconds_of_its_close_in_real_time(tmp_path):
-    with FakeExchange([SymbolSpec(s) for s in SYMBOLS]) as fake:
-        config = write_config(tmp_path, fake.base_url, SYMBOLS, ["1m"], live_initial_candles=3)
-        proc = start_subprocess(config, "--mode=live")
-        started_ms = int(time.time() * 1000)
-        first_close = (started_ms // MIN + 1) * MIN
-        # Wait until two closes have passed, plus the settle delay and a margin.
-        time.sleep(max(0.0, (first_close + MIN + 6_000 - time.time() * 1000) / 1000))
-        _, events = stop(proc)
+def test_every_closed_minute_is_stored_within_seconds_of_its_close_in_real_time(
+    exchange_rig, tmp_path
+):
+    rig = exchange_rig([SymbolSpec(s) for s in SYMBOLS], clock=time.time)
+    config = rig.config(live_initial_candles=3)
+    proc = start_subprocess(config, "--mode=live")
+    started_ms = int(time.time() * 1000)
+    first_close = (started_ms // MIN + 1) * MIN
+    # Wait until two closes have passed, plus the settle delay and a margin.
+    time.sleep(max(0.0, (first_close + MIN + 6_000 - time.time() * 1000) / 1000))
+    _, events = stop(proc)
     for symbol in SYMBOLS:
         rows = stored_closed(tmp_path, symbol)
         assert_no_hole_and_exact(rows, symbol)
@@ -101,17 +101,16 @@ def test_every_closed_minute_is_stored_within_seconds_of_its_close_in_real_time(
     assert any(e["event"] == "live_cycle_complete" for e in events)
 
 
-def test_an_exchange_down_at_boot_is_waited_for_not_fatal(tmp_path):
+def test_an_exchange_down_at_boot_is_waited_for_not_fatal(exchange_rig):
     port = free_port()
-    fake = FakeExchange([SymbolSpec(s) for s in SYMBOLS], port=port)
-    config = write_config(tmp_path, f"http://127.0.0.1:{port}", SYMBOLS, ["1m"])
+    rig = exchange_rig([SymbolSpec(s) for s in SYMBOLS], started=False, clock=time.time, port=port)
+    config = rig.config()
     proc = start_subprocess(config, "--mode=live")
     try:
         retry, _ = wait_for_event(proc, "backoff_retry", 30)
         assert retry["exchange"] == "binance" and retry["attempt"] >= 1
-        fake.start()
+        rig.fake.start()
         wait_for_event(proc, "live_cycle_complete", 60)
     finally:
         _, events = stop(proc)
-        fake.stop()
     assert proc.returncode == 0 and events[-1]["event"] == "shutdown"

@@ -7,7 +7,6 @@ import time
 import urllib.request
 
 from collector_support import (
-    FROZEN_NOW_S,
     events_named,
     free_port,
     parse_events,
@@ -17,7 +16,7 @@ from collector_support import (
     wait_for_event,
     write_config,
 )
-from fake_exchange import FakeExchange, SymbolSpec
+from fake_exchange import SymbolSpec
 from loki_capture import LokiCapture, closed_port_url
 
 from tda_collector.cli import main
@@ -43,36 +42,32 @@ def sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_metrics_and_health_move_during_a_live_run(tmp_path):
+def test_metrics_and_health_move_during_a_live_run(exchange_rig):
     port = free_port()
-    with FakeExchange(SPECS) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            live_initial_candles=500,
-            page_limit=100,
-            update_interval_seconds=2,
-            admin={"host": "127.0.0.1", "port": port},
-        )
-        proc = start_subprocess(config, "--mode=live")
-        try:
-            wait_for_event(proc, "admin_started", 30)
-            assert scrape(port, "/healthz")[0] == 200
-            wait_for_event(proc, "live_cycle_complete", 60)
-            status, first = scrape(port)
-            assert scrape(port, "/readyz")[0] == 200
-            fake.reset_log()
-            deadline = time.monotonic() + 20
-            second = first
-            while time.monotonic() < deadline and sample(
-                second, "tda_exchange_requests_total"
-            ) <= sample(first, "tda_exchange_requests_total"):
-                time.sleep(0.5)
-                second = scrape(port)[1]
-        finally:
-            stop(proc)
+    rig = exchange_rig(SPECS, clock=time.time)
+    config = rig.config(
+        live_initial_candles=500,
+        page_limit=100,
+        update_interval_seconds=2,
+        admin={"host": "127.0.0.1", "port": port},
+    )
+    proc = start_subprocess(config, "--mode=live")
+    try:
+        wait_for_event(proc, "admin_started", 30)
+        assert scrape(port, "/healthz")[0] == 200
+        wait_for_event(proc, "live_cycle_complete", 60)
+        status, first = scrape(port)
+        assert scrape(port, "/readyz")[0] == 200
+        rig.fake.reset_log()
+        deadline = time.monotonic() + 20
+        second = first
+        while time.monotonic() < deadline and sample(
+            second, "tda_exchange_requests_total"
+        ) <= sample(first, "tda_exchange_requests_total"):
+            time.sleep(0.5)
+            second = scrape(port)[1]
+    finally:
+        stop(proc)
     assert status == 200
     assert sample(first, "tda_exchange_requests_total", exchange="binance", outcome="ok") >= 10
     assert sample(second, "tda_exchange_requests_total") > sample(
@@ -86,16 +81,10 @@ def test_metrics_and_health_move_during_a_live_run(tmp_path):
     assert "symbol=" not in first
 
 
-def test_loki_receives_every_event_with_its_own_timestamp(tmp_path, capsys):
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake, LokiCapture() as loki:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            page_limit=200,
-            logging={"loki": {"url": loki.url}},
-        )
+def test_loki_receives_every_event_with_its_own_timestamp(exchange_rig, capsys):
+    rig = exchange_rig(SPECS)
+    with LokiCapture() as loki:
+        config = rig.config(page_limit=200, logging={"loki": {"url": loki.url}})
         code, events = run_in_process(capsys, config, *ARGS)
         entries = loki.wait_for_entries(len(events))
         pushes = len(loki.pushes)
@@ -111,31 +100,21 @@ def test_loki_receives_every_event_with_its_own_timestamp(tmp_path, capsys):
         assert event["ts"].startswith(stamped)
 
 
-def timed_run(capsys, tmp_path, fake, loki_url):
+def timed_run(capsys, tmp_path, rig, loki_url):
     workdir = tmp_path / loki_url.replace(":", "_").replace("/", "_")
     workdir.mkdir()
-    config = write_config(
-        workdir,
-        fake.base_url,
-        [s.symbol for s in SPECS],
-        ["1m"],
-        page_limit=200,
-        logging={"loki": {"url": loki_url}},
-    )
+    config = rig.config(workdir=workdir, page_limit=200, logging={"loki": {"url": loki_url}})
     started = time.monotonic()
     code, events = run_in_process(capsys, config, *ARGS)
     return code, events, time.monotonic() - started
 
 
-def test_a_loki_that_is_down_or_hangs_changes_nothing(tmp_path, capsys):
-    with (
-        FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake,
-        LokiCapture() as up,
-        LokiCapture(mode="hang") as hanging,
-    ):
-        baseline = timed_run(capsys, tmp_path, fake, up.url)
+def test_a_loki_that_is_down_or_hangs_changes_nothing(exchange_rig, tmp_path, capsys):
+    rig = exchange_rig(SPECS)
+    with LokiCapture() as up, LokiCapture(mode="hang") as hanging:
+        baseline = timed_run(capsys, tmp_path, rig, up.url)
         for url in (closed_port_url(), hanging.url):
-            code, events, seconds = timed_run(capsys, tmp_path, fake, url)
+            code, events, seconds = timed_run(capsys, tmp_path, rig, url)
             assert code == baseline[0] == 0
             assert (
                 events_named(events, "history_complete")[-1]["rows"]
@@ -145,7 +124,7 @@ def test_a_loki_that_is_down_or_hangs_changes_nothing(tmp_path, capsys):
             assert len(events_named(events, "loki_push_failed")) <= 1
 
 
-def test_secrets_never_appear_in_any_output(tmp_path, capsys):
+def test_secrets_never_appear_in_any_output(exchange_rig, capsys):
     secrets = {
         "BINANCE_API_KEY": "key-3f9a7c1e5d",
         "BINANCE_SECRET": "secret-b84e02d6aa",
@@ -154,14 +133,10 @@ def test_secrets_never_appear_in_any_output(tmp_path, capsys):
         "LOKI_TENANT_ID": "tenant-5a1f",
     }
     port = free_port()
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake, LokiCapture() as loki:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m"],
-            logging={"loki": {"url": loki.url}},
-            admin={"host": "127.0.0.1", "port": port},
+    rig = exchange_rig(SPECS)
+    with LokiCapture() as loki:
+        config = rig.config(
+            logging={"loki": {"url": loki.url}}, admin={"host": "127.0.0.1", "port": port}
         )
         text = config.read_text().replace(
             "  id: binance\n",

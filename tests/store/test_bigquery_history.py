@@ -9,8 +9,8 @@ from bigquery_support import (
     read_latest,
     unique_dataset,
 )
-from collector_support import DAY_MS, FROZEN_NOW_S, events_named, run_in_process, write_config
-from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from collector_support import DAY_MS, FROZEN_NOW_S, events_named, run_in_process
+from fake_exchange import SymbolSpec, expected_candles
 
 from tda_collector.models import JobKey
 
@@ -27,32 +27,29 @@ SPECS = [
 
 
 def test_history_backfill_into_bigquery_is_exact_with_far_fewer_load_jobs_than_pages(
-    bigquery_emulator, tmp_path, capsys
+    bigquery_emulator, exchange_rig, capsys
 ):
     dataset = unique_dataset()
-    with FakeExchange(SPECS, clock=lambda: FROZEN_NOW_S) as fake:
-        config = write_config(
-            tmp_path,
-            fake.base_url,
-            [s.symbol for s in SPECS],
-            ["1m", "1h"],
-            page_limit=250,
-            storage={
-                "backend": "bigquery",
-                "bigquery": {
-                    "project": PROJECT,
-                    "dataset": dataset,
-                    "api_endpoint": bigquery_emulator,
-                    "load_batch_seconds": 1.0,
-                },
+    rig = exchange_rig(SPECS)
+    config = rig.config(
+        timeframes=["1m", "1h"],
+        page_limit=250,
+        storage={
+            "backend": "bigquery",
+            "bigquery": {
+                "project": PROJECT,
+                "dataset": dataset,
+                "api_endpoint": bigquery_emulator,
+                "load_batch_seconds": 1.0,
             },
-            logging={"level": "DEBUG"},
-        )
-        code, events = run_in_process(capsys, config, *ARGS)
-        assert code == 0
-        fake.reset_log()
-        rerun_code, _ = run_in_process(capsys, config, *ARGS)
-        assert rerun_code == 0 and fake.klines_requests() == []
+        },
+        logging={"level": "DEBUG"},
+    )
+    code, events = run_in_process(capsys, config, *ARGS)
+    assert code == 0
+    rig.fake.reset_log()
+    rerun_code, _ = run_in_process(capsys, config, *ARGS)
+    assert rerun_code == 0 and rig.fake.klines_requests() == []
     client = emulator_client(bigquery_emulator)
     try:
         for spec in SPECS:

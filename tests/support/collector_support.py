@@ -44,8 +44,12 @@ def write_config(
     used_weight: dict[str, Any] | None = None,
     page_limit: int = 1000,
     timeout_ms: int = 10_000,
+    exchange_id: str = "binance",
+    ccxt: dict[str, Any] | None = None,
     **top_level: Any,
 ) -> Path:
+    """A config for one exchange served at `base_url` (a fake on loopback); `ccxt` replaces
+    the ccxt options that point it there, for exchanges whose URLs are shaped otherwise."""
     rate_limit: dict[str, Any] = {"requests_per_second": rps, "safety": safety}
     if used_weight is not None:
         rate_limit["used_weight"] = used_weight
@@ -54,10 +58,10 @@ def write_config(
         "environment": "test",
         "exchanges": [
             {
-                "id": "binance",
+                "id": exchange_id,
                 "symbols": symbols,
                 "timeframes": timeframes,
-                "ccxt": ccxt_options(base_url, timeout_ms),
+                "ccxt": ccxt if ccxt is not None else ccxt_options(base_url, timeout_ms),
                 "rate_limit": rate_limit,
             }
         ],
