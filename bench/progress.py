@@ -54,7 +54,7 @@ async def churn(registry: JobRegistry, progress: Progress, pages_per_s: float) -
         for _ in range(max(1, int(pages_per_s / 100))):
             job = jobs[i % 64]
             since = job.record.cursor_ms or START_MS
-            registry.record_page(job, since, since + 1000 * MIN_MS, rows=1000)
+            registry.record_page(job, [(since, since + 1000 * MIN_MS)], rows=1000)
             i += 1
         if time.monotonic() - last_tick >= 1:
             last_tick = time.monotonic()

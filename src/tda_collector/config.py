@@ -130,6 +130,19 @@ class DuckDBConfig(_Section):
         "enough to gather the pages of many jobs, short enough that a job waiting for it stays "
         "busy. Live mode commits without waiting.",
     )
+    memory_limit: str = Field(
+        "256MB",
+        pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$",
+        description="DuckDB's memory_limit: its buffer pool, which otherwise keeps every block "
+        "written (by default up to 80% of RAM), so the process grows with the data stored. "
+        "Beyond it, blocks are evicted (written blocks are on disk after a checkpoint).",
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        description="DuckDB's worker threads. Writes are serialised anyway, and parallel "
+        "operators cost ~25% more CPU per written row on this workload.",
+    )
 
 
 class BigQueryConfig(_Section):

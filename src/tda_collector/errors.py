@@ -49,6 +49,11 @@ class PermanentFault(ExchangeFault):
     """Bad symbol, bad request, authentication: retrying cannot help, the job fails."""
 
 
+class CalendarMismatch(PermanentFault):
+    """A series whose candles all open off the grid we expect (a week origin or month rule
+    that differs from the exchange's): nothing of it could be stored, so the job fails."""
+
+
 class StoreFault(CollectorError):
     """A store could not make rows durable: the job's cursor does not move, its rows are
     fetched again on the next run, never marked stored. `permanent` says retrying cannot help."""

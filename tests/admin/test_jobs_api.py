@@ -39,7 +39,7 @@ def fill(registry: JobRegistry) -> None:
             if i == 0:
                 registry.apply(job, "start")
     btc = registry.jobs["binance:BTC-USDT:1m:history"]
-    registry.record_page(btc, T0, T0 + 720 * MIN, rows=700)
+    registry.record_page(btc, [(T0, T0 + 720 * MIN)], rows=700)
     registry.apply(registry.jobs["binance:ETH-USDT:1m:history"], "complete")
 
 

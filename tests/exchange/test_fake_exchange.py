@@ -16,6 +16,7 @@ import aiohttp
 import ccxt.async_support as ccxt
 import pytest
 from fake_exchange import (
+    EPOCH_WEEK_ORIGIN_MS,
     TIMEFRAME_MS,
     FakeExchange,
     SymbolSpec,
@@ -142,6 +143,68 @@ def test_expected_candles_honour_listing_gaps_and_close_time():
 
 
 # --------------------------------------------------------------------------- ccxt over HTTP
+
+
+def utc_ms(*parts: int) -> int:
+    return int(datetime(*parts, tzinfo=UTC).timestamp() * 1000)
+
+
+def test_months_are_calendar_months_with_leap_years():
+    listed = SymbolSpec("BTC/USDT", listed_at_ms=utc_ms(2023, 1, 15))
+    now = utc_ms(2024, 3, 10)
+    times = [c[0] for c in expected_candles(listed, "1M", 0, now, now)]
+    # February 2023 is the first whole month after the listing; March 2024 is still open.
+    assert times[0] == utc_ms(2023, 2, 1) and times[-1] == utc_ms(2024, 2, 1)
+    assert times == [utc_ms(2023 + (m // 12), m % 12 + 1, 1) for m in range(1, 14)]
+    with pytest.raises(ValueError):
+        candle("BTC/USDT", "1M", utc_ms(2024, 1, 31))  # 30 days after January 1st
+    gapped = SymbolSpec("GAP/USDT", gaps=[(utc_ms(2023, 6, 1), utc_ms(2023, 7, 1))])
+    assert utc_ms(2023, 6, 1) not in [c[0] for c in expected_candles(gapped, "1M", 0, now, now)]
+
+
+def test_weeks_open_on_the_given_week_origin():
+    now = utc_ms(2024, 1, 20)
+    monday = [c[0] for c in expected_candles(BTC, "1w", utc_ms(2024, 1, 1), now, now)]
+    thursday = [
+        c[0]
+        for c in expected_candles(
+            BTC, "1w", utc_ms(2024, 1, 1), now, now, week_origin_ms=EPOCH_WEEK_ORIGIN_MS
+        )
+    ]
+    assert monday == [utc_ms(2024, 1, 1), utc_ms(2024, 1, 8)]
+    assert thursday == [utc_ms(2024, 1, 4), utc_ms(2024, 1, 11)]
+    with pytest.raises(ValueError):
+        candle("BTC/USDT", "1w", utc_ms(2024, 1, 4))
+
+
+async def test_ccxt_reads_3d_1M_and_thursday_weeks_as_served(clock):
+    clock.now_ms = utc_ms(2024, 3, 10, 12)
+    with FakeExchange([BTC], clock=clock, week_origin_ms=EPOCH_WEEK_ORIGIN_MS) as fx:
+        async with binance(fx.base_url) as client:
+            since = utc_ms(2024, 1, 1)
+            for timeframe in ("3d", "1M", "1w"):
+                rows = await client.fetch_ohlcv("BTC/USDT", timeframe, since, 100)
+                closed = [tuple(r) for r in rows[:-1]]
+                assert closed == expected_candles(
+                    BTC,
+                    timeframe,
+                    since,
+                    clock.now_ms,
+                    clock.now_ms,
+                    week_origin_ms=EPOCH_WEEK_ORIGIN_MS,
+                ), timeframe
+                assert rows[-1][0] <= clock.now_ms  # the candle in progress comes last
+        status, _, body = await get(
+            fx.base_url, "klines", symbol="BTCUSDT", interval="1M", startTime=since
+        )
+        assert status == 200
+        months = json.loads(body)
+        # Binance's close time is the last millisecond of the month (29 days in Feb 2024)
+        assert [(k[0], k[6]) for k in months] == [
+            (utc_ms(2024, 1, 1), utc_ms(2024, 2, 1) - 1),
+            (utc_ms(2024, 2, 1), utc_ms(2024, 3, 1) - 1),
+            (utc_ms(2024, 3, 1), utc_ms(2024, 4, 1) - 1),
+        ]
 
 
 async def test_ccxt_markets_time_and_tickers(exchange):

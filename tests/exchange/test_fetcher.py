@@ -11,7 +11,7 @@ from event_support import recording_events
 from virtual_time import VirtualTime
 
 from tda_collector.app import Readiness
-from tda_collector.errors import RateLimited, TransientFault
+from tda_collector.errors import PermanentFault, RateLimited, TransientFault
 from tda_collector.exchange.fetcher import Fetcher
 from tda_collector.exchange.ratelimit import RateLimiter
 from tda_collector.exchange.source import Capabilities
@@ -191,3 +191,42 @@ async def test_opening_retries_like_any_request_and_gives_up_after_the_attempts(
     rig = Rig(*(TransientFault("down") for _ in range(8)))
     await rig.vt.run(rig.fetcher.open(forever=True))  # live mode: an exchange down at boot
     assert rig.source.opened == 9
+
+
+async def test_every_failed_candle_request_is_a_fetch_error_the_last_one_at_error_level():
+    # Three transient attempts (counted apart from the rate-limited answer): the third ends it.
+    rig = Rig(
+        TransientFault("503 down", status=503), ban(1, status=429), *(TransientFault("x"),) * 2
+    )
+    with pytest.raises(TransientFault):
+        await rig.vt.run(rig.fetcher.candles(KEY, 0, 1, 10))
+    failed = rig.recorded.named("fetch_error")
+    assert len(failed) == len(rig.source.sent) == 4  # one per request that left and failed
+    assert [(e["level"], e["attempt"], e["retry"]) for e in failed] == [
+        ("WARNING", 1, True),
+        ("WARNING", 1, True),
+        ("WARNING", 2, True),
+        ("ERROR", 3, False),
+    ]
+    assert failed[0]["status"] == 503 and failed[0]["error"] == "503 down"
+    assert failed[1]["status"] == 429
+    assert all(e["symbol"] == "BTC/USDT" and e["timeframe"] == "1m" for e in failed)
+    # What follows a retried failure is told apart: the wait it takes.
+    assert [e["attempt"] for e in rig.recorded.named("backoff_retry")] == [1, 2]
+    assert [e["attempt"] for e in rig.recorded.named("rate_limited")] == [1]
+
+
+async def test_a_permanent_fault_is_one_fetch_error_and_no_retry():
+    rig = Rig(PermanentFault("400 bad symbol", status=400))
+    with pytest.raises(PermanentFault):
+        await rig.vt.run(rig.fetcher.candles(KEY, 0, 1, 10))
+    [failed] = rig.recorded.named("fetch_error")
+    assert (failed["level"], failed["status"], failed["attempt"]) == ("ERROR", 400, 1)
+    assert rig.recorded.named("backoff_retry") == []
+
+
+async def test_loading_markets_is_not_a_candle_request_so_no_fetch_error():
+    rig = Rig(TransientFault("down"))
+    await rig.vt.run(rig.fetcher.open(forever=False))
+    assert rig.recorded.named("fetch_error") == []
+    assert len(rig.recorded.named("backoff_retry")) == 1

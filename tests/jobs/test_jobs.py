@@ -155,7 +155,7 @@ def test_progress_counts_slots_and_rates_over_a_recent_window():
         clock.t += 1
         for job in (one_day, two_days):
             cursor = job.record.cursor_ms or 0
-            registry.record_page(job, cursor, cursor + 100 * MIN, rows=100)
+            registry.record_page(job, [(cursor, cursor + 100 * MIN)], rows=100)
         progress.tick()
         if second == 10:
             registry.apply(one_day, "complete")
@@ -187,7 +187,7 @@ def test_eta_is_unknown_while_nothing_moves_and_zero_when_nothing_is_left():
     progress.tick()
     clock.t += 5
     assert progress.summary().eta_s is None
-    registry.record_page(job, T0, T0 + DAY, rows=1440)
+    registry.record_page(job, [(T0, T0 + DAY)], rows=1440)
     registry.apply(job, "complete")
     assert progress.summary().eta_s == 0.0
     assert progress.summary().covered == 1.0
@@ -206,8 +206,8 @@ async def test_a_page_saves_its_job_row_with_its_ledger_interval(tmp_path):
     await state.open()
     registry = JobRegistry("history", state)
     job = registry.add(history_job("A/X"))
-    record = registry.record_page(job, T0, T0 + 500 * MIN, rows=500)
-    await state.add_coverage(job.key, T0, T0 + 500 * MIN, record)
+    record = registry.record_page(job, [(T0, T0 + 500 * MIN)], rows=500)
+    await state.add_coverage(job.key, [(T0, T0 + 500 * MIN)], record)
     await state.close()
     reopened = StateStore(str(tmp_path / "state.sqlite"))
     await reopened.open()
@@ -280,7 +280,9 @@ async def test_a_restart_of_an_unfinished_run_keeps_statuses_counts_and_coverage
         if job.status == PENDING:
             registry.apply(job, "start")
         await state.add_coverage(
-            job.key, T0, T0 + 300 * MIN, registry.record_page(job, T0, T0 + 300 * MIN, rows=300)
+            job.key,
+            [(T0, T0 + 300 * MIN)],
+            registry.record_page(job, [(T0, T0 + 300 * MIN)], rows=300),
         )
     registry.apply(jobs["C/X"], "fail", error="exchange down")
     await registry.flush()
@@ -303,7 +305,9 @@ async def test_after_a_finished_run_the_next_one_starts_afresh(state):
     registry.command(jobs["B/X"], "cancel")
     job = jobs["A/X"]
     registry.apply(job, "start")
-    await state.add_coverage(job.key, T0, T0 + DAY, registry.record_page(job, T0, T0 + DAY, 1440))
+    await state.add_coverage(
+        job.key, [(T0, T0 + DAY)], registry.record_page(job, [(T0, T0 + DAY)], 1440)
+    )
     registry.apply(job, "complete")
     await registry.flush()
     await finish_history_run(registry, state)

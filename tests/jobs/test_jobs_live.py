@@ -13,6 +13,7 @@ from tda_collector.jobs.ledger import StateStore
 from tda_collector.jobs.model import CANCELLED, PAUSED, RUNNING
 from tda_collector.jobs.registry import JobRegistry
 from tda_collector.modes.live import LiveJob
+from tda_collector.timeframes import grid_of
 
 BTC, ETH = "binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live"
 
@@ -23,7 +24,7 @@ async def run_live(h: Harness, registry: JobRegistry, script) -> None:
     await state.open()
     live = h.live(TrackedState(state, h.vt))
     live.registry = registry
-    jobs = [LiveJob(key(s), MIN, None) for s in ("BTC/USDT", "ETH/USDT")]
+    jobs = [LiveJob(key(s), grid_of("1m"), None) for s in ("BTC/USDT", "ETH/USDT")]
 
     async def scenario():
         task = asyncio.ensure_future(live.run(jobs))

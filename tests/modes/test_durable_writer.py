@@ -85,3 +85,20 @@ def test_a_permanent_store_error_fails_at_once_with_the_stores_reason():
     failed = rig.recorded.named("store_write_error")
     assert len(failed) == 1 and failed[0]["attempt"] == 1
     assert rig.slept == [] and rig.errors_counted() == 1
+
+
+def test_a_durable_write_is_a_debug_store_write_ok_with_rows_and_duration():
+    rig = Rig(MemoryStore(fail_next_writes=1))
+    assert rig.write(4) == 4
+    [ok] = rig.recorded.named("store_write_ok")
+    assert ok["level"] == "DEBUG" and ok["rows"] == 4
+    assert (ok["exchange"], ok["symbol"], ok["timeframe"]) == ("binance", "BTC/USDT", "1m")
+    assert ok["duration_ms"] >= 0
+    assert len(rig.recorded.named("store_write_error")) == 1  # the failed attempt is not "ok"
+
+
+def test_a_failed_write_is_never_a_store_write_ok():
+    rig = Rig(MemoryStore(fail_next_writes=10))
+    with pytest.raises(StoreFault):
+        rig.write()
+    assert rig.recorded.named("store_write_ok") == []

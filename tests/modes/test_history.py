@@ -20,7 +20,6 @@ from fake_exchange import SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
 from tda_collector.models import JobKey
-from tda_collector.modes.backfill import next_since
 from tda_collector.store.duckdb_store import DuckDBStore
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -67,13 +66,6 @@ def assert_store_holds_exactly(db_path, start=START_MS, end=END_MS):
             assert all(r["is_closed"] for r in rows)
 
 
-def test_next_since_moves_forward_and_stops_at_end():
-    assert next_since(0, None, MIN, 10 * MIN) is None  # empty page: nothing from here on
-    assert next_since(0, 4 * MIN, MIN, 10 * MIN) == 5 * MIN
-    assert next_since(0, 9 * MIN, MIN, 10 * MIN) is None
-    assert next_since(5 * MIN, 2 * MIN, MIN, 10 * MIN) == 6 * MIN  # never backwards
-
-
 def test_backfill_stores_exactly_the_exchanges_candles(rig, tmp_path, capsys):
     config = rig.config(SYMBOLS, TIMEFRAMES, page_limit=500)
     code, events = run_in_process(
@@ -103,6 +95,26 @@ def test_rerun_of_a_completed_range_sends_zero_candle_requests(rig, tmp_path, ca
     assert rig.fake.klines_requests() == []
     assert events_named(events, "history_complete")[-1]["rows"] == 0
     assert_store_holds_exactly(tmp_path / "ohlcv.duckdb")
+
+
+def test_a_deleted_store_makes_the_ledger_start_over_and_a_series_with_no_candles_does_not(
+    rig, tmp_path, capsys
+):
+    # EMPTY/USDT lists after the range: its ledger holds only a proven hole, and stays.
+    rig.fake.specs["EMPTYUSDT"] = SymbolSpec("EMPTY/USDT", listed_at_ms=END_MS + DAY_MS)
+    config = rig.config(["BTC/USDT", "EMPTY/USDT"], ["1h"])
+    args = ("--mode=history", f"--start={START}", f"--end={END}")
+    assert run_in_process(capsys, config, *args)[0] == 0
+    (tmp_path / "ohlcv.duckdb").unlink()
+    rig.fake.reset_log()
+    code, events = run_in_process(capsys, config, *args)
+    assert code == 0
+    [reset] = events_named(events, "state_reset")
+    assert reset["symbol"] == "BTC/USDT"
+    assert rig.fake.klines_requests("EMPTY/USDT") == []
+    rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("binance", "BTC/USDT", "1h"))
+    fields = ("timestamp_ms", "open", "high", "low", "close", "volume")
+    assert [tuple(r[k] for k in fields) for r in rows] == expected(SPECS[0], "1h")
 
 
 def test_extending_a_range_fetches_only_the_new_part(rig, tmp_path, capsys):

@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import pytest
 from fake_exchange import SymbolSpec, candle, provisional_candle
 from live_support import MIN, T0, Harness, assert_closed_minutes_exact, key
 
 from tda_collector.modes.live import next_due_ms
+from tda_collector.timeframes import EPOCH_WEEK_ORIGIN_MS, MONDAY_WEEK_ORIGIN_MS, grid_of
 
 
 def test_next_due_is_the_next_close_or_refresh_plus_settle():
     at = 1_709_251_200_000  # 00:00:00
-    assert next_due_ms(at + 30_000, MIN, 60_000, 2_000) == at + 62_000
-    assert next_due_ms(at + 61_999, MIN, 60_000, 2_000) == at + 62_000
-    assert next_due_ms(at + 62_000, MIN, 60_000, 2_000) == at + 122_000  # strictly after now
-    assert next_due_ms(at + 30_000, 3_600_000, 60_000, 2_000) == at + 62_000  # refresh tick
-    assert next_due_ms(at + 30_000, MIN, 15_000, 2_000) == at + 32_000
-    assert next_due_ms(at + 3_599_000, 3_600_000, 600_000, 2_000) == at + 3_602_000  # the close
+    m1, h1 = grid_of("1m"), grid_of("1h")
+    assert next_due_ms(at + 30_000, m1, 60_000, 2_000) == at + 62_000
+    assert next_due_ms(at + 61_999, m1, 60_000, 2_000) == at + 62_000
+    assert next_due_ms(at + 62_000, m1, 60_000, 2_000) == at + 122_000  # strictly after now
+    assert next_due_ms(at + 30_000, h1, 60_000, 2_000) == at + 62_000  # refresh tick
+    assert next_due_ms(at + 30_000, m1, 15_000, 2_000) == at + 32_000
+    assert next_due_ms(at + 3_599_000, h1, 600_000, 2_000) == at + 3_602_000  # the close
+
+
+def at(*parts: int) -> int:
+    return int(datetime(*parts, tzinfo=UTC).timestamp() * 1000)
+
+
+NEVER = 10**15  # a refresh interval that never comes first: only closes are due
+
+
+@pytest.mark.parametrize(
+    ("timeframe", "origin", "now", "close"),
+    [
+        # 1M: February 2024 (leap) closes on March 1st; December closes on New Year
+        ("1M", MONDAY_WEEK_ORIGIN_MS, at(2024, 2, 10), at(2024, 3, 1)),
+        ("1M", MONDAY_WEEK_ORIGIN_MS, at(2024, 3, 2), at(2024, 4, 1)),
+        ("1M", MONDAY_WEEK_ORIGIN_MS, at(2023, 12, 31, 23, 59), at(2024, 1, 1)),
+        ("1M", MONDAY_WEEK_ORIGIN_MS, at(2023, 2, 28, 12), at(2023, 3, 1)),
+        # 1w on Monday and on the epoch's Thursday (Kraken); 2024-01-03 was a Wednesday
+        ("1w", MONDAY_WEEK_ORIGIN_MS, at(2024, 1, 3), at(2024, 1, 8)),
+        ("1w", EPOCH_WEEK_ORIGIN_MS, at(2024, 1, 3), at(2024, 1, 4)),
+        ("3d", MONDAY_WEEK_ORIGIN_MS, at(2024, 3, 1), at(2024, 3, 3)),
+    ],
+)
+def test_next_due_is_the_close_on_the_exchanges_calendar(timeframe, origin, now, close):
+    grid = grid_of(timeframe, origin)
+    assert next_due_ms(now, grid, NEVER, 2_000) == close + 2_000
+    # within the settle delay after a close, that close is still the one due
+    assert next_due_ms(close + 1_000, grid, NEVER, 2_000) == close + 2_000
+    assert next_due_ms(close + 2_000, grid, NEVER, 2_000) == grid.next_open(close) + 2_000
 
 
 async def test_every_closed_minute_is_stored_and_the_open_candle_superseded(tmp_path):

@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cache, lru_cache
 
 import numpy as np
@@ -42,9 +43,16 @@ TIMEFRAME_MS = {
     "8h": 28_800_000,
     "12h": 43_200_000,
     "1d": 86_400_000,
+    "3d": 259_200_000,  # Binance's 3d candles open on the epoch's grid
     "1w": 604_800_000,
 }
-_WEEK_OFFSET_MS = 4 * 86_400_000  # Binance weeks open on Monday; the epoch was a Thursday.
+# Calendar months: candles open at 00:00 UTC on the 1st of each month (Binance spot's `1M`).
+MONTH_TIMEFRAMES = frozenset({"1M"})
+TIMEFRAMES = (*TIMEFRAME_MS, *sorted(MONTH_TIMEFRAMES))  # every interval the klines endpoint serves
+# Binance weeks open on Monday (the epoch was a Thursday); a fake with another week origin
+# (Kraken, KuCoin: the epoch's Thursday, EPOCH_WEEK_ORIGIN_MS) passes ``week_origin_ms``.
+MONDAY_WEEK_ORIGIN_MS = _WEEK_OFFSET_MS = 4 * 86_400_000
+EPOCH_WEEK_ORIGIN_MS = 0
 DEFAULT_KLINES_LIMIT = 500
 MAX_KLINES_LIMIT = 1000
 DEFAULT_LISTED_AT_MS = 1_672_531_200_000  # 2023-01-01T00:00:00Z
@@ -136,18 +144,43 @@ def _price_params(symbol: str) -> tuple[int, int]:
 
 
 def _tf_ms(timeframe: str) -> int:
+    """Length of a fixed-length timeframe (ValueError for months and unknown timeframes)."""
     try:
         return TIMEFRAME_MS[timeframe]
     except KeyError:
         raise ValueError(f"unsupported timeframe {timeframe!r}") from None
 
 
-def _offset(timeframe: str) -> int:
-    return _WEEK_OFFSET_MS if timeframe == "1w" else 0
+def _offset(timeframe: str, week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS) -> int:
+    """Where the fixed-length grid of ``timeframe`` starts: weeks on the week origin."""
+    return week_origin_ms % TIMEFRAME_MS[timeframe] if timeframe.endswith("w") else 0
 
 
-def _block_start(timeframe: str, open_ms: int) -> int:
-    return open_ms - (open_ms - _offset(timeframe)) % (TIMEFRAME_MS[timeframe] * _BLOCK)
+def _month_start(ms: int) -> int:
+    day = datetime.fromtimestamp(ms // 1000, tz=UTC)
+    return int(datetime(day.year, day.month, 1, tzinfo=UTC).timestamp()) * 1000
+
+
+def _month_after(open_ms: int) -> int:
+    day = datetime.fromtimestamp(open_ms // 1000, tz=UTC)
+    year, month = divmod(day.year * 12 + day.month, 12)  # the next month, 0-based
+    return int(datetime(year, month + 1, 1, tzinfo=UTC).timestamp()) * 1000
+
+
+def _next_open(timeframe: str, open_ms: int) -> int:
+    """Open time of the candle after the one opening at ``open_ms`` (its close time + 1)."""
+    return _month_after(open_ms) if timeframe in MONTH_TIMEFRAMES else open_ms + _tf_ms(timeframe)
+
+
+def _is_open_time(timeframe: str, t: int, week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS) -> bool:
+    if timeframe in MONTH_TIMEFRAMES:
+        return _month_start(t) == t
+    return (t - _offset(timeframe, week_origin_ms)) % _tf_ms(timeframe) == 0
+
+
+def _block_start(timeframe: str, open_ms: int, week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS) -> int:
+    offset = _offset(timeframe, week_origin_ms)
+    return open_ms - (open_ms - offset) % (TIMEFRAME_MS[timeframe] * _BLOCK)
 
 
 def _block_times(timeframe: str, block_start: int) -> np.ndarray:
@@ -181,7 +214,7 @@ def _ticks(symbol: str, timeframe: str, times: np.ndarray) -> np.ndarray:
 
 def _open_ticks(symbol: str, timeframe: str, open_ms: int, now_ms: int) -> np.ndarray:
     """The in-progress candle grows linearly towards its final values, reached at close."""
-    tf_ms = _tf_ms(timeframe)
+    tf_ms = _next_open(timeframe, open_ms) - open_ms
     elapsed = min(max(now_ms - open_ms, 0), tf_ms)
     o, h, low, c, volume, trades = _ticks(symbol, timeframe, np.array([open_ms]))
     close = o + (c - o) * elapsed // tf_ms
@@ -205,18 +238,24 @@ def _closed_block(symbol: str, timeframe: str, block_start: int) -> list[tuple]:
 
 
 def candle(
-    symbol: str, timeframe: str, open_ms: int
+    symbol: str, timeframe: str, open_ms: int, *, week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS
 ) -> tuple[int, float, float, float, float, float]:
-    """Final (open_ms, open, high, low, close, volume) of a candle, exactly as ccxt parses it."""
-    tf_ms = _tf_ms(timeframe)
-    if (open_ms - _offset(timeframe)) % tf_ms:
+    """Final (open_ms, open, high, low, close, volume) of a candle, exactly as ccxt parses it.
+    Weekly open times are checked against ``week_origin_ms``, monthly ones against the 1st."""
+    if timeframe not in MONTH_TIMEFRAMES:
+        _tf_ms(timeframe)  # unknown timeframes are refused
+    if not _is_open_time(timeframe, open_ms, week_origin_ms):
         raise ValueError(f"{open_ms} is not a {timeframe} candle open time")
-    block_start = _block_start(timeframe, open_ms)
-    return _closed_block(symbol, timeframe, block_start)[(open_ms - block_start) // tf_ms]
+    if timeframe in MONTH_TIMEFRAMES:
+        times = np.array([open_ms], dtype=np.int64)
+        return _as_tuples(symbol, times, _ticks(symbol, timeframe, times))[0]
+    block_start = _block_start(timeframe, open_ms, week_origin_ms)
+    index = (open_ms - block_start) // _tf_ms(timeframe)
+    return _closed_block(symbol, timeframe, block_start)[index]
 
 
 def provisional_candle(symbol: str, timeframe: str, open_ms: int, now_ms: int) -> tuple:
-    """What klines returns for the in-progress candle at ``now_ms`` (open <= now < open+tf)."""
+    """What klines returns for the in-progress candle at ``now_ms`` (open <= now < next open)."""
     times = np.array([open_ms])
     return _as_tuples(symbol, times, _open_ticks(symbol, timeframe, open_ms, now_ms))[0]
 
@@ -227,8 +266,11 @@ _KLINE = (
 )
 
 
-def _render(symbol: str, tf_ms: int, times: np.ndarray, ticks: np.ndarray) -> list[str]:
-    """Binance klines as JSON text, one string per candle."""
+def _render(
+    symbol: str, tf_ms: int | np.ndarray, times: np.ndarray, ticks: np.ndarray
+) -> list[str]:
+    """Binance klines as JSON text, one string per candle (``tf_ms``: the candles' length, or
+    an array of lengths, one a candle, for calendar months)."""
     o, h, low, c, volume, trades = ticks
     decimals = _price_params(symbol)[1]
     to8 = 10 ** (8 - decimals)  # Binance sends 8 decimals
@@ -257,13 +299,37 @@ def _align_up(ms: int, tf_ms: int, offset: int) -> int:
     return ms + (offset - ms) % tf_ms
 
 
-def _runs(spec: SymbolSpec, timeframe: str, lo: int, hi: int) -> list[range]:
+def _month_runs(spec: SymbolSpec, start: int, hi: int) -> list[list[int]]:
+    """`_runs` for calendar months: lists of consecutive month open times."""
+    first = _month_start(start)
+    t = first if first == start else _month_after(first)
+    runs: list[list[int]] = [[]]
+    while t <= hi:
+        if any(a <= t < b for a, b in spec.gaps):
+            runs.append([])
+        else:
+            runs[-1].append(t)
+        t = _month_after(t)
+    return [run for run in runs if run]
+
+
+def _runs(
+    spec: SymbolSpec,
+    timeframe: str,
+    lo: int,
+    hi: int,
+    *,
+    week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS,
+) -> list[range]:
     """Maximal runs of existing candle open times in ``[lo, hi]``, ascending.
 
     Candles exist from the listing time on (open >= listed_at_ms), except those whose
-    open time falls inside a gap.
+    open time falls inside a gap. Runs are ranges; for calendar months (``1M``), lists of
+    open times (sequences all the same: slicing, ``len``, ``[-1]``).
     """
-    tf_ms, offset = _tf_ms(timeframe), _offset(timeframe)
+    if timeframe in MONTH_TIMEFRAMES:
+        return _month_runs(spec, max(lo, spec.listed_at_ms, 0), hi)  # type: ignore[return-value]
+    tf_ms, offset = _tf_ms(timeframe), _offset(timeframe, week_origin_ms)
     start = max(lo, spec.listed_at_ms, 0)
     runs = []
     for a, b in spec.gaps:
@@ -289,13 +355,30 @@ def _take(runs: list[range], limit: int, newest: bool) -> list[range]:
     return taken[::-1] if newest else taken
 
 
+def _last_closed_open(timeframe: str, now_ms: int) -> int:
+    """Every candle opening at or before this has closed at ``now_ms``."""
+    if timeframe in MONTH_TIMEFRAMES:
+        return _month_start(_month_start(now_ms) - 1)  # the month before the one in progress
+    return now_ms - _tf_ms(timeframe)
+
+
 def expected_candles(
-    spec: SymbolSpec, timeframe: str, start_ms: int, end_ms: int, now_ms: int
+    spec: SymbolSpec,
+    timeframe: str,
+    start_ms: int,
+    end_ms: int,
+    now_ms: int,
+    *,
+    week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS,
 ) -> list[tuple]:
     """Closed candles the exchange holds with open time in ``[start_ms, end_ms)`` at ``now_ms``."""
-    last_closed_open = now_ms - _tf_ms(timeframe)
-    runs = _runs(spec, timeframe, start_ms, min(end_ms - 1, last_closed_open))
-    return [candle(spec.symbol, timeframe, t) for run in runs for t in run]
+    hi = min(end_ms - 1, _last_closed_open(timeframe, now_ms))
+    runs = _runs(spec, timeframe, start_ms, hi, week_origin_ms=week_origin_ms)
+    return [
+        candle(spec.symbol, timeframe, t, week_origin_ms=week_origin_ms)
+        for run in runs
+        for t in run
+    ]
 
 
 class _KlineCache:
@@ -320,11 +403,23 @@ class _KlineCache:
             self._blocks.move_to_end(key)
         return block
 
-    def slices(self, symbol: str, timeframe: str, run: range) -> Iterator[str]:
+    def slices(
+        self,
+        symbol: str,
+        timeframe: str,
+        run: range,
+        *,
+        week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS,
+    ) -> Iterator[str]:
         """Comma-joined klines for the contiguous open times in ``run``."""
+        if timeframe in MONTH_TIMEFRAMES:  # a handful of candles: rendered, not cached
+            times = np.array(run, dtype=np.int64)
+            lengths = np.array([_month_after(t) - t for t in run], dtype=np.int64)
+            yield ",".join(_render(symbol, lengths, times, _ticks(symbol, timeframe, times)))
+            return
         t, last = run.start, run[-1]
         while t <= last:
-            block_start = _block_start(timeframe, t)
+            block_start = _block_start(timeframe, t, week_origin_ms)
             i = (t - block_start) // run.step
             j = min(_BLOCK, (last - block_start) // run.step + 1)
             yield ",".join(self._block(symbol, timeframe, block_start)[i:j])
@@ -493,12 +588,14 @@ class FakeExchange:
         seed: int = 0,
         cache_blocks: int = 256,
         log_size: int = 200_000,
+        week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS,
     ) -> None:
         unknown = set(fault_kinds) - set(INJECTABLE_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; use {INJECTABLE_KINDS}")
         specs = list(symbols) if symbols is not None else make_symbols(5)
         self.specs = {spec.id: spec for spec in specs}
+        self.week_origin_ms = week_origin_ms  # where weekly candles open (Binance: Monday)
         self.clock, self.host, self.port = clock, host, port
         self.klines_weight = klines_weight
         self.fault_rate, self.fault_kinds, self.fault_paths = fault_rate, fault_kinds, fault_paths
@@ -765,9 +862,9 @@ class FakeExchange:
         query = request.query
         spec = self._spec(query.get("symbol"))
         timeframe = query.get("interval")
-        if timeframe not in TIMEFRAME_MS:
+        if timeframe not in TIMEFRAMES:
             raise _ApiError(400, -1120, "Invalid interval.")
-        tf_ms = TIMEFRAME_MS[timeframe]
+        origin = self.week_origin_ms
         limit = _int_param(query, "limit") or DEFAULT_KLINES_LIMIT
         limit = max(1, min(limit, MAX_KLINES_LIMIT))
         start, end = _int_param(query, "startTime"), _int_param(query, "endTime")
@@ -776,20 +873,21 @@ class FakeExchange:
         now_ms = self._now_ms()
         hi = now_ms if end is None else min(end, now_ms)
         runs = _take(
-            _runs(spec, timeframe, -(2**62) if start is None else start, hi),
+            _runs(spec, timeframe, -(2**62) if start is None else start, hi, week_origin_ms=origin),
             limit,
             newest=start is None,
         )
         parts = []
         open_row = None
-        if runs and runs[-1][-1] + tf_ms > now_ms:  # the in-progress candle
+        if runs and _next_open(timeframe, runs[-1][-1]) > now_ms:  # the in-progress candle
             open_ms = runs[-1][-1]
             ticks = _open_ticks(spec.symbol, timeframe, open_ms, now_ms)
-            open_row = _render(spec.symbol, tf_ms, np.array([open_ms]), ticks)[0]
+            length = _next_open(timeframe, open_ms) - open_ms
+            open_row = _render(spec.symbol, length, np.array([open_ms]), ticks)[0]
             runs[-1] = runs[-1][:-1]
         for run in runs:
             if run:
-                parts.extend(self._cache.slices(spec.symbol, timeframe, run))
+                parts.extend(self._cache.slices(spec.symbol, timeframe, run, week_origin_ms=origin))
         if open_row is not None:
             parts.append(open_row)
         return web.Response(text="[" + ",".join(parts) + "]", content_type="application/json")

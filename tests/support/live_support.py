@@ -20,6 +20,7 @@ from tda_collector.modes.live import LiveExchange, LiveJob, LiveSettings
 from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics
 from tda_collector.retry import RetryPolicy
+from tda_collector.timeframes import grid_of
 
 MIN = 60_000
 T0 = 1_709_251_200.0 + 30  # 2024-03-01T00:00:30Z
@@ -88,9 +89,7 @@ class Harness:
             await self.vt.track(indicators.load(keys, await self.store.newest(keys)))
         live = self.live(TrackedState(state, self.vt), indicators)
         cursors = await self.store.newest(keys)
-        jobs = [
-            LiveJob(k, 60_000 if k.timeframe == "1m" else 3_600_000, cursors.get(k)) for k in keys
-        ]
+        jobs = [LiveJob(k, grid_of(k.timeframe), cursors.get(k)) for k in keys]
 
         async def scenario():
             task = asyncio.ensure_future(live.run(jobs))

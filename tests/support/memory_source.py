@@ -13,7 +13,6 @@ from fake_exchange import SymbolSpec, expected_candles, provisional_candle
 
 from tda_collector.errors import TransientFault
 from tda_collector.exchange.source import Capabilities, MarketInfo
-from tda_collector.timeframes import closed_before, timeframe_ms
 
 
 class MemorySource:
@@ -26,12 +25,22 @@ class MemorySource:
         sleep: Callable[[float], Awaitable[None]],
         latency_s: float = 0.0,
         page_size: int = 1000,
+        *,
+        newest_first: bool = False,
+        answer_cap: int | None = None,
+        corrupt: frozenset[int] = frozenset(),
     ) -> None:
+        """`newest_first`: a window holding more than a page is answered from its newest end
+        (OKX, Coinbase); `answer_cap`: the exchange answers at most this many candles whatever
+        `limit` asks; `corrupt`: open times whose candles come back invalid (high < low)."""
         self.specs = {s.symbol: s for s in specs}
         self._clock = clock
         self._sleep = sleep
         self.latency_s = latency_s
         self.capabilities = Capabilities(max_page_size=page_size)
+        self.newest_first = newest_first
+        self.answer_cap = answer_cap
+        self.corrupt = corrupt
         self.down = False
         self.calls: list[tuple[float, str, str, int, int]] = []
         self.in_flight: Counter[tuple[str, str]] = Counter()
@@ -65,13 +74,21 @@ class MemorySource:
             if self.down:
                 raise TransientFault("exchange unreachable")
             now = self.now_ms()
-            tf_ms = timeframe_ms(timeframe)
             spec = self.specs[symbol]
-            rows = [list(c) for c in expected_candles(spec, timeframe, since_ms, until_ms + 1, now)]
-            open_ms = closed_before(now, tf_ms)
-            if since_ms <= open_ms <= until_ms and open_ms >= spec.listed_at_ms:
+            origin = self.capabilities.week_origin_ms
+            candles = expected_candles(
+                spec, timeframe, since_ms, until_ms + 1, now, week_origin_ms=origin
+            )
+            rows = [list(c) for c in candles]
+            open_ms = self.capabilities.grid(timeframe).floor(now)  # the candle in progress
+            in_gap = any(a <= open_ms < b for a, b in spec.gaps)
+            if since_ms <= open_ms <= until_ms and open_ms >= spec.listed_at_ms and not in_gap:
                 rows.append(list(provisional_candle(symbol, timeframe, open_ms, now)))
-            return rows[:limit]
+            for row in rows:
+                if row[0] in self.corrupt:
+                    row[2], row[3] = row[3] - 1, row[2] + 1  # high below low
+            page = min(limit, self.answer_cap or limit)
+            return rows[-page:] if self.newest_first else rows[:page]
         finally:
             self.in_flight[job] -= 1
 

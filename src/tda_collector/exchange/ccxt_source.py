@@ -22,10 +22,15 @@ from ccxt.base import errors as ccxt_errors
 
 from ..errors import ExchangeFault, PermanentFault, RateLimited, TransientFault, UsageError
 from ..models import RawCandles
+from ..timeframes import EPOCH_WEEK_ORIGIN_MS
 from .source import Capabilities, MarketInfo, UsedWeightRule
 
-# Facts checked against each exchange's documentation; everything else falls back to what
-# ccxt declares in `features` (page size) and to the defaults above.
+# Facts checked against each exchange's documentation and ccxt's own code, each proven
+# against a fake of that exchange's wire format in tests/support/fake_<exchange>.py;
+# everything else falls back to what ccxt declares in `features` (page size) and to the
+# defaults of `Capabilities`. Page sizes are what ccxt sends at most, not what the exchange
+# would take: ccxt caps binanceusdm at 1000 (fapi takes 1500) and keeps only the oldest 300
+# of a Coinbase answer (which takes 350).
 KNOWN_CAPABILITIES: dict[str, Capabilities] = {
     "binance": Capabilities(
         max_page_size=1000,
@@ -33,9 +38,29 @@ KNOWN_CAPABILITIES: dict[str, Capabilities] = {
         used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=6000, window_s=60.0),
     ),
     "binanceus": Capabilities(max_page_size=1000),
+    "binanceusdm": Capabilities(
+        max_page_size=1000,
+        used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=2400, window_s=60.0),
+    ),
     "bybit": Capabilities(max_page_size=1000),
+    # candles (the newest 1,440) and history-candles both answer at most 300 (ccxt #26705;
+    # history-candles was 100 before 2025, which would cost requests, not candles).
     "okx": Capabilities(max_page_size=300),
-    "kraken": Capabilities(max_page_size=720),
+    "coinbase": Capabilities(max_page_size=300),
+    # KuCoin's weekly candles open on Thursday 00:00 UTC (kucoin-api-docs #350, #373).
+    "kucoin": Capabilities(max_page_size=1500, week_origin_ms=EPOCH_WEEK_ORIGIN_MS),
+    # Kraken serves only the newest 720 candles of any interval, whatever `since` asks
+    # (docs: Get OHLC Data); its weekly candles open on Thursday 00:00 UTC, the epoch's.
+    "kraken": Capabilities(
+        max_page_size=720, reach_candles=720, week_origin_ms=EPOCH_WEEK_ORIGIN_MS
+    ),
+}
+
+# Answers ccxt leaves unclassified (a plain ExchangeError, which we would retry) that mean
+# a market the exchange does not know: permanent, so the job fails at once.
+EXTRA_EXACT_ERRORS: dict[str, dict[str, type[ccxt_errors.BaseError]]] = {
+    "kraken": {"EQuery:Unknown asset pair": ccxt_errors.BadSymbol},
+    "coinbase": {"NOT_FOUND": ccxt_errors.BadSymbol},
 }
 
 
@@ -46,7 +71,7 @@ class _ResponseMeta:
     body: str = ""
     parse_klines: bool = False  # try `klines_matrix` on a 200 body before ccxt parses it
     klines: np.ndarray | None = None
-    json_array: bool = False  # ccxt parsed the body, and it was a JSON array
+    json_body: bool = False  # ccxt parsed the body as JSON (an array, or an object like OKX's)
     sent_ms: int | None = None  # when the request left, on the exchange's clock
 
 
@@ -145,6 +170,13 @@ class CcxtExchange:
         options = {"enableRateLimit": False, **ccxt_options}
         self.id = exchange_id
         self._client = exchange_class(options)
+        extra_errors = EXTRA_EXACT_ERRORS.get(exchange_id)
+        if extra_errors:
+            exact = self._client.exceptions.get("exact", {})
+            self._client.exceptions = {
+                **self._client.exceptions,
+                "exact": {**exact, **extra_errors},
+            }
         self._client.on_rest_response = self._record_response
         self._ccxt_json_loads = type(self._client).on_json_response
         self._client.on_json_response = self._record_json
@@ -201,12 +233,14 @@ class CcxtExchange:
         self._used_weight_header, self._used_weight_listener = header, listener
 
     def _record_json(self, text: str) -> Any:
-        """ccxt's JSON parsing, noting whether the body was an array: ccxt turns a body it
-        cannot parse into None, and its OHLCV parser turns None into no candles."""
+        """ccxt's JSON parsing, noting whether the body was JSON at all: ccxt turns a body it
+        cannot parse into None, and its OHLCV parser turns None into no candles. Exchanges
+        wrap their rows differently (Binance: a bare array; OKX `{"code":"0","data":[...]}`;
+        Bybit `{"retCode":0,"result":{"list":[...]}}`), and ccxt's parser knows each shape."""
         parsed = self._ccxt_json_loads(text)
         meta = _current_response.get()
         if meta is not None:
-            meta.json_array = isinstance(parsed, list)
+            meta.json_body = isinstance(parsed, list | dict)
         return parsed
 
     @property
@@ -287,7 +321,7 @@ class CcxtExchange:
         )
         if not isinstance(rows, list):
             raise TransientFault(f"unexpected OHLCV payload of type {type(rows).__name__}")
-        if not meta.json_array:
+        if not meta.json_body:
             # ccxt turns an unparsable body (truncated JSON, an HTML error page) into [] or junk
             # rows, which would read as "no candles from here on" and skip real data.
             raise TransientFault(

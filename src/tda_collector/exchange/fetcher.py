@@ -82,18 +82,35 @@ class Fetcher:
         the gate's error (a paused job) propagates before anything is sent."""
         return await self._retry(
             lambda: self._request(key, since_ms, until_ms, limit),
-            self._reporter("", symbol=key.symbol, timeframe=key.timeframe),
+            self._reporter("", candles=True, symbol=key.symbol, timeframe=key.timeframe),
             forever=False,
         )
 
-    def _reporter(self, prefix: str, **fields: Any) -> Callable[[Failure], None]:
-        """Tells about each failure that is retried: a refusal through the throttle, a transient
-        fault as `backoff_retry`. The error that ends the loop is the caller's to report."""
+    def _reporter(
+        self, prefix: str, candles: bool = False, **fields: Any
+    ) -> Callable[[Failure], None]:
+        """Tells about each failure. For a candle request, first `fetch_error`: the request and
+        how it failed, once per failed request, the last one included (error level when nothing
+        follows, warning when it is retried). Then, for one that is retried, what happens next:
+        a refusal through the throttle (`rate_limited`), a transient fault as `backoff_retry`
+        with its wait. Ending the job after the last one is the caller's to report."""
 
         def report(failure: Failure) -> None:
+            exc = failure.error
+            if candles:
+                log = self._events.error if failure.gives_up else self._events.warning
+                log(
+                    "fetch_error",
+                    f"candle request failed ({failure.kind})"
+                    + ("" if failure.gives_up else ", retrying"),
+                    **fields,
+                    attempt=failure.attempt,
+                    status=getattr(exc, "status", None),
+                    error=str(exc)[:500],
+                    retry=not failure.gives_up,
+                )
             if failure.gives_up:
                 return
-            exc = failure.error
             if isinstance(exc, RateLimited):
                 self.throttle.report(exc, failure.wait_s, failure.attempt, **fields)
                 return

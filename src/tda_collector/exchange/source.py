@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..models import RawCandles
+from ..timeframes import MONDAY_WEEK_ORIGIN_MS, Grid, grid_of
 
 
 @dataclass(frozen=True)
@@ -25,31 +26,24 @@ class UsedWeightRule:
     window_s: float = 60.0  # windows are aligned to the exchange's clock (Binance: minutes)
 
 
-# Weekly candles of most exchanges open on Monday 00:00 UTC; the epoch (1970-01-01) was a
-# Thursday, so their grid is offset by four days from it.
-MONDAY_WEEK_ORIGIN_MS = 4 * 86_400_000
-
-
 @dataclass(frozen=True)
 class Capabilities:
     """Per-exchange facts that change how we page, kept as data rather than subclasses.
 
-    Paging: every request asks for a window that one page can hold (`max_page_size` candles
-    from `since`), so it makes no difference to correctness whether the exchange answers a
-    larger window from its oldest or its newest end; `newest_first` only says which end an
-    exchange answers (and so which end of an oversized answer to trust). `reach_candles` is
-    how deep the exchange serves history at all (Kraken: the newest 720 candles, whatever
-    `since` says); `deep_after_candles`/`deep_page_size` describe an exchange that serves
-    older candles from a second endpoint with a smaller page (OKX: beyond the newest 1,440,
-    `history-candles`, 100 a request). `week_origin_ms` is where weekly candles open.
+    Paging needs only two of them, because every request asks for a window one page can
+    hold (`max_page_size` candles from `since`) and the ledger records only the span between
+    the first and last candle an answer holds (`modes.pipeline.proven_span`): so it makes no
+    difference whether an exchange answers an oversized window from its oldest end (Binance,
+    Bybit) or its newest (OKX, Coinbase, KuCoin), or serves older candles from another
+    endpoint with a smaller page (OKX's history-candles): a short answer costs one more
+    request, never a candle. `reach_candles` is how deep an exchange serves history at all
+    (Kraken: the newest 720 candles of any timeframe, whatever `since` says); older windows
+    are reported as unavailable, not asked for. `week_origin_ms` is where weekly candles open.
     """
 
     max_page_size: int = 500
     ohlcv_request_cost: float = 1.0  # budget units one candle request consumes
-    newest_first: bool = False
     reach_candles: int | None = None
-    deep_after_candles: int | None = None
-    deep_page_size: int | None = None
     week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS
     # A ccxt implicit-API method answering Binance-style kline arrays for spot markets. Asking
     # it directly skips ccxt's per-candle parsing (about 10 µs a candle, most of our CPU), and
@@ -57,6 +51,10 @@ class Capabilities:
     # error-checks the request.
     raw_klines_method: str | None = None
     used_weight: UsedWeightRule | None = None
+
+    def grid(self, timeframe: str) -> Grid:
+        """Where `timeframe`'s candles open on this exchange (ValueError if unsupported)."""
+        return grid_of(timeframe, self.week_origin_ms)
 
 
 @dataclass(frozen=True)

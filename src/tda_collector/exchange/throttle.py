@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from threading import Lock
 from typing import Any
 
@@ -20,12 +19,8 @@ from ..errors import RateLimited
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
+from ..timeframes import iso_utc
 from .ratelimit import RateLimiter
-
-
-def iso_utc(epoch_s: float) -> str:
-    """`2024-01-01T00:00:00Z`, the interface's form of a time in answers and events."""
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

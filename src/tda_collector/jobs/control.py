@@ -20,7 +20,7 @@ from typing import Any
 from ..intervals import subtract
 from ..models import JobKey
 from ..observability.events import EventLog
-from ..timeframes import ceil_ms, closed_before, timeframe_ms
+from ..timeframes import MONDAY_WEEK_ORIGIN_MS, Grid, grid_of
 from .ledger import RunRecord, StateStore
 from .model import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRecord
 from .progress import Progress
@@ -31,10 +31,11 @@ TICK_S = 1.0  # rates sampled and changed job rows saved at least this often
 PROGRESS_EVENT_S = 5.0  # the `progress` event, at most this often
 
 
-def history_window(start_ms: int, end_ms: int, tf_ms: int, now_ms: int) -> tuple[int, int]:
-    """A job's [start, end): candles opening from `start_ms` on, before `end_ms`, closed by now."""
-    start = ceil_ms(start_ms, tf_ms)
-    end = min(ceil_ms(end_ms, tf_ms), closed_before(now_ms, tf_ms))
+def history_window(start_ms: int, end_ms: int, grid: Grid, now_ms: int) -> tuple[int, int]:
+    """A job's [start, end) on its calendar `grid`: candles opening from `start_ms` on, before
+    `end_ms`, closed by `now_ms` (both ends are open times of the grid)."""
+    start = grid.ceil(start_ms)
+    end = min(grid.ceil(end_ms), grid.floor(now_ms))
     return start, max(start, end)
 
 
@@ -58,9 +59,12 @@ async def register_history_jobs(
     exchanges: list[tuple[str, list[JobKey], int]],
     start_ms: int,
     end_ms: int,
+    week_origins: Mapping[str, int] | None = None,
 ) -> list[Job]:
-    """Register each (exchange, keys, exchange clock ms); a job whose window the ledger already
-    covers is COMPLETED at once."""
+    """Register each (exchange, keys, exchange clock ms), each job's window on its exchange's
+    calendar (`week_origins`: exchange id -> where its weeks open, default Monday); a job whose
+    window the ledger already covers is COMPLETED at once."""
+    week_origins = week_origins or {}
     last = await state.last_run("history")
     restarted = last is not None and last.finished_ms is None and last.start_ms == start_ms
     saved = {r.key: r for r in await state.load_jobs("history")} if restarted else {}
@@ -69,8 +73,8 @@ async def register_history_jobs(
     for exchange, keys, now_ms in exchanges:
         ledger = await state.coverage_of_exchange(exchange)
         for key in keys:
-            tf_ms = timeframe_ms(key.timeframe)
-            start, end = history_window(start_ms, end_ms, tf_ms, now_ms)
+            grid = grid_of(key.timeframe, week_origins.get(exchange, MONDAY_WEEK_ORIGIN_MS))
+            start, end = history_window(start_ms, end_ms, grid, now_ms)
             gaps = subtract((start, end), ledger.get(key, []))
             record = JobRecord.of(
                 key,

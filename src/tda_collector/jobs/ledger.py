@@ -138,8 +138,8 @@ class StateStore:
         """Every series' ledger of one exchange in one query (thousands of jobs at start)."""
         return await self._run(self._coverage_of_exchange, exchange)
 
-    def _add_coverage(self, key: JobKey, interval: Interval, job: JobRecord | None) -> None:
-        merged = merge([*self._coverage(key), interval])
+    def _add_coverage(self, key: JobKey, intervals: list[Interval], job: JobRecord | None) -> None:
+        merged = merge([*self._coverage(key), *intervals])
         where = (key.exchange, key.symbol, key.timeframe)
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -153,17 +153,17 @@ class StateStore:
                 self._conn.execute(_UPSERT_JOB, astuple(job))
 
     def add_coverage(
-        self, key: JobKey, start_ms: int, end_ms: int, job: JobRecord | None = None
+        self, key: JobKey, intervals: list[Interval], job: JobRecord | None = None
     ) -> asyncio.Future[None]:
-        """Record that [start_ms, end_ms) of this series is durably stored (or has no candles),
-        and with it, in the same transaction, the job row that counts that page.
+        """Record that these [start_ms, end_ms) parts of the series are durably stored (or have
+        no candles), and with them, in the same transaction, the job row that counts the page.
 
         Submitted at once, in call order with every other write here; await the returned
         future (it can be shielded: the write goes on when the caller is cancelled)."""
         loop = asyncio.get_running_loop()
-        if start_ms < end_ms:
-            interval = (start_ms, end_ms)
-            return loop.run_in_executor(self._executor, self._add_coverage, key, interval, job)
+        intervals = [i for i in intervals if i[0] < i[1]]
+        if intervals:
+            return loop.run_in_executor(self._executor, self._add_coverage, key, intervals, job)
         if job is not None:
             return loop.run_in_executor(self._executor, self._save_jobs, [job])
         done: asyncio.Future[None] = loop.create_future()

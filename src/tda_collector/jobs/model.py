@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..models import JobKey
-from ..timeframes import timeframe_ms
+from ..timeframes import grid_of
 
 PENDING, RUNNING, PAUSED = "PENDING", "RUNNING", "PAUSED"
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
@@ -134,7 +134,8 @@ class JobRecord:
 @dataclass(eq=False)
 class Job:
     """One job of this run: its record, which only the registry replaces (one write per change),
-    and the plumbing of running it. `key`, `id` and `tf_ms` follow from the record."""
+    and the plumbing of running it. `key` and `id` follow from the record (candle arithmetic
+    uses the exchange's `timeframes.Grid`, never a fixed length: months vary)."""
 
     record: JobRecord
     active: bool = False  # a worker or live task is running it right now
@@ -144,13 +145,11 @@ class Job:
     requeue: Callable[[Job], None] | None = None  # how a resumed, idle job gets a worker again
     key: JobKey = field(init=False)
     id: str = field(init=False)
-    tf_ms: int = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
         self.key = self.record.key
         self.id = self.record.id
-        self.tf_ms = timeframe_ms(self.key.timeframe)
 
     @property
     def status(self) -> str:
@@ -158,8 +157,19 @@ class Job:
 
     @property
     def slots(self) -> float:
-        """Candle intervals in the window: the unit progress and ETA count in."""
-        return (self.record.window_ms or 0) / self.tf_ms
+        """Candles in the window: the unit progress and ETA count in."""
+        start, end = self.record.start_ms, self.record.end_ms
+        if start is None or end is None:
+            return 0.0
+        # The window's ends are open times of the exchange's grid, so counting on the default
+        # calendar gives the same number (a week origin only shifts where weeks start).
+        return float(grid_of(self.key.timeframe).count(start, end))
+
+    def slots_in(self, ms: int) -> float:
+        """Candles in `ms` of the window: exact for fixed-length timeframes; for calendar
+        months, the window's candles in proportion to time."""
+        window = self.record.window_ms
+        return self.slots * ms / window if window else 0.0
 
     def check(self) -> None:
         """Raise JobPaused when paused: called before each page and before each request."""

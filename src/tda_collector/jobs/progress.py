@@ -2,7 +2,8 @@
 
 Totals come from the registry's per-exchange tallies, kept current as jobs change, and rates
 from one sample a second of a few totals; so a `/progress` query costs O(exchanges) however many
-jobs run. Progress counts candle slots (window length / timeframe): a 1m job weighs 60 times a
+jobs run. Progress counts candle slots (the candles in the window, on the series' calendar:
+14 for fourteen months of 1M): a 1m job weighs 60 times a
 1h job over the same range, which is roughly the requests each needs, and so what the ETA is
 about. The ETA is an estimate: a range before a listing is covered in one page, faster than the
 rate predicts.

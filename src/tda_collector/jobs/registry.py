@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..intervals import Interval
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
@@ -193,17 +194,17 @@ class JobRegistry:
             await event.wait()
 
     # -- progress
-    def record_page(self, job: Job, since_ms: int, covered_to_ms: int, rows: int) -> JobRecord:
+    def record_page(self, job: Job, proven: list[Interval], rows: int) -> JobRecord:
         """Count a stored history page in memory and return the job row to save with its ledger
-        interval. [since, covered_to) was uncovered, so the covered length grows by exactly it."""
-        grown = max(0, covered_to_ms - since_ms)
-        self.tally(job.key.exchange).grow(rows, grown / job.tf_ms, job.status in OPEN)
+        intervals. `proven` was uncovered, so the covered length grows by exactly it."""
+        grown = sum(max(0, end - start) for start, end in proven)
+        self.tally(job.key.exchange).grow(rows, job.slots_in(grown), job.status in OPEN)
         was, now = job.record, self.clock_ms()
         job.changed(
             replace(
                 was,
                 covered_ms=was.covered_ms + grown,
-                cursor_ms=covered_to_ms,
+                cursor_ms=max((end for _, end in proven), default=was.cursor_ms),
                 rows=was.rows + rows,
                 pages=was.pages + 1,
                 last_run_ms=now,
@@ -240,7 +241,7 @@ class JobRegistry:
 
     # -- internals
     def _uncovered(self, job: Job) -> float:
-        return max(0.0, job.slots - job.record.covered_ms / job.tf_ms)
+        return max(0.0, job.slots - job.slots_in(job.record.covered_ms))
 
     def _changed(self, job: Job, metrics: bool = True, **changes: Any) -> None:
         job.changed(replace(job.record, updated_ms=self.clock_ms(), **changes))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ExchangeFault, StoreFault
 from ..exchange.fetcher import Fetcher
-from ..intervals import subtract
+from ..exchange.source import Capabilities
+from ..intervals import Interval, subtract
 from ..jobs.ledger import StateStore
 from ..jobs.model import COMPLETED, FAILED, PAUSED, Job, JobPaused
 from ..jobs.registry import JobRegistry
@@ -26,8 +27,9 @@ from ..normalize import Window
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import is_permanent
+from ..timeframes import Grid, iso_utc
 from .durable_writer import DurableWriter
-from .pipeline import PageStep, ShieldedWrites, forget
+from .pipeline import PageStep, ShieldedWrites, forget, proven_span
 
 
 @dataclass
@@ -42,19 +44,15 @@ class HistoryOutcome:
     rejected: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     retryable: bool = False
+    unavailable_before_ms: int | None = None  # the exchange serves nothing older than this
 
 
-def next_since(since_ms: int, newest_open_ms: int | None, tf_ms: int, end_ms: int) -> int | None:
-    """Where the next page starts, or None when [since, end) is exhausted.
-
-    An empty page means the exchange has nothing from `since` on (Binance answers a request
-    before a listing with the first candles after it, and jumps over maintenance holes).
-    The next page starts one timeframe after the newest candle seen, and always moves forward.
-    """
-    if newest_open_ms is None:
+def earliest_served(caps: Capabilities, now_ms: int, grid: Grid) -> int | None:
+    """Open time of the oldest candle the exchange serves at all, where its depth is bounded
+    (Kraken: the newest 720 candles of any timeframe, the one in progress included)."""
+    if caps.reach_candles is None:
         return None
-    candidate = max(newest_open_ms + tf_ms, since_ms + tf_ms)
-    return candidate if candidate < end_ms else None
+    return grid.shift(now_ms, 1 - caps.reach_candles)
 
 
 class HistoryBackfill:
@@ -75,55 +73,77 @@ class HistoryBackfill:
         self._writer = writer
         self._state = state
         self._events = events
-        self._page_limit = min(page_limit, fetcher.source.capabilities.max_page_size)
+        self._source = fetcher.source
+        self._page_limit = page_limit
         self._pipeline_pages = max(1, writer.store.pipeline_pages)
 
-    async def _fill(self, job: Job, gap: tuple[int, int], result: HistoryOutcome) -> None:
-        """Page through `gap`. Up to the store's `pipeline_pages` writes of the job may be under
-        way while the next page is fetched, since stores gather pages of many jobs into one
-        commit or load job; a crash refetches at most that many pages. The ledger is a set of
-        intervals, so pages may become durable in any order."""
-        key, tf_ms = job.key, job.tf_ms
-        since, end = gap
+    def _reachable(self, job: Job, gap: Interval, result: HistoryOutcome) -> Interval | None:
+        """The part of `gap` the exchange serves; the rest is reported once, never recorded."""
+        grid = self._step.grid(job.key.timeframe)
+        earliest = earliest_served(self._source.capabilities, self._source.now_ms(), grid)
+        if earliest is None or gap[0] >= earliest:
+            return gap
+        if result.unavailable_before_ms is None:
+            result.unavailable_before_ms = earliest
+            self._events.warning(
+                "history_unavailable",
+                f"{job.key.exchange} serves {job.key.timeframe} candles from "
+                f"{iso_utc(earliest / 1000)} on; the older part of the range cannot be fetched",
+                symbol=job.key.symbol,
+                timeframe=job.key.timeframe,
+                earliest_ms=earliest,
+                since=gap[0],
+            )
+        return (earliest, gap[1]) if earliest < gap[1] else None
+
+    async def _fill(self, job: Job, gap: Interval, result: HistoryOutcome) -> None:
+        """Page through `gap`, one window a page can hold at a time, until every part of it is
+        settled by what pages proved (`pipeline.proven_span`). Up to the store's
+        `pipeline_pages` writes of the job may be under way while the next page is fetched,
+        since stores gather pages of many jobs into one commit or load job; a crash refetches
+        at most that many pages. The ledger is a set of intervals, so pages may become durable
+        in any order."""
+        key, grid = job.key, self._step.grid(job.key.timeframe)
+        reachable = self._reachable(job, gap, result)
+        unsettled = [reachable] if reachable is not None else []
         pending: deque[Awaitable[int]] = deque()
         try:
-            while True:
+            while unsettled:
                 job.check()  # paused: let go of the worker between pages
                 started = time.monotonic()
+                since, gap_end = unsettled[0]
+                limit = min(self._page_limit, self._source.capabilities.max_page_size)
+                end = min(gap_end, grid.shift(since, limit))  # no wider than one page
                 window = Window(since, end, closed_before_ms=end)
-                page = await self._step.fetch(key, tf_ms, window, end - 1, self._page_limit)
+                page = await self._step.fetch(key, grid, window, end - 1, limit)
                 result.rejected.update(page.rejected)
-                following = next_since(since, page.newest_open_ms, tf_ms, end)
-                covered_to = end if following is None else following
-                pending.append(
-                    self._writes.start(self._store(job, page.batch, since, covered_to, started))
-                )
+                settled, stored = proven_span((since, end), page, grid)
+                unsettled = [part for u in unsettled for part in subtract(u, [settled])]
+                pending.append(self._writes.start(self._store(job, page.batch, stored, started)))
                 result.pages += 1
-                while len(pending) >= (1 if following is None else self._pipeline_pages):
+                while len(pending) >= (self._pipeline_pages if unsettled else 1):
                     result.rows += await pending.popleft()
-                if following is None:
-                    return
-                since = following
         finally:
             for abandoned in pending:
                 forget(abandoned)
 
     async def _store(
-        self, job: Job, batch: CandleBatch, since: int, covered_to: int, started: float
+        self, job: Job, batch: CandleBatch, stored: list[Interval], started: float
     ) -> int:
-        """Write the page, then count it and add it to the ledger in one transaction."""
+        """Write the page, then count it and add what it proved to the ledger, in one
+        transaction."""
         written = await self._writer.write(batch)
         self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
-        record = self._registry.record_page(job, since, covered_to, written)
-        await self._state.add_coverage(job.key, since, covered_to, record)
+        record = self._registry.record_page(job, stored, written)
+        await self._state.add_coverage(job.key, stored, record)
         self._events.info(
             "history_page_done",
             f"stored {len(batch)} candles",
             symbol=job.key.symbol,
             timeframe=job.key.timeframe,
             rows=len(batch),
-            since=since,
-            until=covered_to,
+            since=stored[0][0] if stored else None,
+            until=stored[-1][1] if stored else None,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
         return written
@@ -141,6 +161,13 @@ class HistoryBackfill:
         try:
             for gap in subtract((start, end), await self._state.coverage(job.key)):
                 await self._fill(job, gap, result)
+            if result.unavailable_before_ms is not None:
+                result.status, result.retryable = FAILED, False
+                earliest = iso_utc(result.unavailable_before_ms / 1000)
+                result.error = (
+                    f"candles before {earliest} are not served by {job.key.exchange}; "
+                    "the rest of the range is stored"
+                )
         except JobPaused:
             result.status = PAUSED
         except (ExchangeFault, StoreFault) as exc:

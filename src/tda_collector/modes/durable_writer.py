@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from ..errors import StoreFault
@@ -18,7 +19,7 @@ from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import Failure, RetryPolicy, is_permanent, retry_async
 from ..store import CandleStore
-from ..timeframes import timeframe_ms
+from ..timeframes import grid_of
 from .indicator_stage import IndicatorStage
 
 
@@ -32,6 +33,7 @@ class DurableWriter:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         indicators: IndicatorStage | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self._indicators = indicators
@@ -40,6 +42,7 @@ class DurableWriter:
         self._events = events
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._clock = clock
 
     async def write(self, batch: CandleBatch) -> int:
         """Rows written; returns only once they are durable, or raises StoreFault.
@@ -63,7 +66,8 @@ class DurableWriter:
         """Write the rows exactly as given (no indicator step). A `PermanentStoreError` is raised
         at once; any other error is retried as the policy says (an unclassified one counts as
         transient: rows are never dropped on a guess), then a `StoreFault` is raised. Each failed
-        attempt is a `store_write_error` event."""
+        attempt is a `store_write_error` event; the write that succeeds is a `store_write_ok`
+        (debug) with its rows and how long it took, retries and waits included."""
 
         def report(failure: Failure) -> None:
             self._metrics.store_write_error(self.store.name)
@@ -79,6 +83,7 @@ class DurableWriter:
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
 
+        started = self._clock()
         try:
             written = await retry_async(
                 lambda: self.store.write(batch),
@@ -94,11 +99,20 @@ class DurableWriter:
             raise StoreFault(
                 f"store write failed {self._policy.attempts} times: {exc}", permanent=False
             ) from exc
+        self._events.debug(
+            "store_write_ok",
+            f"{written} rows durable in {self.store.name}",
+            exchange=batch.key.exchange,
+            symbol=batch.key.symbol,
+            timeframe=batch.key.timeframe,
+            rows=written,
+            duration_ms=round((self._clock() - started) * 1000, 1),
+        )
         self._metrics.rows_written(self.store.name, written)
         newest = batch.newest_closed_ms
         if newest is not None:
-            key, tf_ms = batch.key, timeframe_ms(batch.key.timeframe)
+            key, close_ms = batch.key, grid_of(batch.key.timeframe).close_of(newest)
             self._metrics.newest_closed_candle(
-                key.exchange, key.symbol, key.timeframe, (newest + tf_ms) / 1000
+                key.exchange, key.symbol, key.timeframe, close_ms / 1000
             )
         return written

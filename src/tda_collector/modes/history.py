@@ -81,11 +81,17 @@ def _summarise(
 async def _discard_orphan_ledgers(
     store: CandleStore, state: StateStore, keys: list[JobKey], events: EventLog
 ) -> None:
-    """A ledger whose store has no rows at all (file deleted, new dataset) would skip data
-    forever; forget it so the range is fetched again."""
+    """A ledger whose store has lost the rows it recorded (file deleted, new dataset) would
+    skip data forever; forget it so the range is fetched again. A series whose saved jobs
+    stored no rows is left alone: its ledger holds proven holes (a range before a listing,
+    a maintenance gap), and forgetting them would ask for them again on every run."""
     newest = await store.newest(keys, closed_only=False)
+    stored_rows: dict[JobKey, int] = {}
+    for mode in ("history", "live"):
+        for record in await state.load_jobs(mode):
+            stored_rows[record.key] = stored_rows.get(record.key, 0) + record.rows
     for key in keys:
-        if key not in newest and await state.coverage(key):
+        if key not in newest and stored_rows.get(key, 0) > 0 and await state.coverage(key):
             events.warning(
                 "state_reset",
                 f"{key}: the ledger covers ranges but the store has no rows; refetching",
@@ -115,7 +121,8 @@ async def run_history(
     await _discard_orphan_ledgers(store, state, keys, events)
     registry = registry or JobRegistry("history", state, metrics, events)
     exchanges = [(rt.config.id, rt.keys, rt.source.now_ms()) for rt in runtimes]
-    jobs = await register_history_jobs(registry, state, exchanges, *window)
+    origins = {rt.config.id: rt.source.capabilities.week_origin_ms for rt in runtimes}
+    jobs = await register_history_jobs(registry, state, exchanges, *window, origins)
     per_exchange = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ExchangeFault, PermanentFault, StoreFault
 from ..exchange.fetcher import Fetcher
+from ..intervals import Interval
 from ..jobs.control import register_live_jobs, run_cancellable
 from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
@@ -31,19 +32,20 @@ from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
 from ..store import CandleStore
-from ..timeframes import closed_before, timeframe_ms
+from ..timeframes import Grid, grid_of
 from .durable_writer import DurableWriter
 from .indicator_stage import IndicatorStage
-from .pipeline import DRAIN_ON_STOP_S, PageStep, ShieldedWrites
+from .pipeline import DRAIN_ON_STOP_S, PageStep, ShieldedWrites, proven_span
 
 if TYPE_CHECKING:
     from ..exchange.runtime import ExchangeRuntime
 
 
-def next_due_ms(now_ms: int, tf_ms: int, refresh_ms: int, settle_ms: int) -> int:
-    """The first instant after `now_ms` at which a job runs: a candle close or an open-candle
-    refresh tick (both multiples counted from the epoch), plus the settle delay."""
-    next_close = closed_before(now_ms - settle_ms, tf_ms) + tf_ms + settle_ms
+def next_due_ms(now_ms: int, grid: Grid, refresh_ms: int, settle_ms: int) -> int:
+    """The first instant after `now_ms` at which a job runs: a candle close on the series'
+    calendar `grid` (a month's end for 1M, the exchange's week start for 1w) or an open-candle
+    refresh tick (multiples of `refresh_ms` from the epoch), plus the settle delay."""
+    next_close = grid.next_open(now_ms - settle_ms) + settle_ms
     next_refresh = (now_ms - settle_ms) // refresh_ms * refresh_ms + refresh_ms + settle_ms
     return min(next_close, next_refresh)
 
@@ -54,16 +56,19 @@ class LiveJob:
     lives on `handle`, the registry's job, and changes only through the registry."""
 
     key: JobKey
-    tf_ms: int
+    grid: Grid  # where the series' candles open, on its exchange's calendar
     cursor_ms: int | None  # newest stored closed candle's open time
     next_due_ms: int = 0
+    # Where what pages proved of the closed candles ends: past the cursor when the newest
+    # closed candles are a hole the exchange has, which is then not asked for again.
+    proven_to_ms: int | None = None
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
         if self.cursor_ms is None:
             return None
-        return max(0.0, (now_ms - (self.cursor_ms + self.tf_ms)) / 1000)
+        return max(0.0, (now_ms - self.grid.next_open(self.cursor_ms)) / 1000)
 
 
 @dataclass
@@ -112,21 +117,23 @@ class LiveExchange:
     def now_ms(self) -> int:
         return self.fetcher.source.now_ms()
 
-    async def _persist(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
-        """Write, then move the cursor and the ledger: in that order, and not interrupted."""
+    async def _persist(self, job: LiveJob, batch: CandleBatch, closed: list[Interval]) -> None:
+        """Write, then move the cursor and the ledger: in that order, and not interrupted. The
+        ledger gets what the page proved of the closed candles."""
         written = await self.writer.write(batch)
         newest_closed = batch.newest_closed_ms
         if newest_closed is not None:
             job.cursor_ms = newest_closed
-            await self.state.add_coverage(job.key, since, newest_closed + job.tf_ms)
+        if closed:
+            job.proven_to_ms = max(job.proven_to_ms or closed[-1][1], closed[-1][1])
+        await self.state.add_coverage(job.key, closed)
         self.registry.note(self._handle(job), rows=written, cursor_ms=job.cursor_ms)
 
-    def _report_holes(self, job: LiveJob, since: int, batch: CandleBatch) -> None:
-        newest_closed = batch.newest_closed_ms
-        if newest_closed is None:
-            return
-        closed_count = int(batch.closed.sum())
-        missing = (newest_closed - since) // job.tf_ms + 1 - closed_count
+    def _report_holes(self, job: LiveJob, closed: list[Interval], batch: CandleBatch) -> None:
+        """A gap the page proved in the closed candles (`closed`: its proven span before the
+        candle in progress) is the exchange's own: recorded in the ledger, not asked again."""
+        slots = sum(job.grid.count(a, b) for a, b in closed)
+        missing = slots - int(batch.closed.sum())
         if missing > 0:
             self.metrics.gaps_found(job.key.exchange)
             self.events.warning(
@@ -135,31 +142,45 @@ class LiveExchange:
                 symbol=job.key.symbol,
                 timeframe=job.key.timeframe,
                 rows=missing,
-                since=since,
+                since=closed[0][0],
             )
 
     async def sync(self, job: LiveJob) -> int:
         """Fetch from the cursor up to the open candle, page by page; returns rows written."""
         now = self.now_ms()
-        boundary = closed_before(now, job.tf_ms)
+        grid = job.grid
+        boundary = grid.floor(now)  # the candle in progress opens here
         if job.cursor_ms is None:
-            since = boundary - self.settings.initial_candles * job.tf_ms
+            since = grid.shift(boundary, -self.settings.initial_candles)
         else:
-            since = job.cursor_ms + job.tf_ms
+            since = grid.next_open(job.cursor_ms)
+        since = max(since, job.proven_to_ms or since)
         rows = pages = 0
-        while True:
-            window = Window(since, boundary + job.tf_ms, closed_before_ms=boundary, keep_open=True)
-            page = await self._step.fetch(
-                job.key, job.tf_ms, window, boundary, self.settings.page_limit
-            )
-            self._report_holes(job, since, page.batch)
-            await self._writes.start(self._persist(job, since, page.batch))
+        limit = self.settings.page_limit
+        end = min(grid.next_open(boundary), grid.shift(since, limit))  # no wider than one page
+        newer_seen = False  # a candle after `end` is known: an empty answer is then a hole
+        while since < end:
+            window = Window(since, end, closed_before_ms=boundary, keep_open=True)
+            page = await self._step.fetch(job.key, grid, window, end - 1, limit)
+            if not len(page.seen_ms) and not newer_seen:
+                # Nothing yet after the cursor: the newest candles may only be late, so this
+                # proves no hole; the next run asks again.
+                break
+            settled, proven = proven_span((since, end), page, grid)
+            if settled[0] > since:
+                # The answer proves nothing before its oldest candle (a truncated page, or a
+                # listing): ask for that older part first, so the cursor never passes a hole
+                # that was not looked at.
+                end, newer_seen = settled[0], True
+                continue
+            newer_seen = False
+            closed = [(a, min(b, boundary)) for a, b in proven if a < boundary]
+            self._report_holes(job, closed, page.batch)
+            await self._writes.start(self._persist(job, page.batch, closed))
             rows += len(page.batch)
             pages += 1
-            newest = page.newest_open_ms
-            if newest is None or newest >= boundary or job.cursor_ms is None:
-                break
-            since = max(newest, job.cursor_ms) + job.tf_ms
+            since = settled[1]
+            end = min(grid.next_open(boundary), grid.shift(since, limit))
         if pages > 1:
             self.metrics.gaps_repaired(job.key.exchange)
             self.events.info(
@@ -255,7 +276,7 @@ class LiveExchange:
                 settings = self.settings
                 self._register(
                     job,
-                    next_due_ms(self.now_ms(), job.tf_ms, settings.refresh_ms, settings.settle_ms),
+                    next_due_ms(self.now_ms(), job.grid, settings.refresh_ms, settings.settle_ms),
                 )
         except asyncio.CancelledError:
             if handle.status == CANCELLED and in_cycle:
@@ -303,8 +324,9 @@ async def run_live(
     keys = [k for rt in runtimes for k in rt.keys]
     registry = registry or JobRegistry("live", state, metrics, events)
     await register_live_jobs(registry, state, keys, cursors)
+    grids = {k: rt.source.capabilities.grid(k.timeframe) for rt in runtimes for k in rt.keys}
     for key, open_ms in cursors.items():
-        close_s = (open_ms + timeframe_ms(key.timeframe)) / 1000
+        close_s = (grids.get(key) or grid_of(key.timeframe)).next_open(open_ms) / 1000
         metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
     if indicators is not None:
         repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
@@ -326,7 +348,7 @@ async def run_live(
             metrics,
             registry=registry,
         )
-        jobs = [LiveJob(k, timeframe_ms(k.timeframe), cursors.get(k)) for k in rt.keys]
+        jobs = [LiveJob(k, grids[k], cursors.get(k)) for k in rt.keys]
         exchanges.append(live.run(jobs))
     events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
     await asyncio.gather(*exchanges)

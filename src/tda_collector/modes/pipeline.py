@@ -16,11 +16,14 @@ import asyncio
 from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from ..errors import CalendarMismatch
 from ..exchange.fetcher import Fetcher
+from ..intervals import Interval, merge, subtract
 from ..models import JobKey
 from ..normalize import NormalizedPage, Window, normalize_page
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
+from ..timeframes import Grid
 
 # SIGTERM must end the process within 1 s (the interface's exit-code contract); writes already
 # under way get this much of it, the rest is closing the exchange, the store and the state.
@@ -54,15 +57,50 @@ class PageStep:
         self._metrics = metrics
 
     async def fetch(
-        self, key: JobKey, tf_ms: int, window: Window, until_ms: int, limit: int
+        self, key: JobKey, grid: Grid, window: Window, until_ms: int, limit: int
     ) -> NormalizedPage:
         """The candles opening in `window` from one request for `[window.start_ms, until_ms]`
-        of at most `limit` candles; raises the fetcher's faults (ExchangeFault, JobPaused)."""
+        of at most `limit` candles, checked against the series' calendar `grid`; raises the
+        fetcher's faults (ExchangeFault, JobPaused), and CalendarMismatch (permanent: the job
+        fails) when every candle of the window is off the grid, which rejecting them one by
+        one would hide."""
         raw = await self.fetcher.candles(key, window.start_ms, until_ms, limit)
-        page = normalize_page(raw, key, tf_ms, window)
+        page = normalize_page(raw, key, grid, window)
         if page.rejected:
             report_rejections(self._events, self._metrics, key, page.rejected)
+        if page.calendar_mismatch is not None:
+            raise CalendarMismatch(page.calendar_mismatch)
         return page
+
+    def grid(self, timeframe: str) -> Grid:
+        """Where `timeframe`'s candles open on this step's exchange (its week origin)."""
+        return self.fetcher.source.capabilities.grid(timeframe)
+
+
+def proven_span(
+    window: Interval, page: NormalizedPage, grid: Grid
+) -> tuple[Interval, list[Interval]]:
+    """What one answer for `window` settles, and what of that the ledger may record.
+
+    The answer proves the span from the first to the last candle it holds inside the window:
+    between them the exchange has exactly what it sent, whichever end of an oversized window
+    it answers from and however small its real page is. Outside that span it proves nothing
+    (a truncated page, a listing, a hole at the window's edge), so those parts are asked for
+    again. An empty answer proves the whole window empty (a hole the exchange has): callers
+    ask only for windows the exchange serves (see `Capabilities.reach_candles`).
+
+    Returns (settled, stored): `settled` is not asked for again in this run; `stored` is
+    `settled` less the candles that were rejected, which are fetched again next run. A page
+    with rows whose time could not be read proves only the candles it stored.
+    """
+    if page.untimed:
+        own = [(t, grid.next_open(t)) for t in page.batch.timestamps.tolist()]
+        return window, merge(own)
+    if not len(page.seen_ms):
+        return window, [window]
+    span = (int(page.seen_ms[0]), grid.next_open(int(page.seen_ms[-1])))
+    rejected = [(t, grid.next_open(t)) for t in page.rejected_ms.tolist()]
+    return span, subtract(span, rejected)
 
 
 def _mark_seen(task: asyncio.Future[Any]) -> None:

@@ -64,6 +64,8 @@ def build_store(
             # Live: a candle's latency is what counts, and its writes are a row or two; a
             # commit then carries the writes made in one turn of the event loop, with no wait.
             batch_seconds=duck.batch_seconds if mode == "history" else 0.0,
+            memory_limit=duck.memory_limit,
+            threads=duck.threads,
         )
     from .bigquery_store import BigQueryStore  # the Google libraries take ~0.5 s to import
 
