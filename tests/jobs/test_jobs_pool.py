@@ -11,9 +11,8 @@ from collector_support import DAY_MS, FROZEN_NOW_S
 from fake_exchange import SymbolSpec, expected_candles
 from memory_source import MemorySource
 from memory_store import MemoryStore
+from pipeline_support import wire
 
-from tda_collector.exchange.fetcher import Fetcher
-from tda_collector.exchange.ratelimit import RateLimiter
 from tda_collector.jobs.ledger import StateStore
 from tda_collector.jobs.model import (
     CANCELLED,
@@ -27,11 +26,9 @@ from tda_collector.jobs.model import (
 from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
 from tda_collector.modes.backfill import HistoryBackfill, HistoryOutcome
-from tda_collector.modes.durable_writer import DurableWriter
 from tda_collector.modes.history_pool import ExchangeHistory
 from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics
-from tda_collector.retry import RetryPolicy
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
 END_MS = NOW_MS - NOW_MS % DAY_MS
@@ -59,10 +56,8 @@ class Rig:
         self.store = store or MemoryStore()
         self.state = StateStore(str(tmp_path / "state.sqlite"))
         self.concurrency = concurrency
-        policy = RetryPolicy(base_s=0.01, cap_s=0.02, attempts=3)
-        limiter = RateLimiter(10_000, 100)
-        self.fetcher = Fetcher(self.source, limiter, policy, quiet(), gate=self.registry.check)
-        self.writer = DurableWriter(self.store, policy, quiet())
+        pipeline = wire(self.source, self.store, quiet(), gate=self.registry.check)
+        self.fetcher, self.writer = pipeline.fetcher, pipeline.writer
         self.jobs = {
             s: self.registry.add(
                 Job(

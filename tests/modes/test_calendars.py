@@ -7,28 +7,18 @@ import asyncio
 from datetime import UTC, datetime
 
 from collector_support import FROZEN_NOW_S, events_named, run_in_process
-from event_support import recording_events
 from fake_exchange import EPOCH_WEEK_ORIGIN_MS, SymbolSpec, candle, expected_candles
 from live_support import Harness
 from live_support import key as live_key
 from memory_source import MemorySource
-from memory_store import MemoryStore
+from pipeline_support import backfill_one
 from store_support import read_duckdb_rows
 
-from tda_collector.exchange.fetcher import Fetcher
-from tda_collector.exchange.ratelimit import RateLimiter
 from tda_collector.exchange.source import Capabilities
-from tda_collector.jobs.control import register_history_jobs
-from tda_collector.jobs.ledger import StateStore
 from tda_collector.jobs.model import COMPLETED
-from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
-from tda_collector.modes.backfill import HistoryBackfill, HistoryOutcome
-from tda_collector.modes.durable_writer import DurableWriter
 from tda_collector.modes.pipeline import proven_span
 from tda_collector.normalize import Window, normalize_page
-from tda_collector.observability.metrics import Metrics
-from tda_collector.retry import RetryPolicy
 from tda_collector.timeframes import grid_of
 
 KEY_1M = JobKey("binance", "BTC/USDT", "1M")
@@ -145,29 +135,9 @@ async def backfill_on_calendar(tmp_path, spec, timeframe, capabilities, start_ms
     `capabilities`, registered and run as history mode does; returns outcome and rows."""
     source = MemorySource([spec], lambda: FROZEN_NOW_S, asyncio.sleep)
     source.capabilities = capabilities
-    events, _ = recording_events()
-    policy = RetryPolicy(base_s=0.01, cap_s=0.02, attempts=3)
-    fetcher = Fetcher(source, RateLimiter(10_000, 100), policy, events)
-    store, state = MemoryStore(), StateStore(str(tmp_path / "state.sqlite"))
-    await state.open()
-    registry = JobRegistry("history")
     key = JobKey("binance", spec.symbol, timeframe)
-    [job] = await register_history_jobs(
-        registry,
-        state,
-        [("binance", [key], NOW_MS)],
-        start_ms,
-        NOW_MS,
-        {"binance": capabilities.week_origin_ms},
-    )
-    writer = DurableWriter(store, policy, events)
-    history = HistoryBackfill(
-        fetcher, writer, state, events, capabilities.max_page_size, Metrics(), registry
-    )
-    outcome = await history.run_job(job, HistoryOutcome())
-    coverage = await state.coverage(key)
-    await state.close()
-    return outcome, [tuple(r[:6]) for r in store.series_rows(key)], coverage, job
+    run = await backfill_one(tmp_path, source, key, start_ms, NOW_MS, capabilities.max_page_size)
+    return run.outcome, run.rows, run.coverage, run.job
 
 
 async def test_thursday_weeks_are_stored_exactly_where_the_exchange_says_weeks_open(tmp_path):

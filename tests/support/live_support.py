@@ -9,13 +9,11 @@ from event_support import recording_logger
 from fake_exchange import candle
 from memory_source import MemorySource
 from memory_store import MemoryStore
+from pipeline_support import wire
 from virtual_time import VirtualTime
 
-from tda_collector.exchange.fetcher import Fetcher
-from tda_collector.exchange.ratelimit import RateLimiter
 from tda_collector.jobs.ledger import StateStore
 from tda_collector.models import JobKey
-from tda_collector.modes.durable_writer import DurableWriter
 from tda_collector.modes.live import LiveExchange, LiveJob, LiveSettings
 from tda_collector.observability.events import EventLog
 from tda_collector.observability.metrics import Metrics
@@ -69,16 +67,25 @@ class Harness:
         )
 
     def live(self, state, indicators=None) -> LiveExchange:
-        policy = RetryPolicy(base_s=1, cap_s=4, attempts=3)
-        limiter = RateLimiter(self.rate, 1, clock=self.vt.clock, sleep=self.vt.sleep)
-        fetcher = Fetcher(
-            self.source, limiter, policy, self.events, clock=self.vt.clock, sleep=self.vt.sleep
-        )
-        writer = DurableWriter(
-            self.store, policy, self.events, sleep=self.vt.sleep, indicators=indicators
+        pipeline = wire(
+            self.source,
+            self.store,
+            self.events,
+            policy=RetryPolicy(base_s=1, cap_s=4, attempts=3),
+            rate_per_s=self.rate,
+            burst=1,
+            clock=self.vt.clock,
+            sleep=self.vt.sleep,
+            indicators=indicators,
         )
         return LiveExchange(
-            fetcher, writer, state, self.events, self.settings, self.metrics, sleep=self.vt.sleep
+            pipeline.fetcher,
+            pipeline.writer,
+            state,
+            self.events,
+            self.settings,
+            self.metrics,
+            sleep=self.vt.sleep,
         )
 
     async def run_for(self, seconds: float, keys: list[JobKey], indicators=None) -> LiveExchange:
