@@ -1,13 +1,17 @@
 # tda-collector: live mode by default; history with `docker run IMAGE --mode=history --start=...`.
 FROM python:3.13-slim
 
+# pip runs as root only while the image is built; the daemon runs as the user below.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
-# A fixed non-root uid, so a bind-mounted /data can be chowned to it on the host.
-RUN groupadd --system --gid 10001 collector \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin collector \
+# A fixed non-root uid, so a bind-mounted /data can be chowned to it on the host. Not a
+# --system account (those end at uid 999: useradd warned); --no-log-init keeps lastlog small.
+RUN groupadd --gid 10001 collector \
+    && useradd --no-log-init --no-create-home --uid 10001 --gid 10001 --home-dir /app \
+        --shell /usr/sbin/nologin collector \
     && mkdir -p /data \
     && chown 10001:10001 /data
 

@@ -37,6 +37,7 @@ class Run:
     seconds: float
     rss_mib: float
     returncode: int
+    last_event: str = ""  # the last warning or error the collector logged, if any
     # (rows stored so far, RSS MiB) sampled as pages are written
     trend: list[tuple[int, float]] = field(default_factory=list)
 
@@ -58,11 +59,13 @@ def _measure(argv: list[str], samples: int = 8, expected_rows: int = 0) -> tuple
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     step = max(1, expected_rows // samples)
-    rows, next_sample, trend, summary = 0, step, [], None
+    rows, next_sample, trend, summary, last = 0, step, [], None, ""
     for line in proc.stdout:
         if not line.startswith("{"):
             continue
         event = json.loads(line)
+        if event["level"] in ("WARNING", "ERROR"):
+            last = line.strip()
         if event["event"] == "history_page_done":
             rows += event.get("rows", 0)
             if rows >= next_sample:
@@ -72,7 +75,7 @@ def _measure(argv: list[str], samples: int = 8, expected_rows: int = 0) -> tuple
             summary = event
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    return time.monotonic() - started, usage.ru_maxrss / 1024, code, summary, trend
+    return time.monotonic() - started, usage.ru_maxrss / 1024, code, summary, trend, last
 
 
 def run(symbols: int, total_rows: int, settings: dict[str, Any] | None = None) -> Run:
@@ -88,11 +91,11 @@ def run(symbols: int, total_rows: int, settings: dict[str, Any] | None = None) -
             loaded = yaml.safe_load(config.read_text())
             loaded["storage"]["duckdb"].update(settings)
             config.write_text(yaml.safe_dump(loaded))
-        seconds, rss, code, summary, trend = _measure(
+        seconds, rss, code, summary, trend, last = _measure(
             history_argv(config, start_ms, end_ms), expected_rows=per_symbol * symbols
         )
     stored = summary["rows"] if summary else 0
-    return Run(symbols, per_symbol * symbols, stored, seconds, rss, code, trend)
+    return Run(symbols, per_symbol * symbols, stored, seconds, rss, code, last, trend)
 
 
 HEADER = "| symbols | rows | seconds | exit | peak RSS MiB | RSS trend MiB (rows stored: RSS) |"
@@ -100,6 +103,8 @@ HEADER = "| symbols | rows | seconds | exit | peak RSS MiB | RSS trend MiB (rows
 
 def render(r: Run) -> str:
     trend = ", ".join(f"{rows / 1e6:.2f}M: {rss:.0f}" for rows, rss in r.trend)
+    if r.returncode:
+        trend += f" (failed: {r.last_event[:300]})"
     return (
         f"| {r.symbols} | {r.rows:,} | {r.seconds:.1f} | {r.returncode} | {r.rss_mib:.0f} "
         f"| {trend} |"

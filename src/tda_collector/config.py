@@ -131,18 +131,13 @@ class DuckDBConfig(_Section):
         "busy. Live mode commits without waiting.",
     )
     memory_limit: str = Field(
-        "256MB",
-        pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$",
-        description="DuckDB's memory_limit: its buffer pool, which otherwise keeps every block "
-        "written (by default up to 80% of RAM), so the process grows with the data stored. "
-        "Beyond it, blocks are evicted (written blocks are on disk after a checkpoint).",
+        "32MB",
+        pattern=r"(?i)^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$",
+        description="DuckDB's buffer pool ceiling; without one it caches the blocks written (up "
+        "to 80% of RAM) and the process grows with the rows stored. It must hold the rows since "
+        "the last checkpoint, uncompressed, plus a batch: 24MB works at batch_rows 16000.",
     )
-    threads: int = Field(
-        1,
-        ge=1,
-        description="DuckDB's worker threads. Writes are serialised anyway, and parallel "
-        "operators cost ~25% more CPU per written row on this workload.",
-    )
+    threads: int = Field(1, ge=1, description="DuckDB's threads (writes are serialised anyway).")
 
 
 class BigQueryConfig(_Section):

@@ -394,3 +394,25 @@ async def test_live_mode_commits_without_waiting_for_more_writes(tmp_path):
         assert store.commits == 2
     finally:
         await store.close()
+
+
+async def test_the_configured_memory_limit_and_threads_reach_duckdb(tmp_path):
+    store = build_store(
+        configured(tmp_path, memory_limit="24MB", threads=2).storage, quiet_events(), "history"
+    )
+    await store.ensure()
+    try:
+        assert isinstance(store, DuckDBStore)
+        con = store._connection()
+        limit, threads = con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('threads')"
+        ).fetchone()
+        assert limit == "22.8 MiB" and threads == 2  # 24,000,000 bytes
+    finally:
+        await store.close()
+
+
+def test_the_default_memory_limit_bounds_the_buffer_pool_and_a_bad_one_is_refused(tmp_path):
+    assert configured(tmp_path).storage.duckdb.memory_limit == "32MB"
+    with pytest.raises(Exception, match="memory_limit"):
+        configured(tmp_path, memory_limit="lots")

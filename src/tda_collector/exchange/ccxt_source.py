@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ccxt.async_support as ccxt_async
@@ -36,11 +36,13 @@ KNOWN_CAPABILITIES: dict[str, Capabilities] = {
         max_page_size=1000,
         raw_klines_method="publicGetKlines",
         used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=6000, window_s=60.0),
+        tickers_api=("public", "get", "ticker/24hr"),  # weight 80 for all markets: cost 16
     ),
     "binanceus": Capabilities(max_page_size=1000),
     "binanceusdm": Capabilities(
         max_page_size=1000,
         used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=2400, window_s=60.0),
+        tickers_api=("fapiPublic", "get", "ticker/24hr"),  # weight 40 for all markets
     ),
     "bybit": Capabilities(max_page_size=1000),
     # candles (the newest 1,440) and history-candles both answer at most 300 (ccxt #26705;
@@ -185,7 +187,23 @@ class CcxtExchange:
         self._used_weight_header: str | None = None
         self._used_weight_listener: Callable[[int, int], None] | None = None
         known = KNOWN_CAPABILITIES.get(exchange_id)
-        self.capabilities = known or Capabilities(max_page_size=self._declared_page_size())
+        capabilities = known or Capabilities(max_page_size=self._declared_page_size())
+        self.capabilities = replace(
+            capabilities, tickers_request_cost=self._declared_tickers_cost(capabilities)
+        )
+
+    def _declared_tickers_cost(self, capabilities: Capabilities) -> float:
+        """ccxt's cost of `capabilities.tickers_api` without a single symbol (its `noSymbol`),
+        in ccxt's units, which are the budget's (`default_requests_per_second`)."""
+        if capabilities.tickers_api is None:
+            return capabilities.tickers_request_cost
+        api, method, path = capabilities.tickers_api
+        declared = ((self._client.api or {}).get(api) or {}).get(method, {}).get(path)
+        if isinstance(declared, dict):
+            declared = declared.get("noSymbol", declared.get("cost"))
+        if isinstance(declared, int | float) and declared > 0:
+            return float(declared)
+        return capabilities.tickers_request_cost
 
     def _declared_page_size(self) -> int:
         features = getattr(self._client, "features", None) or {}

@@ -77,6 +77,17 @@ class Fetcher:
 
         await self._retry(attempt, self._reporter("could not load markets; "), forever)
 
+    async def quote_volumes(self, symbols: list[str]) -> dict[str, float]:
+        """24h quote volume per symbol (for `markets.limit`), through the limiter at what a
+        tickers request costs (`Capabilities.tickers_request_cost`: 16 of Binance's 20 a
+        second), retried like any other request."""
+
+        async def attempt() -> dict[str, float]:
+            await self.limiter.acquire(self.source.capabilities.tickers_request_cost)
+            return await self.source.quote_volumes(symbols)
+
+        return await self._retry(attempt, self._reporter("could not fetch tickers; "), False)
+
     async def candles(self, key: JobKey, since_ms: int, until_ms: int, limit: int) -> RawCandles:
         """One page of raw candles opening in [since_ms, until_ms], retried as the policy says;
         the gate's error (a paused job) propagates before anything is sent."""

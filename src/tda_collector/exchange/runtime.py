@@ -101,7 +101,12 @@ def select_exchanges(exchanges: list[ExchangeConfig], request: RunRequest) -> li
     return [configured[e] for e in wanted]
 
 
-async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunRequest) -> list[JobKey]:
+async def _job_keys(
+    cfg: ExchangeConfig, fetcher: Fetcher, request: RunRequest, field: str
+) -> list[JobKey]:
+    """The exchange's jobs; no symbol at all (a `markets` block at `field` that matches nothing,
+    and no explicit symbols) is a UsageError: a run of zero jobs would do nothing and exit 0."""
+    source = fetcher.source
     timeframes = list(request.timeframes or cfg.timeframes)
     check_timeframes(cfg.id, timeframes, source.timeframes)
     markets = source.markets()
@@ -111,9 +116,16 @@ async def _job_keys(cfg: ExchangeConfig, source: CandleSource, request: RunReque
         resolved: list[str] = []
         if cfg.markets is not None:
             candidates = filter_markets(markets, cfg.markets)
-            volumes = await source.quote_volumes(candidates) if cfg.markets.limit else {}
+            volumes = await fetcher.quote_volumes(candidates) if cfg.markets.limit else {}
             resolved = top_by_volume(candidates, volumes, cfg.markets.limit)
         symbols = merge_symbols(cfg.symbols, resolved)
+        if not symbols and cfg.markets is not None:
+            wanted = cfg.markets
+            raise UsageError(
+                f"{field}: No symbols found matching criteria on {cfg.id} (quote "
+                f"{', '.join(wanted.quote) or 'any'}, type {wanted.type}, "
+                f"active_only {str(wanted.active_only).lower()})"
+            )
     check_symbols(cfg.id, symbols, markets)
     return [JobKey(cfg.id, s, tf) for s in symbols for tf in timeframes]
 
@@ -155,7 +167,7 @@ async def open_exchange(
         )
         runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
         await fetcher.open(forever=request.mode == "live")
-        runtime.keys = await _job_keys(cfg, source, request)
+        runtime.keys = await _job_keys(cfg, fetcher, request, f"exchanges[{position}].markets")
     except BaseException:
         await source.close()
         raise

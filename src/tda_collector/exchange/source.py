@@ -51,6 +51,11 @@ class Capabilities:
     # error-checks the request.
     raw_klines_method: str | None = None
     used_weight: UsedWeightRule | None = None
+    # Budget units a 24h-tickers request for many markets takes (`markets.limit` ranks by
+    # volume). ccxt declares it per endpoint in `describe()['api']`; `tickers_api` names that
+    # endpoint (api, method, path), and the ccxt adapter reads the cost from there.
+    tickers_api: tuple[str, str, str] | None = None
+    tickers_request_cost: float = 1.0
 
     def grid(self, timeframe: str) -> Grid:
         """Where `timeframe`'s candles open on this exchange (ValueError if unsupported)."""

@@ -5,6 +5,11 @@ touching prometheus_client, so metric names and labels live in this one file, an
 dashboards (deploy/grafana/dashboards) are checked against them by tests/test_deploy.py.
 Label values are exchange ids, store names, timeframes, outcomes, reasons and job states:
 all low-cardinality. Symbols never become labels.
+
+Labelled counters start at 0 for the label values known when an exchange is opened
+(`set_budget`), a store first writes, or a series first stores a closed candle: a healthy
+system then shows 0 errors, throttles and rejects, not "No data" (a labelled series exists
+only once `.labels(...)` has been called).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..normalize import MALFORMED, MISALIGNED, NEGATIVE_VOLUME, NOT_FINITE, OHLC_INCONSISTENT
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("ok", "transient", "rate_limited", "permanent")
+THROTTLE_STATUSES = ("429", "418")
+REJECT_REASONS = (MALFORMED, MISALIGNED, NOT_FINITE, OHLC_INCONSISTENT, NEGATIVE_VOLUME)
 # A candle request takes ~50 ms to a few seconds; the top buckets show stalls up to the timeout.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -198,8 +207,25 @@ class Metrics:
         self._fetch_seconds.labels(exchange).observe(seconds)
 
     def set_budget(self, exchange: str, per_second: float) -> None:
-        """The exchange's published budget, so dashboards can show use as a fraction of it."""
+        """The exchange's published budget, so dashboards can show use as a fraction of it.
+        Called once per exchange as it is opened: its counters start at 0 here."""
         self._budget.labels(exchange).set(per_second)
+        for outcome in OUTCOMES:
+            self._requests.labels(exchange, outcome)
+        for status in THROTTLE_STATUSES:
+            self._throttled.labels(exchange, status)
+        for reason in REJECT_REASONS:
+            self._rejected.labels(exchange, reason)
+        for counter in (
+            self._request_weight,
+            self._waits,
+            self._wait_seconds,
+            self._slowdowns,
+            self._gaps_found,
+            self._gaps_repaired,
+        ):
+            counter.labels(exchange)
+        self._fetch_seconds.labels(exchange)
 
     def rate_limit_wait(self, exchange: str, seconds: float) -> None:
         self._waits.labels(exchange).inc()
@@ -225,6 +251,7 @@ class Metrics:
     # -- store side
     def rows_written(self, store: str, rows: int) -> None:
         self._rows_written.labels(store).inc(rows)
+        self._write_errors.labels(store)  # 0 until an attempt fails
 
     def store_write_error(self, store: str) -> None:
         self._write_errors.labels(store).inc()
@@ -235,6 +262,7 @@ class Metrics:
         """The newest stored closed candle of a series closes at `close_s` (epoch seconds:
         open time + timeframe). Earlier values never move it back."""
         self._lag.update(exchange, symbol, timeframe, close_s)
+        self._history_candles.labels(exchange, timeframe)  # 0 in live mode
 
     # -- jobs and gaps
     def gaps_found(self, exchange: str, count: int = 1) -> None:

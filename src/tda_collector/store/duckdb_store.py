@@ -124,11 +124,13 @@ class DuckDBStore:
         *,
         batch_rows: int = 16_000,
         batch_seconds: float = 0.05,
-        memory_limit: str = "256MB",
+        memory_limit: str = "32MB",
         threads: int = 1,
     ) -> None:
         self._path = path
-        self._settings: dict[str, str | int] = {"memory_limit": memory_limit, "threads": threads}
+        self._settings: dict[str, str | int] = {"threads": threads}
+        if path != ":memory:":  # an in-memory database has nowhere to evict its blocks to
+            self._settings["memory_limit"] = memory_limit
         self._events = events
         self._columns = (*BASE_COLUMNS, *extra_columns)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
@@ -149,8 +151,8 @@ class DuckDBStore:
                 Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             # One thread by default: writes are serialised here anyway, and DuckDB's parallel
             # operators cost ~25% more CPU per written row on this workload. The memory limit
-            # bounds DuckDB's buffer pool, which otherwise keeps every block written (up to 80%
-            # of RAM): without it the process grows with the rows stored.
+            # bounds DuckDB's buffer pool, which otherwise caches every block written (up to
+            # 80% of RAM): without it the process grew with the rows stored (bench/memory.py).
             self._con = duckdb.connect(self._path, config=dict(self._settings))
         return self._con
 
