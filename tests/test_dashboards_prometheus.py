@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from collector_support import free_port, start_subprocess, write_config
+from debian_support import find_or_install
 from fake_exchange_process import FakeExchangeProcess
 
 from test_deploy import dashboard_queries
@@ -36,30 +36,12 @@ JOB = "tda-collector"  # the job name of deploy/prometheus/prometheus.yml, which
 SCRAPE_S = 1
 # Grafana's variables as it would send them for a 1 s scrape interval on a short range.
 VARIABLES = {"__rate_interval": "10s", "__interval": "1s", "__range": "5m", "exchange": ".*"}
-INSTALL_TIMEOUT_S = 500
 DATA_LIMIT_S = 40
 
 
 def find_prometheus() -> tuple[str | None, str]:
     """The prometheus binary, installing Debian's package if needed; else None and why."""
-    found = shutil.which("prometheus")
-    if found:
-        return found, ""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "prometheus is not installed and apt-get cannot run here (not root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
-    for argv in (["apt-get", "update", "-qq"], install):
-        try:
-            done = subprocess.run(
-                argv, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"{' '.join(argv)} took longer than {INSTALL_TIMEOUT_S}s"
-        if done.returncode != 0:
-            return None, f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}"
-    found = shutil.which("prometheus")
-    return found, "" if found else "apt-get installed prometheus but it is not on PATH"
+    return find_or_install("prometheus", "prometheus", "--no-install-recommends")
 
 
 def substitute(expr: str) -> str:

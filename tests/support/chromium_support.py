@@ -11,7 +11,6 @@ import base64
 import contextlib
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from debian_support import find_or_install
 
 FLAGS = (
     "--headless",
@@ -31,28 +31,11 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
 )
-INSTALL_TIMEOUT_S = 500
 
 
 def find_chromium() -> tuple[str | None, str]:
     """The chromium binary, installing Debian's package if needed; else None and why."""
-    found = shutil.which("chromium")
-    if found:
-        return found, ""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "chromium is not installed and apt-get cannot run here (not root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        try:
-            done = subprocess.run(
-                argv, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"{' '.join(argv)} took longer than {INSTALL_TIMEOUT_S}s"
-        if done.returncode != 0:
-            return None, f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}"
-    found = shutil.which("chromium")
-    return found, "" if found else "apt-get installed chromium but it is not on PATH"
+    return find_or_install("chromium", "chromium")
 
 
 class Browser:
