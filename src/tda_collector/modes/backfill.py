@@ -4,9 +4,10 @@ A job pages through the parts of its range the ledger does not cover yet, asking
 window a page can hold at a time. Each page is normalised and written (durably), and only then
 is what it proved (`pipeline.proven_span`) added to the ledger, together with the job row that
 counts it; so a rerun of a finished range asks for nothing, a crash costs at most the pages
-that were in flight, and nothing the exchange did not answer is ever recorded as stored. A paused job stops between pages (and no request of it leaves: the
-fetcher's gate refuses it); resuming runs it again from the ledger, which is exactly where it
-stopped. The page step itself (fetch, normalise, report rejections) is `pipeline.PageStep`.
+that were in flight, and nothing the exchange did not answer is ever recorded as stored. A
+paused job stops between pages (and no request of it leaves: the fetcher's gate refuses it);
+resuming runs it again from the ledger, which is exactly where it stopped. The page step itself
+(fetch, normalise, report rejections) is `pipeline.PageStep`.
 """
 
 from __future__ import annotations
