@@ -261,10 +261,15 @@ def check_live(container: str, config: Path, port: int, image: dict[str, Any]) -
                 proc.kill()
                 proc.wait()
         log.seek(0)
-        events = [json.loads(line) for line in log if line.startswith("{")]
+        lines = log.read().splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
     names = {event.get("event") for event in events}
     if code != 0 or stop_s > STOP_LIMIT_S or "shutdown" not in names:
-        raise SmokeFailure(f"SIGTERM: exit {code} after {stop_s:.2f} s; events {sorted(names)}")
+        other = [line for line in lines if not line.startswith("{")][-20:]  # a traceback, say
+        raise SmokeFailure(
+            f"SIGTERM: exit {code} after {stop_s:.2f} s; events {sorted(names)}; "
+            f"other output: {other}"
+        )
     report(
         "live",
         f"`{' '.join(argv)}` stored rows after {ready_s:.1f} s; HEALTHCHECK failed before it "
