@@ -8,13 +8,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 
+from collector_support import ccxt_options  # noqa: E402
 from fake_exchange_process import FakeExchangeProcess  # noqa: E402
 
 # 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.
@@ -78,18 +78,6 @@ def fake_exchange(
         start_time=None if realtime else FAKE_NOW_S,
         rps=rps or None,
     )
-
-
-def ccxt_options(base_url: str) -> dict[str, Any]:
-    return {
-        "urls": {"api": {"public": base_url + "/api/v3", "private": base_url + "/api/v3"}},
-        "options": {
-            "fetchMarkets": {"types": ["spot"]},
-            "fetchCurrencies": False,
-            "fetchMargins": False,
-        },
-        "timeout": 10_000,
-    }
 
 
 def write_collector_config(
