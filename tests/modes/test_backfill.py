@@ -90,3 +90,22 @@ async def test_history_older_than_the_exchange_serves_is_reported_not_recorded(t
     assert run.coverage == [(earliest, END_MS)]
     assert run.rows == expected_candles(spec, "1m", earliest, END_MS, NOW_MS)
     assert all(since >= earliest for _, _, _, since, _ in source.calls)
+
+
+async def test_a_newest_candle_not_yet_published_is_fetched_next_run_not_recorded_as_a_hole(
+    tmp_path,
+):
+    # A run ending "now": the exchange publishes the candle that closed 30 s ago only later.
+    spec = SymbolSpec("BTC/USDT")
+    start, newest = NOW_MS - NOW_MS % MIN - 400 * MIN, NOW_MS - NOW_MS % MIN
+    lagging = memory(spec, publication_lag_ms=90_000)
+    first = await backfill_one(tmp_path, lagging, KEY, start, NOW_MS + DAY_MS, 300)
+    assert first.outcome.status == COMPLETED
+    assert first.rows == expected_candles(spec, "1m", start, newest - MIN, NOW_MS)
+    assert first.coverage == [(start, newest - MIN)]
+    [pending] = first.events.named("history_tail_pending")
+    assert (pending["since"], pending["until"]) == (newest - MIN, newest)
+
+    second = await backfill_one(tmp_path, memory(spec), KEY, start, NOW_MS + DAY_MS, 300)
+    assert second.rows == expected_candles(spec, "1m", newest - MIN, newest, NOW_MS)
+    assert second.coverage == [(start, newest)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tda_collector.models import JobKey
-from tda_collector.modes.pipeline import proven_span
+from tda_collector.modes.pipeline import proven_span, unpublished_from
 from tda_collector.normalize import Window, normalize_page
 from tda_collector.timeframes import grid_of
 
@@ -86,3 +86,10 @@ def test_a_later_version_of_a_rejected_candle_is_stored_and_proven():
     page = normalize_page(raw, KEY, GRID, Window(*WINDOW, closed_before_ms=WINDOW[1]))
     assert np.array_equal(page.batch.timestamps, [T0, T0 + MIN])
     assert proven_span(WINDOW, page, GRID)[1] == [(T0, T0 + 2 * MIN)]
+
+
+def test_unpublished_candles_are_the_newest_closed_one_or_the_last_minute_of_them():
+    now = 1_709_251_230_000  # 30 s into a minute
+    assert unpublished_from(now, grid_of("1m")) == now - 30_000 - 60_000
+    assert unpublished_from(now, grid_of("1h")) == grid_of("1h").floor(now) - 3_600_000
+    assert unpublished_from(now, grid_of("1s")) == now - 60_000

@@ -29,10 +29,13 @@ class MemorySource:
         newest_first: bool = False,
         answer_cap: int | None = None,
         corrupt: frozenset[int] = frozenset(),
+        publication_lag_ms: int = 0,
     ) -> None:
         """`newest_first`: a window holding more than a page is answered from its newest end
         (OKX, Coinbase); `answer_cap`: the exchange answers at most this many candles whatever
-        `limit` asks; `corrupt`: open times whose candles come back invalid (high < low)."""
+        `limit` asks; `corrupt`: open times whose candles come back invalid (high < low);
+        `publication_lag_ms`: candles that closed less than this long ago are not served yet
+        (nor is the one in progress)."""
         self.specs = {s.symbol: s for s in specs}
         self._clock = clock
         self._sleep = sleep
@@ -41,6 +44,7 @@ class MemorySource:
         self.newest_first = newest_first
         self.answer_cap = answer_cap
         self.corrupt = corrupt
+        self.publication_lag_ms = publication_lag_ms
         self.down = False
         self.calls: list[tuple[float, str, str, int, int]] = []
         self.in_flight: Counter[tuple[str, str]] = Counter()
@@ -79,9 +83,11 @@ class MemorySource:
             candles = expected_candles(
                 spec, timeframe, since_ms, until_ms + 1, now, week_origin_ms=origin
             )
-            rows = [list(c) for c in candles]
-            open_ms = self.capabilities.grid(timeframe).floor(now)  # the candle in progress
-            in_gap = any(a <= open_ms < b for a, b in spec.gaps)
+            grid = self.capabilities.grid(timeframe)
+            published = now - self.publication_lag_ms
+            rows = [list(c) for c in candles if grid.next_open(c[0]) <= published]
+            open_ms = grid.floor(now)  # the candle in progress
+            in_gap = any(a <= open_ms < b for a, b in spec.gaps) or self.publication_lag_ms > 0
             if since_ms <= open_ms <= until_ms and open_ms >= spec.listed_at_ms and not in_gap:
                 rows.append(list(provisional_candle(symbol, timeframe, open_ms, now)))
             for row in rows:

@@ -31,7 +31,7 @@ from ..observability.metrics import Metrics
 from ..retry import is_permanent
 from ..timeframes import Grid, iso_utc
 from .durable_writer import DurableWriter
-from .pipeline import PageStep, ShieldedWrites, forget, proven_span
+from .pipeline import PageStep, ShieldedWrites, forget, proven_span, unpublished_from
 
 
 @dataclass
@@ -120,6 +120,9 @@ class HistoryBackfill:
                 page = await self._step.fetch(key, grid, window, end - 1, limit)
                 result.rejected.update(page.rejected)
                 settled, stored = proven_span((since, end), page, grid)
+                unpublished = unpublished_from(self._source.now_ms(), grid)
+                if not len(page.seen_ms) and not page.untimed and end > unpublished:
+                    stored = self._proven_before(job, settled, unpublished)
                 unsettled = [part for u in unsettled for part in subtract(u, [settled])]
                 pending.append(self._writes.start(self._store(job, page.batch, stored, started)))
                 result.pages += 1
@@ -128,6 +131,21 @@ class HistoryBackfill:
         finally:
             for abandoned in pending:
                 forget(abandoned)
+
+    def _proven_before(self, job: Job, window: Interval, unpublished: int) -> list[Interval]:
+        """What the ledger may record of an empty answer for `window`, which reaches candles
+        the exchange may not have published yet (from `unpublished` on): only the part before
+        them. This run asks no more; the next run asks for the rest again."""
+        self._events.info(
+            "history_tail_pending",
+            f"{job.key.exchange} has not published candles from "
+            f"{iso_utc(max(window[0], unpublished) / 1000)} yet; the next run fetches them",
+            symbol=job.key.symbol,
+            timeframe=job.key.timeframe,
+            since=max(window[0], unpublished),
+            until=window[1],
+        )
+        return [(window[0], unpublished)] if window[0] < unpublished else []
 
     async def _store(
         self, job: Job, batch: CandleBatch, stored: list[Interval], started: float

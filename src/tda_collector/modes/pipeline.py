@@ -29,6 +29,11 @@ from ..timeframes import Grid
 # under way get this much of it, the rest is closing the exchange, the store and the state.
 DRAIN_ON_STOP_S = 0.6
 
+# Exchanges publish a candle a moment after it closes (Binance within a second, others within
+# seconds): until then an empty answer for it means "not yet", not "no trades". Whichever is
+# longer of this margin and the newest closed candle counts as possibly unpublished.
+PUBLICATION_MARGIN_MS = 60_000
+
 T = TypeVar("T")
 
 
@@ -101,6 +106,14 @@ def proven_span(
     span = (int(page.seen_ms[0]), grid.next_open(int(page.seen_ms[-1])))
     rejected = [(t, grid.next_open(t)) for t in page.rejected_ms.tolist()]
     return span, subtract(span, rejected)
+
+
+def unpublished_from(now_ms: int, grid: Grid) -> int:
+    """Open time from which candles may be closed but not yet published by the exchange at
+    `now_ms` (its clock): the newest closed candle, or every candle that closed within
+    `PUBLICATION_MARGIN_MS`, whichever reaches further back. An empty answer reaching past it
+    proves nothing yet, so no ledger may record it."""
+    return min(grid.shift(grid.floor(now_ms), -1), grid.floor(now_ms - PUBLICATION_MARGIN_MS))
 
 
 def _mark_seen(task: asyncio.Future[Any]) -> None:
