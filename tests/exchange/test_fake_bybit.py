@@ -178,9 +178,12 @@ async def test_server_faults_are_transient(fake, kind):
 
 async def test_10006_too_many_visits_is_rate_limited_and_bybit_shaped(fake):
     async with opened(fake) as source:
-        fake.inject("429")
-        with pytest.raises(RateLimited):
+        fake.inject("429", retry_after=3)
+        with pytest.raises(RateLimited) as caught:
             await source.fetch_ohlcv("BTC/USDT", "1m", T0 - HOUR, T0 - 1, 10)
+    # A refusal in an HTTP 200 answer counts as a 429; the wait is until the reset timestamp.
+    assert caught.value.status == 429
+    assert caught.value.retry_after_s == pytest.approx(3, abs=0.5)
     async with aiohttp.ClientSession() as http:
         fake.inject("429", retry_after=3)
         async with http.get(fake.base_url + KLINE_PATH) as response:
@@ -196,3 +199,5 @@ async def test_an_ip_ban_is_http_403_and_rate_limited(fake):
         with pytest.raises(RateLimited) as caught:
             await source.fetch_ohlcv("BTC/USDT", "1m", T0 - HOUR, T0 - 1, 10)
     assert caught.value.status == 403
+    # No header says how long: Bybit's documented least ban, so that no retry prolongs it.
+    assert caught.value.retry_after_s == 600

@@ -144,6 +144,7 @@ async def test_429000_is_rate_limited_and_kucoin_shaped(fake):
         with pytest.raises(RateLimited) as caught:
             await source.fetch_ohlcv("BTC/USDT", "1m", T0 - HOUR, T0, 10)
     assert caught.value.status == 429
+    assert caught.value.retry_after_s == 3  # gw-ratelimit-reset: 3000 ms
     async with aiohttp.ClientSession() as http:
         fake.inject("429", retry_after=3)
         async with http.get(fake.base_url + CANDLES_PATH) as response:

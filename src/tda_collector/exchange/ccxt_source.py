@@ -23,7 +23,7 @@ from ccxt.base import errors as ccxt_errors
 from ..errors import ExchangeFault, PermanentFault, RateLimited, TransientFault, UsageError
 from ..models import RawCandles
 from ..timeframes import EPOCH_WEEK_ORIGIN_MS
-from .source import Capabilities, MarketInfo, UsedWeightRule
+from .source import Capabilities, MarketInfo, ThrottleRule, UsedWeightRule
 
 # Facts checked against each exchange's documentation and ccxt's own code, each proven
 # against a fake of that exchange's wire format in tests/support/fake_<exchange>.py;
@@ -44,13 +44,25 @@ KNOWN_CAPABILITIES: dict[str, Capabilities] = {
         used_weight=UsedWeightRule("X-MBX-USED-WEIGHT-1M", limit=2400, window_s=60.0),
         tickers_api=("fapiPublic", "get", "ticker/24hr"),  # weight 40 for all markets
     ),
-    "bybit": Capabilities(max_page_size=1000),
+    # Bybit refuses too many visits with retCode 10006 (HTTP 200) and the epoch ms its limit
+    # resets at; an IP over its limit gets HTTP 403 and no header: a ban "lifted after at
+    # least 10 minutes" (docs: Rate Limit; older pages say 30), which retries would prolong.
+    "bybit": Capabilities(
+        max_page_size=1000,
+        throttle=ThrottleRule("X-Bapi-Limit-Reset-Timestamp", "epoch_ms", bans=((403, 600.0),)),
+    ),
     # candles (the newest 1,440) and history-candles both answer at most 300 (ccxt #26705;
     # history-candles was 100 before 2025, which would cost requests, not candles).
     "okx": Capabilities(max_page_size=300),
     "coinbase": Capabilities(max_page_size=300),
     # KuCoin's weekly candles open on Thursday 00:00 UTC (kucoin-api-docs #350, #373).
-    "kucoin": Capabilities(max_page_size=1500, week_origin_ms=EPOCH_WEEK_ORIGIN_MS),
+    # Its 429000 refusals carry the pool's reset countdown in ms, not a Retry-After (docs: Rate
+    # Limit, "Request Header").
+    "kucoin": Capabilities(
+        max_page_size=1500,
+        week_origin_ms=EPOCH_WEEK_ORIGIN_MS,
+        throttle=ThrottleRule("gw-ratelimit-reset", "ms"),
+    ),
     # Kraken serves only the newest 720 candles of any interval, whatever `since` asks
     # (docs: Get OHLC Data); its weekly candles open on Thursday 00:00 UTC, the epoch's.
     "kraken": Capabilities(
@@ -93,13 +105,6 @@ def _header(headers: Mapping[str, str] | None, wanted: str) -> str | None:
     return None
 
 
-def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    try:
-        return max(0.0, float(_header(headers, "Retry-After") or ""))
-    except ValueError:
-        return None
-
-
 _KLINE_FIELDS = [f"f{i}" for i in range(6)]  # open time, open, high, low, close, volume
 _KLINES_CSV_READ = pa_csv.ReadOptions(autogenerate_column_names=True, use_threads=False)
 _KLINES_CSV_CONVERT = pa_csv.ConvertOptions(
@@ -132,16 +137,19 @@ def klines_matrix(body: str) -> np.ndarray | None:
     return np.column_stack([column.to_numpy() for column in table.columns])
 
 
-def translate(exc: Exception, meta: _ResponseMeta | None = None) -> ExchangeFault:
-    """Map a ccxt (or parsing) exception to transient / rate-limited / permanent."""
+def translate(
+    exc: Exception, meta: _ResponseMeta | None = None, throttle: ThrottleRule | None = None
+) -> ExchangeFault:
+    """Map a ccxt (or parsing) exception to transient / rate-limited / permanent; a refusal
+    carries the wait the exchange asked for, read per its `throttle` rule."""
     status = meta.status if meta else None
     text = f"{type(exc).__name__}: {exc}"[:500]
     if isinstance(exc, ccxt_errors.DDoSProtection | ccxt_errors.RateLimitExceeded):
-        if status is None:
+        if status is None or status < 400:  # Bybit refuses inside an HTTP 200 answer
             status = 418 if " 418 " in f" {exc} " else 429
-        return RateLimited(
-            text, status=status, retry_after_s=_retry_after_seconds(meta.headers if meta else None)
-        )
+        headers, sent_ms = (meta.headers or {}, meta.sent_ms or 0) if meta else ({}, 0)
+        wait_s = (throttle or ThrottleRule()).wait_s(status, headers, sent_ms)
+        return RateLimited(text, status=status, retry_after_s=wait_s)
     if isinstance(
         exc,
         ccxt_errors.BadRequest
@@ -287,7 +295,7 @@ class CcxtExchange:
             return await getattr(self._client, method)(*args, **kwargs), meta
         except (ccxt_errors.BaseError, ValueError, TypeError, KeyError, IndexError) as exc:
             # Non-ccxt exceptions here come from ccxt parsing a garbled body.
-            raise translate(exc, meta) from exc
+            raise translate(exc, meta, self.capabilities.throttle) from exc
         finally:
             _current_response.reset(token)
 

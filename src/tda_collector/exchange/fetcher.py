@@ -164,7 +164,7 @@ class Fetcher:
             )
         except ExchangeFault as exc:
             self._count(key, _outcome(exc), started, cost)
-            if isinstance(exc, RateLimited) and exc.status in (418, 429):
+            if isinstance(exc, RateLimited) and exc.status is not None:
                 self._metrics.throttled(key.exchange, exc.status)
             raise
         self._count(key, "ok", started, cost)

@@ -7,9 +7,9 @@ implementation over the wire is `ccxt_source.CcxtExchange`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..models import RawCandles
 from ..timeframes import MONDAY_WEEK_ORIGIN_MS, Grid, grid_of
@@ -24,6 +24,35 @@ class UsedWeightRule:
     header: str
     limit: int  # weight allowed per window
     window_s: float = 60.0  # windows are aligned to the exchange's clock (Binance: minutes)
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    """How an exchange says how long a refused client must wait, where it differs from a
+    standard Retry-After in seconds.
+
+    `wait_header` carries the wait, read per `wait_unit`: seconds, milliseconds from now
+    (KuCoin's `gw-ratelimit-reset`), or the epoch ms at which the limit resets (Bybit's
+    `X-Bapi-Limit-Reset-Timestamp`). `bans` maps HTTP statuses that mean an IP ban sent
+    without any wait header to the least the ban lasts (Bybit: 403, lifted after 10 minutes
+    at the earliest); asking again sooner only prolongs it.
+    """
+
+    wait_header: str = "Retry-After"
+    wait_unit: Literal["s", "ms", "epoch_ms"] = "s"
+    bans: tuple[tuple[int, float], ...] = ()
+
+    def wait_s(self, status: int | None, headers: Mapping[str, str], now_ms: int) -> float | None:
+        """Seconds to wait before asking again, or None when the answer does not say."""
+        value = next((v for k, v in headers.items() if k.lower() == self.wait_header.lower()), None)
+        try:
+            number = float(value) if value is not None else None
+        except ValueError:
+            number = None
+        if number is not None:
+            seconds = {"s": number, "ms": number / 1000, "epoch_ms": (number - now_ms) / 1000}
+            return max(0.0, seconds[self.wait_unit])
+        return dict(self.bans).get(status) if status is not None else None
 
 
 @dataclass(frozen=True)
@@ -56,6 +85,7 @@ class Capabilities:
     # endpoint (api, method, path), and the ccxt adapter reads the cost from there.
     tickers_api: tuple[str, str, str] | None = None
     tickers_request_cost: float = 1.0
+    throttle: ThrottleRule = ThrottleRule()
 
     def grid(self, timeframe: str) -> Grid:
         """Where `timeframe`'s candles open on this exchange (ValueError if unsupported)."""

@@ -238,7 +238,8 @@ class Metrics:
         self._slowdowns.labels(exchange).inc()
 
     def throttled(self, exchange: str, status: int) -> None:
-        """The exchange answered 429 (slow down) or 418 (banned)."""
+        """The exchange refused a request: 429 (slow down, also for refusals an exchange sends
+        with HTTP 200), 418 or 403 (an IP ban, Binance's and Bybit's)."""
         self._throttled.labels(exchange, str(status)).inc()
 
     def exchange_paused(self, exchange: str, until_s: float) -> None:
