@@ -120,7 +120,11 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
         write_api_endpoint=grpc,
     )
     store = BigQueryStore(
-        config, quiet_events(), mode, flush_rows=50_000, flush_seconds=1.0  # type: ignore[arg-type]
+        config,
+        quiet_events(),
+        mode,
+        flush_rows=50_000,
+        flush_seconds=1.0,  # type: ignore[arg-type]
     )
     await store.ensure()
 

@@ -109,7 +109,7 @@ def test_live_killed_during_appends_then_restarted_stores_each_candle_once(
         _kill_after(proc, "store_write_ok", 15)  # mid first sync: pages still being appended
         clock.shift_s += 30 * 60  # half an hour passes while the daemon is down
         proc = start_subprocess(config, "--mode=live")
-        _, seen = wait_for_event(proc, "live_cycle_complete", 120)
+        wait_for_event(proc, "live_cycle_complete", 120)
         stop(proc)
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     stored = _closed_rows(client, dataset)
