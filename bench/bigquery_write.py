@@ -2,7 +2,8 @@
 
 Each path runs in a child process of its own (so its CPU and peak RSS are its own; the emulator
 is another process): live paths write many small writes (5 rows per write, every series at
-once), history paths write pages of 1,000 rows from 8 jobs at once. Printed per path: rows/s
+once), history paths write pages of 1,000 rows from 8 jobs at once, each with the daemon's
+SQLite state store (the live offsets and commit intents are written there). Printed per path: rows/s
 and CPU µs per row over the writes alone (import and ensure excluded), and the child's peak RSS;
 then each Storage Write API path against the legacy path it replaces, as ratios.
 
@@ -110,6 +111,7 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
     from store_support import MIN, T0, batch, quiet_events
 
     from tda_collector.config import BigQueryConfig
+    from tda_collector.jobs.ledger import StateStore
     from tda_collector.models import JobKey
     from tda_collector.store.bigquery_store import BigQueryStore
 
@@ -119,12 +121,16 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
         api_endpoint=url,
         write_api_endpoint=grpc,
     )
+    # The state store the daemon uses: live offsets and commit intents cost their SQLite writes.
+    state = StateStore(str(Path(tempfile.mkdtemp(prefix="bench-bq-state-")) / "state.sqlite"))
+    await state.open()
     store = BigQueryStore(
         config,
         quiet_events(),
-        mode,
+        mode,  # type: ignore[arg-type]
         flush_rows=50_000,
-        flush_seconds=1.0,  # type: ignore[arg-type]
+        flush_seconds=1.0,
+        state=state,
     )
     await store.ensure()
 
@@ -137,6 +143,7 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
     await asyncio.gather(*(one_series(i) for i in range(series)))
     await store.close()
     cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    await state.close()
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     print(json.dumps({"rows": series * writes * rows, "seconds": wall1 - wall0, "cpu_s": cpu}))
 

@@ -84,7 +84,11 @@ class WriteApi:
         """Append `payloads` at consecutive offsets from `first_offset`, in one call; returns
         when every one is in the stream (acknowledged, or ALREADY_EXISTS), else raises."""
         responses = self._client.append_rows(
-            self._requests(stream, payloads, first_offset), timeout=_TIMEOUT_S
+            self._requests(stream, payloads, first_offset),
+            timeout=_TIMEOUT_S,
+            # BigQuery routes a stream's appends to its region by this header (the official
+            # AppendRowsStream sends it too); a bidi call cannot take it from the requests.
+            metadata=(("x-goog-request-params", f"write_stream={stream}"),),
         )
         answered = 0
         try:
