@@ -26,7 +26,7 @@ from bigquery_support import (
 from store_support import KEY, MIN, OTHER, T0, batch
 from tcp_proxy import DroppingProxy
 
-from tda_collector.errors import PermanentStoreError
+from tda_collector.errors import PermanentStoreError, TransientStoreError
 from tda_collector.jobs.ledger import StateStore
 from tda_collector.models import JobKey
 from tda_collector.store.bigquery_arrow import payloads
@@ -131,7 +131,7 @@ async def test_a_lost_acknowledgement_is_resent_at_its_offset_and_stored_once(
     client, state, tmp_path
 ):
     dataset = unique_dataset()
-    with DroppingProxy(emulator_grpc()) as grpc_proxy:
+    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
         opened = bigquery_store(
             tmp_path,
             dataset=dataset,
@@ -217,3 +217,31 @@ async def test_rows_whose_schema_the_table_does_not_have_are_a_permanent_error_n
         rows = payloads(pa.table({"no_such_column": [1.5]}, schema=stranger))
         with pytest.raises(PermanentStoreError, match="no_such_column"):
             await asyncio.to_thread(api.append, stream, rows, 0)
+
+
+async def test_after_an_append_that_kept_failing_the_next_write_starts_a_new_stream_and_lands(
+    client, state, tmp_path
+):
+    dataset = unique_dataset()
+    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
+        opened = bigquery_store(
+            tmp_path,
+            dataset=dataset,
+            grpc=grpc_proxy.address,
+            mode="committed",
+            state=state,
+            retry=FAST_RETRY,
+        )
+        async with opened as (store, rows):
+            await store.write(batch(KEY, T0, 5))
+            grpc_proxy.drop_answers = FAST_RETRY.attempts  # every answer to the next append
+            with pytest.raises(TransientStoreError):
+                await store.write(batch(KEY, T0 + 5 * MIN, 5))
+            in_doubt = await state.stream_position(_owner(dataset))
+            assert (in_doubt.next_offset, in_doubt.in_doubt_rows) == (5, 5)
+            # The rows of the failed append landed (only their answers were lost); the next
+            # write must not take their ALREADY_EXISTS for its own.
+            await store.write(batch(OTHER, T0, 4))
+            assert store.writer.streams_created == 2
+            assert len(await rows(OTHER)) == 4
+    assert count_stored(client, dataset) == 14

@@ -1,8 +1,9 @@
 """A loopback TCP proxy that can lose an answer: for gRPC faults between request and reply.
 
-`DroppingProxy(upstream)` forwards every connection to `upstream` (host:port). Each time
-`drop_answers` is above zero, the next client request of at least `min_request_bytes` (an
-AppendRows carrying rows, not a ping or a header frame) is forwarded, whatever the server sends
+`DroppingProxy(upstream, marker)` forwards every connection to `upstream` (host:port). Each time
+`drop_answers` is above zero, the next client data holding `marker` (bytes only a request's
+rows contain, such as a symbol: never a ping, settings or header frame) is forwarded, whatever
+the server sends
 back during the following `hold_s` is swallowed, and then both sides of the connection are
 closed: the server did the work, the client never hears of it and sees its connection reset.
 `drops` counts the answers lost.
@@ -16,10 +17,10 @@ import threading
 
 
 class DroppingProxy:
-    def __init__(self, upstream: str, min_request_bytes: int = 400, hold_s: float = 0.5) -> None:
+    def __init__(self, upstream: str, marker: bytes, hold_s: float = 0.5) -> None:
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
-        self.min_request_bytes = min_request_bytes
+        self.marker = marker
         self.hold_s = hold_s
         self.drop_answers = 0
         self.drops = 0
@@ -74,10 +75,11 @@ class _Link:
     def pump_up(self) -> None:
         try:
             while data := self._client.recv(65536):
-                self._server.sendall(data)
-                if len(data) >= self._proxy.min_request_bytes and self._proxy.arm():
+                # Swallow before forwarding: a quick answer must not slip through.
+                if self._proxy.marker in data and self._proxy.arm():
                     self._swallowing.set()
                     threading.Timer(self._proxy.hold_s, self.cut).start()
+                self._server.sendall(data)
         except OSError:
             pass
         self.cut()

@@ -99,9 +99,11 @@ class CommittedStreamWriter:
         rows = sum(p.rows for p in chunks)
         position = await self._usable_position()
         while True:
-            await self._ctx.state.save_stream_position(
-                self._owner, StreamPosition(position.stream, position.next_offset, rows)
-            )
+            # In doubt until acknowledged, here as in the state store: should every retry fail,
+            # the next write must not append at this offset (ALREADY_EXISTS would then mean
+            # these rows, not its own), so it starts a new stream.
+            self._position = StreamPosition(position.stream, position.next_offset, rows)
+            await self._ctx.state.save_stream_position(self._owner, self._position)
             try:
                 await self._ctx.retried("Storage Write API append", self._sender(position, chunks))
                 break

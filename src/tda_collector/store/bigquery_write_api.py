@@ -85,6 +85,7 @@ class WriteApi:
         when every one is in the stream (acknowledged, or ALREADY_EXISTS), else raises."""
         responses = self._client.append_rows(
             self._requests(stream, payloads, first_offset),
+            retry=None,  # retried by the caller, with the same rows at the same offsets
             timeout=_TIMEOUT_S,
             # BigQuery routes a stream's appends to its region by this header (the official
             # AppendRowsStream sends it too); a bidi call cannot take it from the requests.
