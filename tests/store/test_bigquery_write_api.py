@@ -8,6 +8,7 @@ no load job); gRPC answers are lost by `DroppingProxy` in front of its gRPC port
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pyarrow as pa
@@ -45,6 +46,23 @@ async def state(tmp_path):
 
 def _owner(dataset: str) -> str:
     return f"{PROJECT}.{dataset}.market_data_ohlcv:live"
+
+
+@asynccontextmanager
+async def _behind_dropping_proxy(tmp_path, dataset, state, retry):
+    """A committed-stream store whose gRPC goes through a `DroppingProxy` that recognises an
+    append by KEY's symbol: yields (store, rows, proxy)."""
+    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
+        opened = bigquery_store(
+            tmp_path,
+            dataset=dataset,
+            grpc=grpc_proxy.address,
+            mode="committed",
+            state=state,
+            retry=retry,
+        )
+        async with opened as (store, rows):
+            yield store, rows, grpc_proxy
 
 
 def _closes(rows):
@@ -131,22 +149,14 @@ async def test_a_lost_acknowledgement_is_resent_at_its_offset_and_stored_once(
     client, state, tmp_path
 ):
     dataset = unique_dataset()
-    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
-        opened = bigquery_store(
-            tmp_path,
-            dataset=dataset,
-            grpc=grpc_proxy.address,
-            mode="committed",
-            state=state,
-            retry=replace(FAST_RETRY, attempts=6, cap_s=1.0),
-        )
-        async with opened as (store, rows):
-            await store.write(batch(KEY, T0, 5))
-            grpc_proxy.drop_answers = 1
-            await store.write(batch(KEY, T0 + 5 * MIN, 5))
-            assert grpc_proxy.drops == 1 and store.writer.appends >= 3
-            await store.write(batch(KEY, T0 + 10 * MIN, 5))
-            assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0 + i * MIN for i in range(15)]
+    retry = replace(FAST_RETRY, attempts=6, cap_s=1.0)
+    async with _behind_dropping_proxy(tmp_path, dataset, state, retry) as (store, rows, grpc_proxy):
+        await store.write(batch(KEY, T0, 5))
+        grpc_proxy.drop_answers = 1
+        await store.write(batch(KEY, T0 + 5 * MIN, 5))
+        assert grpc_proxy.drops == 1 and store.writer.appends >= 3
+        await store.write(batch(KEY, T0 + 10 * MIN, 5))
+        assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0 + i * MIN for i in range(15)]
     assert count_stored(client, dataset) == 15
     position = await state.stream_position(_owner(dataset))
     assert (position.next_offset, position.in_doubt_rows) == (15, None)
@@ -223,25 +233,20 @@ async def test_after_an_append_that_kept_failing_the_next_write_starts_a_new_str
     client, state, tmp_path
 ):
     dataset = unique_dataset()
-    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
-        opened = bigquery_store(
-            tmp_path,
-            dataset=dataset,
-            grpc=grpc_proxy.address,
-            mode="committed",
-            state=state,
-            retry=FAST_RETRY,
-        )
-        async with opened as (store, rows):
-            await store.write(batch(KEY, T0, 5))
-            grpc_proxy.drop_answers = FAST_RETRY.attempts  # every answer to the next append
-            with pytest.raises(TransientStoreError):
-                await store.write(batch(KEY, T0 + 5 * MIN, 5))
-            in_doubt = await state.stream_position(_owner(dataset))
-            assert (in_doubt.next_offset, in_doubt.in_doubt_rows) == (5, 5)
-            # The rows of the failed append landed (only their answers were lost); the next
-            # write must not take their ALREADY_EXISTS for its own.
-            await store.write(batch(OTHER, T0, 4))
-            assert store.writer.streams_created == 2
-            assert len(await rows(OTHER)) == 4
+    async with _behind_dropping_proxy(tmp_path, dataset, state, FAST_RETRY) as (
+        store,
+        rows,
+        grpc_proxy,
+    ):
+        await store.write(batch(KEY, T0, 5))
+        grpc_proxy.drop_answers = FAST_RETRY.attempts  # every answer to the next append
+        with pytest.raises(TransientStoreError):
+            await store.write(batch(KEY, T0 + 5 * MIN, 5))
+        in_doubt = await state.stream_position(_owner(dataset))
+        assert (in_doubt.next_offset, in_doubt.in_doubt_rows) == (5, 5)
+        # The rows of the failed append landed (only their answers were lost); the next
+        # write must not take their ALREADY_EXISTS for its own.
+        await store.write(batch(OTHER, T0, 4))
+        assert store.writer.streams_created == 2
+        assert len(await rows(OTHER)) == 4
     assert count_stored(client, dataset) == 14
