@@ -250,3 +250,22 @@ async def test_after_an_append_that_kept_failing_the_next_write_starts_a_new_str
         assert store.writer.streams_created == 2
         assert len(await rows(OTHER)) == 4
     assert count_stored(client, dataset) == 14
+
+
+async def test_a_stream_bigquery_closed_is_replaced_and_the_write_lands_once(
+    client, state, tmp_path
+):
+    dataset = unique_dataset()
+    async with bigquery_store(tmp_path, dataset=dataset, mode="committed", state=state) as (
+        store,
+        rows,
+    ):
+        await store.write(batch(KEY, T0, 5))
+        first = await state.stream_position(_owner(dataset))
+        await asyncio.to_thread(store.writer._ctx.api().finalize, first.stream)  # behind its back
+        await store.write(batch(KEY, T0 + 5 * MIN, 5))
+        assert store.writer.streams_created == 2
+        assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0 + i * MIN for i in range(10)]
+    assert count_stored(client, dataset) == 10
+    after = await state.stream_position(_owner(dataset))
+    assert after.stream != first.stream and after.next_offset == 5

@@ -41,6 +41,8 @@ from .write_buffer import WriteBuffer
 from .write_streams import CommitIntent, StreamPosition, WriteStreamState, candle_spans
 
 T = TypeVar("T")
+# A stream closed under an append is replaced; one closed again at once is not chased further.
+_NEW_STREAMS_PER_APPEND = 2
 Run = Callable[..., Awaitable[Any]]
 
 
@@ -98,7 +100,7 @@ class CommittedStreamWriter:
         chunks = payloads(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
         rows = sum(p.rows for p in chunks)
         position = await self._usable_position()
-        while True:
+        for replaced in range(_NEW_STREAMS_PER_APPEND + 1):
             # In doubt until acknowledged, here as in the state store: should every retry fail,
             # the next write must not append at this offset (ALREADY_EXISTS would then mean
             # these rows, not its own), so it starts a new stream.
@@ -108,6 +110,8 @@ class CommittedStreamWriter:
                 await self._ctx.retried("Storage Write API append", self._sender(position, chunks))
                 break
             except StreamClosed:
+                if replaced == _NEW_STREAMS_PER_APPEND:
+                    raise
                 position = await self._new_stream(f"{position.stream} was closed by BigQuery")
         self._position = StreamPosition(position.stream, position.next_offset + rows)
         await self._ctx.state.save_stream_position(self._owner, self._position)

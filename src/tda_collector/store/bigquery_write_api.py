@@ -25,7 +25,7 @@ from google.cloud.bigquery_storage_v1.services.big_query_write.transports import
 )
 
 from ..config import BigQueryConfig
-from ..errors import PermanentStoreError, TransientStoreError, UsageError
+from ..errors import PermanentStoreError, StoreFault, TransientStoreError, UsageError
 from .bigquery_arrow import Payload, serialized_schema
 from .bigquery_client import credentials_for
 from .bigquery_schema import TableNames
@@ -37,9 +37,10 @@ _CLOSED_MARKERS = ("finalized", "invalid stream name", "not found", "already com
 _THROTTLED = (api_errors.ServiceUnavailable, api_errors.TooManyRequests)
 
 
-class StreamClosed(TransientStoreError):
+class StreamClosed(StoreFault):
     """The stream takes no more appends (finalised, committed, expired or unknown): write to a
-    new one."""
+    new one. Not transient (retrying the same stream cannot help) nor permanent (a new stream
+    can): the caller replaces the stream, or the whole write is retried."""
 
 
 class OffsetOutOfRange(TransientStoreError):
