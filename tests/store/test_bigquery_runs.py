@@ -90,6 +90,39 @@ def _kill_after(proc, event: str, count: int, timeout_s: float = 90) -> list[dic
     return seen
 
 
+def _latest(client, dataset: str, symbol: str) -> list[dict]:
+    """What users query: the view, one row per key."""
+    sql = f"""SELECT UNIX_MILLIS(timestamp) AS ms, open, high, low, close, volume, is_closed
+FROM `{PROJECT}.{dataset}.market_data_ohlcv_latest` WHERE symbol = '{symbol}'
+ORDER BY timestamp"""
+    return [dict(r) for r in client.query(sql).result()]
+
+
+def test_a_live_run_stores_the_exchanges_candles_without_insert_all_or_load_jobs(
+    exchange_rig, client, bigquery_emulator
+):
+    symbols = ["BTC/USDT", "ETH/USDT"]
+    rig = exchange_rig([SymbolSpec(s) for s in symbols], clock=time.time)
+    dataset = unique_dataset()
+    with FaultProxy(bigquery_emulator) as rest:
+        config = rig.config(live_initial_candles=50, storage=_storage(dataset, rest.url))
+        proc = start_subprocess(config, "--mode=live")
+        wait_for_event(proc, "live_cycle_complete", 60)
+        stop(proc)
+    assert proc.returncode == 0
+    assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
+    for symbol in symbols:
+        rows = _latest(client, dataset, symbol)
+        closed = [r for r in rows if r["is_closed"]]
+        assert len(closed) >= 50 and [r for r in rows if not r["is_closed"]] == rows[len(closed) :]
+        assert [tuple(list(r.values())[:6]) for r in closed] == [
+            candle(symbol, "1m", r["ms"]) for r in closed
+        ]
+    for symbol, rows in _closed_rows(client, dataset).items():  # every closed version
+        stamps = [r[0] for r in rows]
+        assert len(stamps) == len(set(stamps)), f"{symbol}: a closed candle stored twice"
+
+
 def test_live_killed_during_appends_then_restarted_stores_each_candle_once(
     exchange_rig, client, bigquery_emulator
 ):
