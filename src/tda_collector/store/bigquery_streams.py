@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
@@ -40,7 +40,6 @@ from .bigquery_write_api import StreamClosed, StreamType, WriteApi
 from .write_buffer import WriteBuffer
 from .write_streams import CommitIntent, StreamPosition, WriteStreamState, candle_spans
 
-T = TypeVar("T")
 # A stream closed under an append is replaced; one closed again at once is not chased further.
 _NEW_STREAMS_PER_APPEND = 2
 Run = Callable[..., Awaitable[Any]]
@@ -79,6 +78,8 @@ class CommittedStreamWriter:
         """Nothing to settle: an in-doubt position is handled by the next write."""
 
     async def write(self, batch: CandleBatch, table: pa.Table) -> None:
+        """Returns once an append carrying `table` is acknowledged; writes that arrive while an
+        append is under way wait for the lock and go in the next one together."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((table, future))
         async with self._lock:
@@ -213,6 +214,7 @@ class PendingStreamWriter:
         return found[-1]
 
     async def write(self, batch: CandleBatch, table: pa.Table) -> None:
+        """Returns once the pending stream carrying `table` is committed."""
         await self._buffer.add((table, batch))
 
     async def _commit(self, items: list[tuple[pa.Table, CandleBatch]]) -> list[None]:
