@@ -5,7 +5,9 @@ writes none twice in the base table, once restarted."""
 
 from __future__ import annotations
 
+import re
 import signal
+import sqlite3
 import time
 
 from bigquery_support import (
@@ -26,6 +28,7 @@ from collector_support import (
     wait_for_event,
 )
 from fake_exchange import SymbolSpec, candle, expected_candles
+from tcp_proxy import DroppingProxy, containing, matching
 
 MIN = 60_000
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -146,12 +149,8 @@ def test_live_killed_during_appends_then_restarted_stores_each_candle_once(
         stop(proc)
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     stored = _closed_rows(client, dataset)
-    assert sorted(stored) == symbols
-    for symbol, rows in stored.items():
-        stamps = [r[0] for r in rows]
-        assert stamps == list(range(stamps[0], stamps[-1] + MIN, MIN)), "a hole or a duplicate"
-        assert len(rows) >= 400 + 30, symbol
-        assert rows == [candle(symbol, "1m", ms) for ms in stamps], symbol
+    _assert_contiguous_exact_once(stored, symbols, clock())
+    assert all(len(rows) >= 400 + 30 for rows in stored.values())
 
 
 def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
@@ -173,6 +172,108 @@ def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
         rerun = start_subprocess(config, *HISTORY_ARGS)
         _, err = rerun.communicate(timeout=180)
         assert rerun.returncode == 0, err
+    assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
+    stored = _closed_rows(client, dataset)
+    for spec in specs:
+        assert stored[spec.symbol] == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
+    assert count_stored(client, dataset) == sum(len(rows) for rows in stored.values())
+
+
+def _state_rows(tmp_path, sql: str) -> list[tuple]:
+    with sqlite3.connect(tmp_path / "state.sqlite") as db:
+        return db.execute(sql).fetchall()
+
+
+def _kill_on_drop(proxy: DroppingProxy, proc, after_s: float) -> None:
+    """SIGKILL `proc` `after_s` after the proxy forwarded the request whose answer it drops."""
+
+    def kill() -> None:
+        time.sleep(after_s)  # the server has done the work; the answer never arrives
+        proc.send_signal(signal.SIGKILL)
+
+    proxy.on_drop = kill
+    proxy.drop_answers = 1
+
+
+def _assert_contiguous_exact_once(
+    stored: dict[str, list[tuple]], symbols: list[str], now_s: float
+) -> None:
+    """Each symbol's closed candles: every one from the first to the newest closed at `now_s`
+    (within a minute: the run may stop just as one closes), once, as the exchange serves it."""
+    assert sorted(stored) == sorted(symbols)
+    newest_closed = int(now_s * 1000) // MIN * MIN - MIN
+    for symbol, rows in stored.items():
+        stamps = [r[0] for r in rows]
+        assert stamps == list(range(stamps[0], stamps[-1] + MIN, MIN)), "a hole or a duplicate"
+        assert stamps[-1] >= newest_closed - MIN, f"{symbol}: stops short of now"
+        assert rows == [candle(symbol, "1m", ms) for ms in stamps], symbol
+
+
+def test_live_killed_between_an_append_and_its_answer_restarts_on_a_new_stream_losing_nothing(
+    exchange_rig, client, bigquery_emulator, tmp_path
+):
+    symbols = ["K0/USDT", "K1/USDT", "K2/USDT"]
+    clock = ShiftedClock()
+    rig = exchange_rig([SymbolSpec(s) for s in symbols], clock=clock)
+    dataset = unique_dataset()
+    grpc = DroppingProxy(emulator_grpc(), containing(b"K1/USDT"), hold_s=2.0)
+    with FaultProxy(bigquery_emulator) as rest, grpc:
+        config = rig.config(
+            live_initial_candles=200,
+            page_limit=20,
+            storage=_storage(dataset, rest.url, write_api_endpoint=grpc.address),
+            indicators=NO_INDICATORS,
+        )
+        proc = start_subprocess(config, "--mode=live")
+        _kill_on_drop(grpc, proc, after_s=0.5)
+        proc.communicate(timeout=60)
+        assert grpc.drops == 1 and proc.returncode == -signal.SIGKILL
+        [(next_offset, in_doubt)] = _state_rows(
+            tmp_path, "SELECT next_offset, in_doubt_rows FROM write_streams"
+        )
+        # The append reached the table; its answer never reached the process.
+        assert in_doubt and count_stored(client, dataset) == next_offset + in_doubt
+        clock.shift_s += 10 * 60
+        proc = start_subprocess(config, "--mode=live")
+        _, seen = wait_for_event(proc, "live_cycle_complete", 120)
+        stop(proc)
+    assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
+    _assert_contiguous_exact_once(_closed_rows(client, dataset), symbols, clock())
+    assert any(
+        e["event"] == "store_write_stream" and "never acknowledged" in e["message"] for e in seen
+    )
+
+
+def test_history_killed_between_a_commit_and_the_ledger_records_the_commit_at_restart(
+    exchange_rig, client, bigquery_emulator, tmp_path
+):
+    specs = [SymbolSpec(f"C{i}/USDT") for i in range(3)]
+    rig = exchange_rig(specs)
+    dataset = unique_dataset()
+    parent = f"projects/{PROJECT}/datasets/{dataset}/tables/market_data_ohlcv".encode()
+    # BatchCommitWriteStreamsRequest: the parent table, then a stream's full name (field 2).
+    commit_request = matching(re.escape(parent) + b"\x12.projects/")
+    grpc = DroppingProxy(emulator_grpc(), commit_request, hold_s=3.0)
+    with FaultProxy(bigquery_emulator) as rest, grpc:
+        config = rig.config(
+            page_limit=250,
+            indicators=NO_INDICATORS,
+            storage=_storage(
+                dataset, rest.url, write_api_endpoint=grpc.address, load_batch_seconds=0.2
+            ),
+            logging={"level": "DEBUG"},
+        )
+        proc = start_subprocess(config, *HISTORY_ARGS)
+        _kill_on_drop(grpc, proc, after_s=1.0)
+        proc.communicate(timeout=60)
+        assert grpc.drops == 1 and proc.returncode == -signal.SIGKILL
+        [(intents,)] = _state_rows(tmp_path, "SELECT COUNT(*) FROM commit_intents")
+        assert intents > 0  # the commit landed; the ledger never heard of it
+        rerun = start_subprocess(config, *HISTORY_ARGS)
+        out, err = rerun.communicate(timeout=180)
+        assert rerun.returncode == 0, err
+    settled = [e for e in parse_events(out) if e["event"] == "store_commit_settled"]
+    assert [e["status"] for e in settled] == ["committed"]
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     stored = _closed_rows(client, dataset)
     for spec in specs:

@@ -25,7 +25,7 @@ from bigquery_support import (
     unique_dataset,
 )
 from store_support import KEY, MIN, OTHER, T0, batch
-from tcp_proxy import DroppingProxy
+from tcp_proxy import DroppingProxy, containing
 
 from tda_collector.errors import PermanentStoreError, TransientStoreError
 from tda_collector.jobs.ledger import StateStore
@@ -52,7 +52,7 @@ def _owner(dataset: str) -> str:
 async def _behind_dropping_proxy(tmp_path, dataset, state, retry):
     """A committed-stream store whose gRPC goes through a `DroppingProxy` that recognises an
     append by KEY's symbol: yields (store, rows, proxy)."""
-    with DroppingProxy(emulator_grpc(), KEY.symbol.encode()) as grpc_proxy:
+    with DroppingProxy(emulator_grpc(), containing(KEY.symbol.encode())) as grpc_proxy:
         opened = bigquery_store(
             tmp_path,
             dataset=dataset,

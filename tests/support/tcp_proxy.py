@@ -1,29 +1,44 @@
 """A loopback TCP proxy that can lose an answer: for gRPC faults between request and reply.
 
-`DroppingProxy(upstream, marker)` forwards every connection to `upstream` (host:port). Each time
-`drop_answers` is above zero, the next client data holding `marker` (bytes only a request's
-rows contain, such as a symbol: never a ping, settings or header frame) is forwarded, whatever
-the server sends
-back during the following `hold_s` is swallowed, and then both sides of the connection are
-closed: the server did the work, the client never hears of it and sees its connection reset.
-`drops` counts the answers lost.
+`DroppingProxy(upstream, matches)` forwards every connection to `upstream` (host:port). Each
+time `drop_answers` is above zero, the next client data that `matches` (a predicate on the
+bytes, such as `containing(symbol)`: only a request's rows hold a symbol, never a ping, settings
+or header frame) is forwarded, whatever the server sends back during the following `hold_s` is
+swallowed, and then both sides of the connection are closed: the server did the work, the client
+never hears of it and sees its connection reset. `on_drop`, when set, is called (on the proxy's
+thread) once the matching data has been forwarded: a test kills the client there, between the
+request and its answer. `drops` counts the answers lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
+from collections.abc import Callable
+
+
+def containing(marker: bytes) -> Callable[[bytes], bool]:
+    return lambda data: marker in data
+
+
+def matching(pattern: bytes) -> Callable[[bytes], bool]:
+    compiled = re.compile(pattern, re.DOTALL)
+    return lambda data: compiled.search(data) is not None
 
 
 class DroppingProxy:
-    def __init__(self, upstream: str, marker: bytes, hold_s: float = 0.5) -> None:
+    def __init__(
+        self, upstream: str, matches: Callable[[bytes], bool], hold_s: float = 0.5
+    ) -> None:
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
-        self.marker = marker
+        self.matches = matches
         self.hold_s = hold_s
         self.drop_answers = 0
         self.drops = 0
+        self.on_drop: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closed = False
@@ -53,10 +68,10 @@ class DroppingProxy:
             threading.Thread(target=link.pump_up, daemon=True).start()
             threading.Thread(target=link.pump_down, daemon=True).start()
 
-    def arm(self) -> bool:
-        """Take one drop, if any is asked for."""
+    def arm(self, data: bytes) -> bool:
+        """Take one drop for `data`, if it matches and one is asked for."""
         with self._lock:
-            if self.drop_answers <= 0:
+            if self.drop_answers <= 0 or not self.matches(data):
                 return False
             self.drop_answers -= 1
             self.drops += 1
@@ -76,10 +91,13 @@ class _Link:
         try:
             while data := self._client.recv(65536):
                 # Swallow before forwarding: a quick answer must not slip through.
-                if self._proxy.marker in data and self._proxy.arm():
+                armed = self._proxy.arm(data)
+                if armed:
                     self._swallowing.set()
                     threading.Timer(self._proxy.hold_s, self.cut).start()
                 self._server.sendall(data)
+                if armed and self._proxy.on_drop is not None:
+                    self._proxy.on_drop()
         except OSError:
             pass
         self.cut()
