@@ -98,7 +98,8 @@ class CommittedStreamWriter:
         await future
 
     async def _append(self, tables: list[pa.Table]) -> None:
-        chunks = payloads(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+        # Serialising is CPU work that grows with the rows: off the event loop.
+        chunks: list[Payload] = await self._ctx.run(payloads, pa.concat_tables(tables))
         rows = sum(p.rows for p in chunks)
         position = await self._usable_position()
         for replaced in range(_NEW_STREAMS_PER_APPEND + 1):
@@ -219,7 +220,9 @@ class PendingStreamWriter:
 
     async def _commit(self, items: list[tuple[pa.Table, CandleBatch]]) -> list[None]:
         started = time.monotonic()
-        chunks = payloads(pa.concat_tables([table for table, _ in items]))
+        chunks: list[Payload] = await self._ctx.run(
+            payloads, pa.concat_tables([table for table, _ in items])
+        )
         names: list[str] = []
 
         async def create() -> None:
