@@ -122,7 +122,8 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
         write_api_endpoint=grpc,
     )
     # The state store the daemon uses: live offsets and commit intents cost their SQLite writes.
-    state = StateStore(str(Path(tempfile.mkdtemp(prefix="bench-bq-state-")) / "state.sqlite"))
+    state_dir = tempfile.mkdtemp(prefix="bench-bq-state-")
+    state = StateStore(str(Path(state_dir) / "state.sqlite"))
     await state.open()
     store = BigQueryStore(
         config,
@@ -144,6 +145,7 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
     await store.close()
     cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     await state.close()
+    shutil.rmtree(state_dir, ignore_errors=True)
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     print(json.dumps({"rows": series * writes * rows, "seconds": wall1 - wall0, "cpu_s": cpu}))
 
