@@ -5,13 +5,14 @@ live: close-to-stored latency for many symbols at one budget, against its bound.
 progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
 floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
+bigquery_write: the BigQuery store's Storage Write API paths against insertAll and load jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import floors, live_latency, memory, progress
+from . import bigquery_write, floors, live_latency, memory, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -61,13 +62,17 @@ def peak_memory(args: argparse.Namespace) -> None:
     memory.main(args.small_rows, args.large_rows, args.symbol_rows, args.many_symbols, settings)
 
 
+def bigquery_writes(args: argparse.Namespace) -> None:
+    bigquery_write.main(args.live_series, args.live_writes, args.history_jobs, args.history_pages)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory"],
+        choices=["throughput", "live", "progress", "floors", "memory", "bigquery_write"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -82,6 +87,10 @@ def main() -> None:
     parser.add_argument("--symbol-rows", type=int, default=720_000, help="memory: either count")
     parser.add_argument("--many-symbols", type=int, default=1_000, help="memory")
     parser.add_argument("--duckdb-memory-limit", help="memory: storage.duckdb.memory_limit")
+    parser.add_argument("--live-series", type=int, default=50, help="bigquery_write")
+    parser.add_argument("--live-writes", type=int, default=20, help="bigquery_write: per series")
+    parser.add_argument("--history-jobs", type=int, default=8, help="bigquery_write")
+    parser.add_argument("--history-pages", type=int, default=10, help="bigquery_write: per job")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -89,6 +98,7 @@ def main() -> None:
         "progress": progress_latency,
         "floors": cpu_floors,
         "memory": peak_memory,
+        "bigquery_write": bigquery_writes,
     }[args.what](args)
 
 

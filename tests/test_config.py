@@ -132,3 +132,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(UsageError, match="file not found"):
         load_config(tmp_path / "absent.yaml", {})
     assert "not valid YAML at line" in error_line(tmp_path, "exchanges: [\n")
+
+
+def test_an_emulator_without_its_write_api_endpoint_is_an_error_naming_the_field(tmp_path):
+    env = {
+        "TDA__STORAGE__BACKEND": "bigquery",
+        "TDA__STORAGE__BIGQUERY__API_ENDPOINT": "http://127.0.0.1:9050",
+    }
+    message = error_line(tmp_path, MINIMAL, env)
+    assert message.startswith("storage.bigquery: write_api_endpoint: required with api_endpoint")
+    legacy = {**env, "TDA__STORAGE__BIGQUERY__WRITE_PATH": "legacy"}
+    assert load_config(write(tmp_path, MINIMAL), legacy).storage.bigquery.write_path == "legacy"

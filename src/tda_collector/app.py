@@ -99,12 +99,17 @@ async def _run_mode(
     readiness = Readiness(pauses)
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
+    state = StateStore(config.state_path)
     store = build_store(
-        config.storage, events, request.mode, indicator_columns(spec) if spec else (), environ
+        config.storage,
+        events,
+        request.mode,
+        indicator_columns(spec) if spec else (),
+        environ,
+        state,  # the Storage Write API's stream offsets and commit intents
     )
     policy = retry_policy(config.retry)
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
-    state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
     admin = build_admin_server(

@@ -146,15 +146,34 @@ class BigQueryConfig(_Section):
     table: str = "market_data_ohlcv"
     location: str = "US"
     api_endpoint: str | None = Field(None, description="An emulator URL (anonymous credentials).")
+    write_api_endpoint: str | None = Field(
+        None,
+        description="host:port of the Storage Write API (gRPC); an emulator's, plaintext, when "
+        "api_endpoint is set; default Google's.",
+    )
+    write_path: Literal["storage_write_api", "legacy"] = Field(
+        "storage_write_api",
+        description="storage_write_api: committed stream (live), pending streams (history); "
+        "legacy: insertAll and load jobs, for networks that refuse gRPC.",
+    )
     partitioning: Literal["DAY", "MONTH"] = Field(
         "DAY", description="Partition by DATE(timestamp) or by month (decades of 1d candles)."
     )
     load_batch_rows: int = Field(
-        100_000, ge=1, description="History: rows per load job (1,500 load jobs/table/day)."
+        100_000, ge=1, description="History: rows per commit (a pending stream or load job)."
     )
     load_batch_seconds: float = Field(
-        10.0, gt=0, description="History: start a load job at most this long after a page."
+        10.0, gt=0, description="History: commit at most this long after a page."
     )
+
+    @model_validator(mode="after")
+    def _write_api_endpoint_with_an_emulator(self) -> BigQueryConfig:
+        if self.api_endpoint and not self.write_api_endpoint and self.write_path != "legacy":
+            raise ValueError(
+                "write_api_endpoint: required with api_endpoint (the emulator's gRPC host:port), "
+                "or set write_path: legacy"
+            )
+        return self
 
 
 class StorageConfig(_Section):

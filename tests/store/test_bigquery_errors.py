@@ -4,6 +4,7 @@ per-row errors are split into rows to send again and rows rejected for good."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import requests
 from google.api_core import exceptions as api_errors
@@ -12,6 +13,10 @@ from google.auth import exceptions as auth_errors
 from tda_collector.errors import PermanentStoreError, TransientStoreError, UsageError
 from tda_collector.store.bigquery_errors import bigquery_fault
 from tda_collector.store.bigquery_schema import RowErrors
+
+
+def _grpc_error(code: grpc.StatusCode) -> api_errors.GoogleAPICallError:
+    return api_errors.from_grpc_status(code, "injected")
 
 
 def _api_error(kind: type[api_errors.GoogleAPICallError], reason: str | None = None):
@@ -41,6 +46,13 @@ def _api_error(kind: type[api_errors.GoogleAPICallError], reason: str | None = N
         (_api_error(api_errors.Conflict, "duplicate"), PermanentStoreError),
         (_api_error(api_errors.MethodNotImplemented, "notImplemented"), PermanentStoreError),
         (auth_errors.RefreshError("invalid_grant"), PermanentStoreError),
+        # The Storage Write API's gRPC statuses, as the client raises them.
+        (_grpc_error(grpc.StatusCode.UNAVAILABLE), TransientStoreError),
+        (_grpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED), TransientStoreError),
+        (_grpc_error(grpc.StatusCode.ABORTED), TransientStoreError),
+        (_grpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), TransientStoreError),
+        (_grpc_error(grpc.StatusCode.INVALID_ARGUMENT), PermanentStoreError),
+        (_grpc_error(grpc.StatusCode.PERMISSION_DENIED), PermanentStoreError),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
 )
@@ -66,3 +78,23 @@ def test_row_errors_split_into_retry_and_rejected():
     )
     assert triage.retry == [0, 3]
     assert triage.rejected == {2: "invalid at open: nan"}
+
+
+class _RawRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+@pytest.mark.parametrize(
+    ("code", "sorted_as"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, TransientStoreError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, TransientStoreError),
+        (grpc.StatusCode.INVALID_ARGUMENT, PermanentStoreError),
+    ],
+)
+def test_grpc_errors_the_client_did_not_wrap_are_sorted_by_code(code, sorted_as):
+    assert type(bigquery_fault(_RawRpcError(code), "append")) is sorted_as

@@ -15,11 +15,11 @@ import pytest
 from bigquery_support import (
     FAST_RETRY,
     PROJECT,
-    FaultProxy,
     bigquery_emulator_fixture,  # noqa: F401 (registers the fixture)
     bigquery_store,
+    client_fixture,  # noqa: F401 (registers the fixture)
     count_stored,
-    emulator_client,
+    proxy_fixture,  # noqa: F401 (registers the fixture)
     unique_dataset,
 )
 from event_support import recording_events
@@ -40,20 +40,6 @@ from tda_collector.store.bigquery_schema import (
 from tda_collector.store.bigquery_store import BigQueryStore
 
 RSI = Column("rsi_14", "FLOAT64")
-
-
-@pytest.fixture
-def client(bigquery_emulator):
-    """A direct client of the emulator, to set up and inspect tables behind the store's back."""
-    direct = emulator_client(bigquery_emulator)
-    yield direct
-    direct.close()
-
-
-@pytest.fixture
-def proxy(bigquery_emulator):
-    with FaultProxy(bigquery_emulator) as running:
-        yield running
 
 
 def _table_id(dataset: str) -> str:
@@ -140,7 +126,7 @@ async def test_a_differing_partitioning_is_reported_and_left_unchanged(client, t
 async def test_live_mode_streams_rows_and_starts_no_load_job(tmp_path):
     async with bigquery_store(tmp_path, mode="stream") as (store, rows):
         assert await store.write(batch(KEY, T0, 3)) == 3
-        assert (store.insert_requests, store.load_jobs) == (1, 0)
+        assert store.writer.insert_requests == 1 and not hasattr(store.writer, "load_jobs")
         assert len(await rows(KEY)) == 3
 
 
@@ -151,7 +137,7 @@ async def test_a_retried_insert_leaves_no_duplicate_rows(client, proxy, tmp_path
     opened = bigquery_store(tmp_path, url=proxy.url, dataset=dataset, retry=FAST_RETRY)
     async with opened as (store, rows):
         await store.write(batch(KEY, T0, 5))
-        assert proxy.seen["insert"] == store.insert_requests == 2
+        assert proxy.seen["insert"] == store.writer.insert_requests == 2
         assert count_stored(client, dataset) == 5
         assert len(await rows(KEY)) == 5
 
@@ -182,7 +168,7 @@ async def test_an_insert_that_keeps_failing_raises_a_transient_error(proxy, tmp_
     async with opened as (store, _):
         with pytest.raises(TransientStoreError, match="streaming insert failed: ServiceUnav"):
             await store.write(batch(KEY, T0, 2))
-        assert store.insert_requests == FAST_RETRY.attempts
+        assert store.writer.insert_requests == FAST_RETRY.attempts
         assert len(log.named("backoff_retry")) == FAST_RETRY.attempts - 1
 
 
@@ -193,7 +179,7 @@ async def test_a_refused_insert_is_a_permanent_error_at_once(client, proxy, tmp_
     async with opened as (store, _):
         with pytest.raises(PermanentStoreError, match=r"BadRequest: 400 .*no such field: rsi_14"):
             await store.write(batch(KEY, T0, 2))
-        assert store.insert_requests == 1  # not retried
+        assert store.writer.insert_requests == 1  # not retried
         assert count_stored(client, dataset) == 0
 
 
@@ -226,9 +212,8 @@ async def test_history_writes_share_few_load_jobs_and_every_row_arrives(client, 
                 assert await store.write(batch(key, start, rows_per_page)) == rows_per_page
 
         await asyncio.gather(*(backfill(i) for i in range(tasks)))
-        assert store.insert_requests == 0
         # 40 pages, 5 jobs: every round of 8 pages fills the 800-row buffer.
-        assert store.load_jobs == pages
+        assert store.writer.load_jobs == pages
         assert count_stored(client, dataset) == tasks * pages * rows_per_page
         newest = await store.newest([JobKey("binance", "C3/USDT", "1m")])
         assert list(newest.values()) == [T0 + (pages * rows_per_page - 1) * MIN]
@@ -237,7 +222,7 @@ async def test_history_writes_share_few_load_jobs_and_every_row_arrives(client, 
 async def test_a_buffered_write_is_loaded_after_the_wait_or_on_close(tmp_path):
     async with bigquery_store(tmp_path, mode="load", flush_seconds=0.05) as (store, rows):
         await asyncio.wait_for(store.write(batch(KEY, T0, 3)), timeout=30)
-        assert store.load_jobs == 1
+        assert store.writer.load_jobs == 1
         assert len(await rows(KEY)) == 3
 
     async with bigquery_store(tmp_path, mode="load", flush_seconds=3600) as (store, rows):
@@ -263,7 +248,7 @@ async def test_a_failed_load_job_is_retried(client, proxy, tmp_path):
         retry=FAST_RETRY,
     ) as (store, _):
         await store.write(batch(KEY, T0, 3))
-        assert store.load_jobs == proxy.seen["load"] == 2
+        assert store.writer.load_jobs == proxy.seen["load"] == 2
         assert count_stored(client, dataset) == 3
         assert "injected: load job failed" in log.named("backoff_retry")[0]["error"]
 
@@ -283,7 +268,7 @@ async def test_every_writer_of_a_load_job_that_keeps_failing_gets_the_transient_
         assert [type(o) for o in outcomes] == [TransientStoreError, TransientStoreError]
         assert outcomes[0] is not outcomes[1] and str(outcomes[0]) == str(outcomes[1])
         assert "load job failed: InternalServerError" in str(outcomes[0])
-        assert store.load_jobs == FAST_RETRY.attempts
+        assert store.writer.load_jobs == FAST_RETRY.attempts
 
 
 async def test_a_load_job_refused_as_invalid_fails_every_writer_permanently_at_once(
@@ -301,7 +286,7 @@ async def test_a_load_job_refused_as_invalid_fails_every_writer_permanently_at_o
         )
         assert [type(o) for o in outcomes] == [PermanentStoreError, PermanentStoreError]
         assert "load job failed: BadRequest" in str(outcomes[0])
-        assert store.load_jobs == 1
+        assert store.writer.load_jobs == 1
         assert count_stored(client, dataset) == 0
 
 

@@ -1,5 +1,6 @@
 """The store contract, run against every store: DuckDB, the in-memory fake the other tests use
-(so it cannot drift from the real ones), and BigQuery where its emulator runs.
+(so it cannot drift from the real ones), and BigQuery where its emulator runs (the legacy
+insertAll path and both Storage Write API paths).
 
 `store_factory(tmp_path)` fixtures return an async context manager yielding an opened store
 plus a `rows(key)` reader that returns what users query (one row per key, newest version).
@@ -11,6 +12,7 @@ knob), plus `clear()` that ends the fault.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -34,6 +36,12 @@ STORES = [
     pytest.param(duckdb_store, id="duckdb"),
     pytest.param(memory_store, id="memory"),
     pytest.param(bigquery_store, id="bigquery"),
+    # The Storage Write API paths: live's committed stream, history's pending streams. (Their
+    # transient faults are lost gRPC answers: test_bigquery_write_api.py.)
+    pytest.param(partial(bigquery_store, mode="committed"), id="bigquery-committed"),
+    pytest.param(
+        partial(bigquery_store, mode="pending", flush_seconds=0.05), id="bigquery-pending"
+    ),
 ]
 FAILING_STORES = [
     pytest.param(duckdb_store_failing_transiently, id="duckdb"),

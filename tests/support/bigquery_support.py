@@ -59,6 +59,7 @@ class _Emulator:
 
     def __init__(self) -> None:
         self.url: str | None = None
+        self.grpc: str | None = None  # host:port of the Storage Read/Write API
         self.problem: str | None = None
         self._workdir: str | None = None
         self._lock = threading.Lock()
@@ -86,7 +87,8 @@ class _Emulator:
             tail = " | ".join(done.stderr.strip().splitlines()[-6:]) or "no output"
             self.problem = f"{SCRIPT.name} start exited {done.returncode}: {tail}"
             return
-        self.url = done.stdout.split()[0]
+        self.url, port = done.stdout.split()[:2]
+        self.grpc = f"127.0.0.1:{port}"
         atexit.register(self.stop)
 
     def stop(self) -> None:
@@ -97,6 +99,7 @@ class _Emulator:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
             self.url = None
+            self.grpc = None
 
     def require(self) -> str:
         with self._lock:
@@ -121,11 +124,33 @@ def emulator_url() -> str:
     return _EMULATOR.require()
 
 
+def emulator_grpc() -> str:
+    """host:port of the running emulator's gRPC side (the Storage Write API)."""
+    emulator_url()
+    assert _EMULATOR.grpc is not None
+    return _EMULATOR.grpc
+
+
 @pytest.fixture(scope="session", name="bigquery_emulator")
 def bigquery_emulator_fixture():
     """The emulator's URL for this session; stopped when the session ends."""
     yield emulator_url()
     _EMULATOR.stop()
+
+
+@pytest.fixture(name="client")
+def client_fixture(bigquery_emulator):
+    """A direct client of the emulator, to set up and inspect tables behind the store's back."""
+    direct = emulator_client(bigquery_emulator)
+    yield direct
+    direct.close()
+
+
+@pytest.fixture(name="proxy")
+def proxy_fixture(bigquery_emulator):
+    """A `FaultProxy` in front of the emulator's REST port (it also counts requests by kind)."""
+    with FaultProxy(bigquery_emulator) as running:
+        yield running
 
 
 def emulator_client(url: str) -> bigquery.Client:
@@ -181,13 +206,27 @@ async def bigquery_store_failing_transiently(tmp_path):
 
 
 @asynccontextmanager
-async def bigquery_store(tmp_path, *, url: str | None = None, dataset: str | None = None, **kw):
+async def bigquery_store(
+    tmp_path,
+    *,
+    url: str | None = None,
+    dataset: str | None = None,
+    grpc: str | None = None,
+    **kw,
+):
     """An ensured BigQueryStore on a fresh dataset of the emulator, plus a `rows(key)` reader
-    of the `_latest` view. `tmp_path` is unused: the data lives in the emulator."""
+    of the `_latest` view. `tmp_path` is unused: the data lives in the emulator. `grpc`
+    replaces the emulator's Write API address (a proxy in front of it)."""
     url = url or emulator_url()
     dataset = dataset or unique_dataset()
     kw.setdefault("events", recording_events()[0])
-    store = BigQueryStore(BigQueryConfig(project=PROJECT, dataset=dataset, api_endpoint=url), **kw)
+    config = BigQueryConfig(
+        project=PROJECT,
+        dataset=dataset,
+        api_endpoint=url,
+        write_api_endpoint=grpc or emulator_grpc(),
+    )
+    store = BigQueryStore(config, **kw)
     reader = emulator_client(emulator_url())
 
     async def rows(key: JobKey) -> list[dict[str, Any]]:

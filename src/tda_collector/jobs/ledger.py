@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from ..intervals import Interval, merge
 from ..models import JobKey
+from ..store.write_streams import CommitIntent, StreamPosition
 from .model import JobRecord
 
 # A record field's annotation -> its column type.
@@ -53,6 +54,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS runs (
     mode TEXT PRIMARY KEY, start_ms INTEGER, end_ms INTEGER,
     started_ms INTEGER NOT NULL, finished_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS write_streams (
+    owner TEXT PRIMARY KEY, stream TEXT NOT NULL, next_offset INTEGER NOT NULL,
+    in_doubt_rows INTEGER
+);
+CREATE TABLE IF NOT EXISTS commit_intents (
+    stream TEXT NOT NULL, exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL
 );
 """.format(
     columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
@@ -138,17 +147,20 @@ class StateStore:
         """Every series' ledger of one exchange in one query (thousands of jobs at start)."""
         return await self._run(self._coverage_of_exchange, exchange)
 
-    def _add_coverage(self, key: JobKey, intervals: list[Interval], job: JobRecord | None) -> None:
+    def _add_coverage_in_transaction(self, key: JobKey, intervals: list[Interval]) -> None:
         merged = merge([*self._coverage(key), *intervals])
         where = (key.exchange, key.symbol, key.timeframe)
+        self._conn.execute(
+            "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
+        )
+        self._conn.executemany(
+            "INSERT INTO coverage VALUES (?, ?, ?, ?, ?)", [(*where, a, b) for a, b in merged]
+        )
+
+    def _add_coverage(self, key: JobKey, intervals: list[Interval], job: JobRecord | None) -> None:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute(
-                "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
-            )
-            self._conn.executemany(
-                "INSERT INTO coverage VALUES (?, ?, ?, ?, ?)", [(*where, a, b) for a, b in merged]
-            )
+            self._add_coverage_in_transaction(key, intervals)
             if job is not None:
                 self._conn.execute(_UPSERT_JOB, astuple(job))
 
@@ -222,6 +234,70 @@ class StateStore:
 
     async def save_run(self, run: RunRecord) -> None:
         await self._run(self._save_run, run)
+
+    # --- the Storage Write API's bookkeeping (store.write_streams.WriteStreamState) ---------
+
+    def _stream_position(self, owner: str) -> StreamPosition | None:
+        row = self._conn.execute(
+            "SELECT stream, next_offset, in_doubt_rows FROM write_streams WHERE owner=?", (owner,)
+        ).fetchone()
+        return StreamPosition(*row) if row else None
+
+    async def stream_position(self, owner: str) -> StreamPosition | None:
+        """The committed stream `owner` writes to, and its next offset."""
+        return await self._run(self._stream_position, owner)
+
+    def _save_stream_position(self, owner: str, position: StreamPosition) -> None:
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO write_streams VALUES (?, ?, ?, ?)",
+                (owner, *astuple(position)),
+            )
+
+    async def save_stream_position(self, owner: str, position: StreamPosition) -> None:
+        """Replace `owner`'s position durably (WAL: it survives the process being killed)."""
+        await self._run(self._save_stream_position, owner, position)
+
+    def _save_commit_intent(self, intent: CommitIntent) -> None:
+        rows = [
+            (intent.stream, k.exchange, k.symbol, k.timeframe, a, b)
+            for k, spans in intent.spans.items()
+            for a, b in spans
+        ]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO commit_intents VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    async def save_commit_intent(self, intent: CommitIntent) -> None:
+        """Record, before its commit, which candles a pending stream holds."""
+        await self._run(self._save_commit_intent, intent)
+
+    def _commit_intents(self) -> list[CommitIntent]:
+        found: dict[str, dict[JobKey, list[Interval]]] = {}
+        for stream, exchange, symbol, timeframe, a, b in self._conn.execute(
+            "SELECT * FROM commit_intents ORDER BY stream, exchange, symbol, timeframe, start_ms"
+        ):
+            spans = found.setdefault(stream, {})
+            spans.setdefault(JobKey(exchange, symbol, timeframe), []).append((int(a), int(b)))
+        return [CommitIntent(stream, spans) for stream, spans in found.items()]
+
+    async def commit_intents(self) -> list[CommitIntent]:
+        """Intents recorded and not settled: their process stopped around the commit."""
+        return await self._run(self._commit_intents)
+
+    def _settle_commit(self, stream: str, committed: bool) -> None:
+        intents = [i for i in self._commit_intents() if i.stream == stream]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for intent in intents if committed else []:
+                for key, spans in intent.spans.items():
+                    self._add_coverage_in_transaction(key, spans)
+            self._conn.execute("DELETE FROM commit_intents WHERE stream=?", (stream,))
+
+    async def settle_commit(self, stream: str, committed: bool) -> None:
+        """Forget `stream`'s intent; if it was `committed`, add its candles to the coverage
+        ledger in the same transaction (the candles are in the table: never fetch them again)."""
+        await self._run(self._settle_commit, stream, committed)
 
     def _close(self) -> None:
         if self._db is not None:

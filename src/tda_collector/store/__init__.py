@@ -9,6 +9,7 @@ from ..config import StorageConfig
 from ..models import CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from .duckdb_store import DuckDBStore
+from .write_streams import WriteStreamState
 
 
 class CandleStore(Protocol):
@@ -51,9 +52,11 @@ def build_store(
     mode: Literal["history", "live"],
     extra_columns: tuple[Column, ...] = (),
     environ: Mapping[str, str] | None = None,
+    state: WriteStreamState | None = None,
 ) -> CandleStore:
-    """DuckDB (writes grouped into commits), or BigQuery: streaming inserts for live mode,
-    batched load jobs for history."""
+    """DuckDB (writes grouped into commits), or BigQuery through the Storage Write API: a
+    committed stream for live mode (its offsets kept in `state`), pending streams committed
+    in batches for history; or, with `write_path: legacy`, streaming inserts and load jobs."""
     if config.backend == "duckdb":
         duck = config.duckdb
         return DuckDBStore(
@@ -67,13 +70,19 @@ def build_store(
             memory_limit=duck.memory_limit,
             threads=duck.threads,
         )
-    from .bigquery_store import BigQueryStore  # the Google libraries take ~0.5 s to import
+    from .bigquery_store import BigQueryStore, WriteMode  # Google's libraries: ~0.5 s to import
 
     bq = config.bigquery
+    history = mode == "history"
+    if bq.write_path == "legacy":
+        write_mode: WriteMode = "load" if history else "stream"
+    else:
+        write_mode = "pending" if history else "committed"
     return BigQueryStore(
         bq,
         events,
-        mode="load" if mode == "history" else "stream",
+        mode=write_mode,
+        state=state,
         extra_columns=extra_columns,
         environ=environ or {},
         partitioning=bq.partitioning,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import google.auth
 from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery
 
@@ -28,6 +28,13 @@ def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) ->
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options=ClientOptions(api_endpoint=config.api_endpoint),
         )
+    return bigquery.Client(
+        project=project, location=config.location, credentials=credentials_for(environ)
+    )
+
+
+def credentials_for(environ: Mapping[str, str]) -> Credentials:
+    """Application Default Credentials for BigQuery; missing ones are a one-line UsageError."""
     path = environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if path and not Path(path).is_file():
         raise UsageError(f"GOOGLE_APPLICATION_CREDENTIALS: no such file: {path}")
@@ -39,4 +46,4 @@ def connect(config: BigQueryConfig, project: str, environ: Mapping[str, str]) ->
             f"storage.bigquery: no Google credentials ({reason}); "
             "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
         ) from None
-    return bigquery.Client(project=project, location=config.location, credentials=credentials)
+    return credentials

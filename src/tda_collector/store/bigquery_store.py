@@ -1,9 +1,12 @@
-"""The cloud store: BigQuery, fed by streaming inserts (live) or batched load jobs (history).
+"""The cloud store: BigQuery, fed through the Storage Write API (or the legacy fallback).
 
-Live mode writes a few rows per series each cycle: they are streamed (insertAll) and queryable
-at once. History mode writes thousands of pages, and a load job per page would exhaust the
-1,500 load jobs per table per day, so pages are buffered and loaded together. Rows are only
-appended; the `<table>_latest` view shows one row per key, the newest version.
+Live mode appends each write to a committed stream at offsets kept in the state store: rows are
+queryable on acknowledgement and stored exactly once, retries and restarts included. History
+mode gathers writes into pending streams committed in batches: atomic like a load job, without
+the 1,500 load jobs per table per day. Both send Arrow record batches (`bigquery_streams`). The
+legacy paths (insertAll, load jobs) stay as a fallback for networks without gRPC
+(`bigquery_legacy`). Rows are only appended; the `<table>_latest` view shows one row per key,
+the newest version.
 
 Every blocking client call runs on a worker thread: the event loop never waits on the network.
 The client's errors are sorted into transient and permanent ones by `bigquery_fault`; only the
@@ -13,65 +16,69 @@ transient ones are retried here, and the caller's DurableWriter retries the whol
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import pyarrow as pa
 from google.cloud import bigquery
 
 from ..config import BigQueryConfig
-from ..errors import PermanentStoreError, StoreFault, TransientStoreError, UsageError
+from ..errors import PermanentStoreError, UsageError
 from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
-from ..retry import Failure, RetryPolicy, retry_async
+from ..retry import RetryPolicy
 from .bigquery_client import connect
-from .bigquery_errors import bigquery_fault
-from .bigquery_load import MAX_PARTITIONS_PER_JOB, parquet_bytes
+from .bigquery_errors import bigquery_fault, retry_sorted
+from .bigquery_legacy import InsertAllWriter, LegacyContext, LoadJobWriter
 from .bigquery_schema import (
-    RowErrors,
     TableNames,
     check_types,
-    chunks,
     conform,
     latest_view_sql,
     layout_differences,
     missing_fields,
     newest_query,
-    partition_ids,
     schema_fields,
     series_query,
-    stream_rows,
 )
-from .write_buffer import WriteBuffer
+from .bigquery_streams import CommittedStreamWriter, PendingStreamWriter, StreamContext
+from .bigquery_write_api import WriteApi, connect_write_api
+from .write_streams import MemoryStreamState, WriteStreamState
 
-WriteMode = Literal["stream", "load"]
+# committed/pending: the Storage Write API (live/history); stream/load: the legacy fallback.
+WriteMode = Literal["committed", "pending", "stream", "load"]
 CLUSTERING = ("exchange", "symbol", "timeframe")
-_REQUEST_TIMEOUT_S = 60.0
-_LOAD_JOB_TIMEOUT_S = 900.0
 # Retries inside one write; the caller's DurableWriter retries the whole write on top.
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
 T = TypeVar("T")
 
 
-# Load mode: pages of one history job that may wait for the same load job, so that jobs keep
-# fetching while a batch loads. Memory: concurrency x this x page size.
-PIPELINE_PAGES = 16
+class RowWriter(Protocol):
+    """One way of making a conformed write durable (see `bigquery_streams`, `bigquery_legacy`):
+    `open` settles what a stopped run left, after the table is ensured; `write` returns once
+    the rows are durable; `close` finishes what is buffered."""
+
+    pipeline_pages: int
+
+    async def open(self) -> None: ...
+
+    async def write(self, batch: CandleBatch, table: pa.Table) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class BigQueryStore:
     """A `CandleStore` on a BigQuery table, partitioned by day (or month) and clustered by key.
 
-    `mode="stream"` inserts each write at once; `mode="load"` buffers writes into one load job
-    per `flush_rows` rows or `flush_seconds` after the first buffered write (see `WriteBuffer`),
-    and each `write` returns when the job that carried its rows has succeeded.
-    `load_jobs` and `insert_requests` count what was sent, for tests and metrics.
+    `mode` picks the writer: "committed" (live, exactly once per append, offsets in `state`
+    under `owner`), "pending" (history, one pending stream per `flush_rows` rows or
+    `flush_seconds`, committed atomically), or the legacy "stream" (insertAll) and "load"
+    (load jobs, buffered the same way). `writer` exposes its counters for tests and metrics.
     """
 
     name = "bigquery"
@@ -89,9 +96,9 @@ class BigQueryStore:
         flush_seconds: float = 5.0,
         retry: RetryPolicy = _WRITE_RETRY,
         workers: int = 8,
+        state: WriteStreamState | None = None,
+        owner: str = "live",
     ) -> None:
-        if mode not in ("stream", "load"):
-            raise ValueError(f"BigQuery store: unknown write mode {mode!r}")
         environ = environ or {}
         project = config.project or environ.get("GOOGLE_CLOUD_PROJECT")
         if not project:
@@ -109,15 +116,41 @@ class BigQueryStore:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bigquery")
         self._client_lock = threading.Lock()
         self._client_instance: bigquery.Client | None = None
-        self._buffer = (
-            WriteBuffer(self._load_pages, len, flush_rows, flush_seconds, MAX_PARTITIONS_PER_JOB)
-            if mode == "load"
-            else None
-        )
+        self._write_api: WriteApi | None = None
+        self._uses_write_api = mode in ("committed", "pending")
+        state = state or MemoryStreamState()
+        self.writer = self._writer(mode, state, owner, flush_rows, flush_seconds)
+        self.pipeline_pages = self.writer.pipeline_pages
         self._closed = False
-        self.pipeline_pages = PIPELINE_PAGES if mode == "load" else 1
-        self.load_jobs = 0
-        self.insert_requests = 0
+
+    def _writer(
+        self,
+        mode: WriteMode,
+        state: WriteStreamState,
+        owner: str,
+        flush_rows: int,
+        flush_seconds: float,
+    ) -> RowWriter:
+        if mode in ("committed", "pending"):
+            streams = StreamContext(
+                self._api, self._run, state, self._events, self._retry, self._rng
+            )
+            if mode == "committed":
+                return CommittedStreamWriter(streams, f"{self._names.table_id}:{owner}")
+            return PendingStreamWriter(streams, flush_rows, flush_seconds)
+        legacy = LegacyContext(
+            self._client, self._names, lambda: self._fields, self._run, self._retried, self._events
+        )
+        if mode == "stream":
+            return InsertAllWriter(legacy)
+        if mode == "load":
+            return LoadJobWriter(legacy, self._partitioning, flush_rows, flush_seconds)
+        raise ValueError(f"BigQuery store: unknown write mode {mode!r}")
+
+    def _api(self) -> WriteApi:
+        if self._write_api is None:
+            raise RuntimeError("BigQuery store written to before ensure()")
+        return self._write_api
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -130,36 +163,7 @@ class BigQueryStore:
             return self._client_instance
 
     async def _retried(self, doing: str, call: Callable[[], Awaitable[None]]) -> None:
-        """`await call()` with the client's errors sorted by `bigquery_fault`: a transient one
-        is retried as the policy says, a permanent one raised at once, the last one raised."""
-
-        async def sorted_call() -> None:
-            try:
-                await call()
-            except StoreFault:
-                raise
-            except Exception as exc:
-                failed = bigquery_fault(exc, doing)
-                if failed is None:
-                    raise
-                raise failed from exc
-
-        def log(failure: Failure) -> None:
-            if not failure.gives_up:
-                self._events.warning(
-                    "backoff_retry",
-                    f"{doing} failed, retrying",
-                    attempt=failure.attempt,
-                    error=f"{type(failure.error).__name__}: {failure.error}"[:500],
-                )
-
-        await retry_async(
-            sorted_call,
-            self._retry,
-            transient=(TransientStoreError,),
-            on_failure=log,
-            rng=self._rng,
-        )
+        await retry_sorted(doing, call, self._retry, self._events, self._rng)
 
     # --- ensure -------------------------------------------------------------------------
 
@@ -181,6 +185,10 @@ class BigQueryStore:
         by_name = {f.name.lower(): f for f in table.schema}
         self._fields = [by_name[c.name.lower()] for c in self._columns]
         client.query(latest_view_sql(self._names)).result()
+        if self._uses_write_api and self._write_api is None:
+            schema = conform(pa.table({}), self._fields).schema  # the table's own modes
+            write_client = connect_write_api(self._config, self._environ)
+            self._write_api = WriteApi(write_client, self._names, schema)
         return [f.name for f in added], layout_differences(table, self._partitioning, CLUSTERING)
 
     async def ensure(self) -> None:
@@ -208,14 +216,15 @@ class BigQueryStore:
             table=self._names.table_id,
             added_columns=added or None,
         )
+        await self.writer.open()
 
     # --- writes ---------------------------------------------------------------------------
 
     async def write(self, batch: CandleBatch) -> int:
         """Rows written; returns once they are durable. Raises PermanentStoreError for columns
-        the store does not know (nothing stored) and for rows BigQuery rejected (a streaming
-        insert keeps the rows it accepted), TransientStoreError when it kept failing
-        transiently; see `bigquery_fault` for the rest."""
+        the store does not know (nothing stored) and for rows BigQuery rejected (named),
+        TransientStoreError when it kept failing transiently; see `bigquery_fault` for the
+        rest."""
         if not len(batch):
             return 0
         known = {c.name for c in self._columns}
@@ -223,113 +232,8 @@ class BigQueryStore:
         if unknown:
             raise PermanentStoreError(f"columns {unknown} are not in the store's schema")
         table = conform(batch.to_arrow(datetime.now(UTC)), self._fields)
-        if self._buffer is not None:
-            await self._buffer.add(table, partition_ids(batch.timestamps, self._partitioning))
-        else:
-            await self._stream(batch, table)
+        await self.writer.write(batch, table)
         return len(batch)
-
-    async def _stream(self, batch: CandleBatch, table: pa.Table) -> None:
-        rows, ids = stream_rows(table)
-        rejected: dict[str, str] = {}
-        for chunk_rows, chunk_ids in chunks(rows, ids):
-            rejected.update(await self._insert_chunk(chunk_rows, chunk_ids))
-        if rejected:
-            reasons = sorted(set(rejected.values()))
-            self._events.error(
-                "store_write_error",
-                f"BigQuery rejected {len(rejected)} of {len(rows)} rows",
-                exchange=batch.key.exchange,
-                symbol=batch.key.symbol,
-                timeframe=batch.key.timeframe,
-                rows=len(rejected),
-                error="; ".join(reasons)[:500],
-            )
-            raise PermanentStoreError(f"BigQuery rejected {len(rejected)} rows: {reasons[0]}")
-
-    async def _insert_chunk(self, rows: list[dict[str, Any]], ids: list[str]) -> dict[str, str]:
-        """Insert one request's rows, sending rows with transient errors again (same ids);
-        returns the rejected rows (row id -> reason)."""
-        pending = list(range(len(rows)))
-        rejected: dict[str, str] = {}
-
-        async def insert_pending() -> None:
-            nonlocal pending
-            self.insert_requests += 1
-            errors = await self._run(
-                self._insert, [rows[i] for i in pending], [ids[i] for i in pending]
-            )
-            triage = RowErrors.of(errors)
-            rejected.update({ids[pending[i]]: why for i, why in triage.rejected.items()})
-            pending = [pending[i] for i in triage.retry]
-            if pending:
-                raise TransientStoreError(
-                    f"streaming insert failed: {len(pending)} rows failed transiently: {errors[0]}"
-                )
-
-        await self._retried("streaming insert", insert_pending)
-        return rejected
-
-    def _insert(self, rows: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]:
-        # retry=None: transient failures are retried above, together with per-row errors.
-        errors = self._client().insert_rows_json(
-            self._names.table_id,
-            rows,
-            row_ids=ids,
-            retry=None,  # type: ignore[arg-type]  # the client accepts None: no retries of its own
-            timeout=_REQUEST_TIMEOUT_S,
-        )
-        return list(errors)
-
-    async def _load_pages(self, tables: list[pa.Table]) -> list[None]:
-        """One load job (Parquet, WRITE_APPEND: all rows or none) for the buffered pages;
-        raises the job's last error (see `_retried`) if it failed."""
-        table = pa.concat_tables(tables)
-        data = await self._run(parquet_bytes, table)
-        started = time.monotonic()
-
-        async def load() -> None:
-            self.load_jobs += 1
-            await self._run(self._load, data)
-
-        try:
-            await self._retried("load job", load)
-        except Exception as exc:
-            self._events.error(
-                "store_write_error",
-                f"load job of {table.num_rows} rows into {self._names.table_id} failed",
-                rows=table.num_rows,
-                error=f"{type(exc).__name__}: {exc}"[:500],
-            )
-            raise
-        self._events.debug(
-            "store_load_job",
-            f"loaded {table.num_rows} rows from {len(tables)} writes",
-            rows=table.num_rows,
-            duration_ms=round((time.monotonic() - started) * 1000),
-        )
-        return [None] * len(tables)
-
-    def _load(self, data: bytes) -> None:
-        config = bigquery.LoadJobConfig(
-            source_format=bigquery.SourceFormat.PARQUET,
-            write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
-            create_disposition=bigquery.CreateDisposition.CREATE_NEVER,
-            # The table's schema, or BigQuery reads REQUIRED columns as NULLABLE and refuses
-            # the append (googleapis/python-bigquery#1981).
-            schema=self._fields,
-        )
-        job = self._client().load_table_from_file(
-            io.BytesIO(data),
-            self._names.table_id,
-            size=len(data),  # a known size lets small files go in one multipart request
-            job_config=config,
-            num_retries=0,  # retried above as a whole job
-            timeout=_REQUEST_TIMEOUT_S,
-        )
-        # A job that times out here is submitted again; should both land, the rows are
-        # duplicates of one version and the view still shows one row per key.
-        job.result(timeout=_LOAD_JOB_TIMEOUT_S)
 
     # --- reads and shutdown ------------------------------------------------------------------
 
@@ -359,15 +263,18 @@ class BigQueryStore:
         if self._client_instance is not None:
             self._client_instance.close()  # type: ignore[no-untyped-call]
             self._client_instance = None
+        if self._write_api is not None:
+            self._write_api.close()
+            self._write_api = None
 
     async def close(self) -> None:
-        """Load what is buffered, wait for it, then release the client. Idempotent."""
+        """Finish what is buffered (a commit or load job), wait for it, then release the
+        clients. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            if self._buffer is not None:
-                await self._buffer.close()
+            await self.writer.close()
         finally:
             await self._run(self._close_client)
             self._executor.shutdown(wait=False)
