@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import pyarrow as pa
 
 from .admin.jobs_api import jobs_routes
+from .admin.ohlcv_api import ohlcv_routes
 from .admin.server import AdminServer, build_admin_server
 from .config import Config
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
@@ -32,6 +33,7 @@ from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .models import JobKey
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings, run_live
@@ -107,25 +109,39 @@ async def _run_mode(
     state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
+
+    def catalog() -> frozenset[JobKey] | None:
+        """The series `GET /ohlcv` answers for: the configured ones and the run's jobs."""
+        if not readiness.store_ready:
+            return None
+        configured = (key for rt in runtimes for key in rt.keys)
+        return frozenset((*configured, *(job.key for job in registry.jobs.values())))
+
     admin = build_admin_server(
         config.admin,
         metrics,
         readiness,
-        jobs_routes(
-            registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
-        ),
+        [
+            *jobs_routes(
+                registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+            ),
+            *ohlcv_routes(store, catalog, events),
+        ],
+        admin_token,
     )
     try:
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
+        # The store first: one that cannot be opened (a DuckDB file a running daemon holds)
+        # ends the run before any exchange request is spent.
+        await store.ensure()
+        await state.open()
         runtimes, failure = await open_all(
             config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
         )
         if failure is not None:
             raise failure
-        await state.open()
-        await store.ensure()
         keys = [k for rt in runtimes for k in rt.keys]
         live = request.mode == "live"
         # One query serves both: indicator states are checked against it, and it gives live

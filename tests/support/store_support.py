@@ -48,9 +48,9 @@ async def stored_rows(store: DuckDBStore, key: JobKey) -> list[dict]:
 
 
 @asynccontextmanager
-async def duckdb_store(tmp_path):
+async def duckdb_store(tmp_path, **kw):
     path = str(tmp_path / "ohlcv.duckdb")
-    store = DuckDBStore(path, quiet_events())
+    store = DuckDBStore(path, quiet_events(), **kw)
     await store.ensure()
 
     async def rows(key: JobKey) -> list[dict]:

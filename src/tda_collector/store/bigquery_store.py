@@ -17,7 +17,7 @@ import io
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -44,10 +44,12 @@ from .bigquery_schema import (
     missing_fields,
     newest_query,
     partition_ids,
+    read_query,
     schema_fields,
     series_query,
     stream_rows,
 )
+from .reads import READ_CHUNK_ROWS, CandleQuery, utc_timestamps
 from .write_buffer import WriteBuffer
 
 WriteMode = Literal["stream", "load"]
@@ -354,6 +356,39 @@ class BigQueryStore:
         sql, config = series_query(self._names, key)
         table = self._client().query(sql, job_config=config).to_arrow(create_bqstorage_client=False)
         return CandleBatch.closed_from_arrow(key, table)
+
+    def _start_read(self, query: CandleQuery) -> Iterator[pa.RecordBatch]:
+        sql, config = read_query(self._names, query)
+        job = self._client().query(sql, job_config=config, timeout=_REQUEST_TIMEOUT_S)
+        # Result pages over the REST API (tabledata.list), READ_CHUNK_ROWS rows a request.
+        rows = job.result(page_size=READ_CHUNK_ROWS, timeout=_LOAD_JOB_TIMEOUT_S)
+        return iter(rows.to_arrow_iterable())
+
+    @staticmethod
+    def _next_page(pages: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
+        return next(pages, None)
+
+    async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+        """The query's rows from the `_latest` view, every column, oldest first: one
+        parameterised query, its result fetched a page at a time on a worker thread. A failure
+        raises TransientStoreError or PermanentStoreError (see `bigquery_fault`)."""
+        doing = f"reading {self._names.view_id}"
+        yielded = False
+        try:
+            pages = await self._run(self._start_read, query)
+            while (page := await self._run(self._next_page, pages)) is not None:
+                if page.num_rows:
+                    yielded = True
+                    yield utc_timestamps(pa.Table.from_batches([page]))
+        except StoreFault:
+            raise
+        except Exception as exc:
+            failed = bigquery_fault(exc, doing)
+            if failed is None:
+                raise
+            raise failed from exc
+        if not yielded:  # nothing stored in the range: the columns still tell what would be
+            yield utc_timestamps(conform(pa.table({}), self._fields))
 
     def _close_client(self) -> None:
         if self._client_instance is not None:
