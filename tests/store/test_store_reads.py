@@ -3,6 +3,8 @@ column, oldest first, in bounded chunks, with the candle in progress left out on
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -16,6 +18,7 @@ from tda_collector.store.reads import CandleQuery
 
 STORES = [pytest.param(duckdb_store, id="duckdb"), pytest.param(bigquery_store, id="bigquery")]
 RSI = Column("rsi_14", "FLOAT64")
+DAY = 1440 * MIN
 
 
 @pytest.fixture(params=STORES)
@@ -95,4 +98,19 @@ async def test_a_long_range_comes_in_bounded_chunks_in_order(store_factory, tmp_
     assert opens == [100.0 + i for i in range(150)] + [400.0 + i for i in range(200)]
 
 
-DAY = 1440 * MIN
+async def test_a_range_far_beyond_the_stored_rows_costs_few_windows():
+    stored = [T0 + i * MIN for i in range(100)]
+    asked: list[tuple[int, int]] = []
+
+    async def fetch(start_ms: int, end_ms: int, limit: int) -> pa.Table:
+        asked.append((start_ms, end_ms))
+        stamps = [t for t in stored if start_ms <= t < end_ms][:limit]
+        return pa.table({"timestamp": pa.array(stamps, pa.timestamp("ms", tz="UTC"))})
+
+    year_9999 = 253_402_300_799_999
+    query = CandleQuery(KEY, 0, year_9999)
+    chunks = [chunk async for chunk in reads.read_by_windows(query, fetch)]
+    assert [t.value for c in chunks for t in c.column("timestamp")] == stored
+    assert len(asked) < 40
+    assert asked[0][0] == 0 and asked[-1][1] == year_9999
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(asked))  # no gap between

@@ -71,8 +71,11 @@ ChunkFetch = Callable[[int, int, int], Awaitable[pa.Table]]
 async def read_by_windows(query: CandleQuery, fetch: ChunkFetch) -> AsyncIterator[pa.Table]:
     """The query's rows, one bounded chunk at a time: each chunk is asked for a time window
     that holds about `READ_CHUNK_ROWS` candles of the timeframe (a store scans only that
-    window), and at most that many rows; a full chunk continues right after its last row."""
-    step_ms = READ_CHUNK_ROWS * timeframe_ms(query.key.timeframe)
+    window), and at most that many rows. A full chunk continues right after its last row; a
+    short one means the window is sparse, and the next window is twice as long, so a range
+    reaching far past the stored rows (or long before them) costs a few dozen windows."""
+    base_ms = READ_CHUNK_ROWS * timeframe_ms(query.key.timeframe)
+    step_ms = base_ms
     remaining = query.limit
     cursor = query.start_ms
     empty: pa.Table | None = None  # the last empty chunk, while nothing was yielded
@@ -88,7 +91,9 @@ async def read_by_windows(query: CandleQuery, fetch: ChunkFetch) -> AsyncIterato
             empty = chunk
         if remaining is not None:
             remaining -= chunk.num_rows
-        # A full chunk may have left rows in its window: go on right after its last row.
-        cursor = _last_ms(chunk) + 1 if chunk.num_rows == want else window_end
+        if chunk.num_rows == want:  # it may have left rows in its window
+            cursor, step_ms = _last_ms(chunk) + 1, base_ms
+        else:
+            cursor, step_ms = window_end, step_ms * 2
     if not yielded and empty is not None:
         yield empty  # nothing at all was stored: the columns still tell what would be
