@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -252,10 +254,12 @@ async def run(
             duration_ms=round((time.monotonic() - started) * 1000),
         )
         return EXIT_OK
-    except (ExchangeFault, StoreFault, OSError) as exc:
-        # The exchange or the store could not be opened (a DuckDB file another process holds,
-        # a dataset we may not write): one event naming it, exit 1, no traceback.
+    except (ExchangeFault, StoreFault, OSError, sqlite3.Error) as exc:
+        # The exchange, the store or the state file could not be opened (a DuckDB file another
+        # process holds, a dataset we may not write): one event naming it, and the same line
+        # on stderr for whoever started us; exit 1, no traceback.
         events.error("startup_failed", f"could not start: {exc}", error=str(exc))
+        print(f"tda-collector: could not start: {exc}", file=sys.stderr)
         return EXIT_JOBS_FAILED
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -85,6 +85,10 @@ class LockHolder:
             self.release()
             raise RuntimeError(f"the lock holder could not open {path}")
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def release(self) -> None:
         if self._process.returncode is None:
             self._process.communicate(timeout=30)  # closes its stdin: it exits

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -83,6 +84,16 @@ def duckdb_fault(exc: BaseException, doing: str) -> StoreFault | None:
     if isinstance(exc, OSError):
         return fault(TransientStoreError, doing, exc)  # a full disk, a failing mount
     return None
+
+
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+
+
+def lock_holder(message: str) -> str | None:
+    """`PID 123: /usr/bin/python3` from DuckDB's lock conflict message; None for another
+    error."""
+    found = _LOCK_HOLDER.search(message)
+    return f"PID {found['pid']}: {found['program']}" if found else None
 
 
 def _ddl_type(column: Column) -> str:
@@ -207,6 +218,16 @@ class DuckDBStore:
         another process, not a DuckDB file) raises a one-line StoreFault (see `duckdb_fault`)."""
         try:
             added = await self._run(self._ensure)
+        except duckdb.IOException as exc:
+            holder = lock_holder(str(exc))
+            if holder is None:
+                raise duckdb_fault(exc, f"opening DuckDB file {self._path}") or exc from exc
+            raise TransientStoreError(
+                f"opening DuckDB file {self._path} failed: it is locked by another process "
+                f"({holder}), "
+                "e.g. a running collector: DuckDB lets one process open a file; stop that "
+                "one first, or read the candles through its GET /ohlcv"
+            ) from exc
         except Exception as exc:
             failed = duckdb_fault(exc, f"opening DuckDB file {self._path}")
             if failed is None:
