@@ -11,7 +11,7 @@ from daemon_support import live_daemon
 from fake_exchange import FakeExchange, SymbolSpec
 
 from tda_collector.cli import main
-from tda_collector.store.duckdb_store import lock_holder
+from tda_collector.store.duckdb_errors import lock_holder
 
 HISTORY = ("--mode=history", "--start=2024-02-28", "--end=2024-03-01")
 

@@ -10,19 +10,17 @@ the stored rows it replaces. Tables created with the primary key keep it and wor
 
 DuckDB is not safe for concurrent use from several threads on one connection and its calls
 block, so every write runs on one dedicated worker thread: the event loop never waits on disk.
-Reads (`read`) run on their own worker threads through cursors of the same connection (DuckDB
-allows one process to hold the file; a cursor is a connection of its own to that database), in
-chunks of bounded size, so a long read neither stalls the writer nor fills the buffer pool.
+Reads (`read`) run on threads of their own, through cursors of the same connection
+(`duckdb_reads.DuckDBReader`), in chunks of bounded size.
 
-DuckDB's errors are sorted into transient and permanent ones in one place, `duckdb_fault`.
+DuckDB's errors are sorted into transient and permanent ones in one place, `duckdb_fault`
+(`duckdb_errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -32,11 +30,12 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from ..errors import PermanentStoreError, StoreFault, TransientStoreError
+from ..errors import PermanentStoreError, TransientStoreError
 from ..models import BASE_COLUMNS, KEY_COLUMNS, TABLE_NAME, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
-from .faults import fault
-from .reads import CandleQuery, read_by_windows, utc_datetime, utc_timestamps
+from .duckdb_errors import duckdb_fault, lock_holder
+from .duckdb_reads import DuckDBReader
+from .reads import CandleQuery
 from .write_buffer import WriteBuffer
 
 _DUCKDB_TYPES = {"STRING": "VARCHAR", "FLOAT64": "DOUBLE", "BOOL": "BOOLEAN"}
@@ -49,51 +48,7 @@ _SAME_KEY = " AND ".join(f't."{k}" = s."{k}"' for k in KEY_COLUMNS)
 # short `batch_seconds` default ten jobs already keep a 45 requests/s budget busy.
 PIPELINE_PAGES = 1
 
-# Reads that may run at once, each on its own thread and cursor; more wait for a free one.
-READ_CURSORS = 2
-_READ_SQL = f"""SELECT * FROM {TABLE_NAME}
-WHERE exchange = ? AND symbol = ? AND timeframe = ? AND timestamp >= ? AND timestamp < ?
-  AND (NOT ? OR is_closed IS NOT FALSE)
-ORDER BY timestamp LIMIT ?"""
-
 T = TypeVar("T")
-
-
-def duckdb_fault(exc: BaseException, doing: str) -> StoreFault | None:
-    """`exc` as the store error it means, by DuckDB's exception family (PEP 249's); None for
-    an exception that is not DuckDB's or the file system's (a bug: it propagates as it is)."""
-    if isinstance(exc, duckdb.ConnectionException):
-        # "Connection already closed": no repeat on this connection can succeed.
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, (duckdb.OperationalError, duckdb.InterruptException)):
-        # The database's state, not the statement: IOException (the file locked by another
-        # process, a full disk, a failed read or write; also a file that is not a DuckDB
-        # database, which only `ensure` meets and reports once), TransactionException and
-        # SerializationException (a conflicting transaction), OutOfMemoryException (memory
-        # held by other work), an interrupted statement. The same write may succeed later.
-        return fault(TransientStoreError, doing, exc)
-    if isinstance(exc, duckdb.Error):
-        # The statement or the table is wrong, and repeating it gets the same answer:
-        # Catalog/Binder (an unknown table or column), Conversion/TypeMismatch/OutOfRange (a
-        # value the column's type cannot hold), Constraint (NULL in a NOT NULL column),
-        # NotImplemented, and Internal/Fatal (the database is invalidated until reopened).
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)):
-        # Creating the file's directory: the path itself is wrong.
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, OSError):
-        return fault(TransientStoreError, doing, exc)  # a full disk, a failing mount
-    return None
-
-
-_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
-
-
-def lock_holder(message: str) -> str | None:
-    """`PID 123: /usr/bin/python3` from DuckDB's lock conflict message; None for another
-    error."""
-    found = _LOCK_HOLDER.search(message)
-    return f"PID {found['pid']}: {found['program']}" if found else None
 
 
 def _ddl_type(column: Column) -> str:
@@ -158,9 +113,7 @@ class DuckDBStore:
         self._columns = (*BASE_COLUMNS, *extra_columns)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
         self._con: duckdb.DuckDBPyConnection | None = None
-        self._read_executor = ThreadPoolExecutor(READ_CURSORS, thread_name_prefix="duckdb-read")
-        self._cursors: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
-        self._closing = False
+        self._reader = DuckDBReader()
         self._buffer = WriteBuffer(self._flush, len, batch_rows, batch_seconds)
         # Per series, the first and last stored open time (ms); loaded by `ensure`, moved only
         # by commits. Every write goes through this store: DuckDB allows one writing process.
@@ -199,9 +152,7 @@ class DuckDBStore:
         for column in added:
             con.execute(f'ALTER TABLE {TABLE_NAME} ADD COLUMN "{column.name}" {_ddl_type(column)}')
         self._table_columns = frozenset(existing | {c.name for c in added})
-        if self._cursors.empty():
-            for _ in range(READ_CURSORS):
-                self._cursors.put(con.cursor())
+        self._reader.open(con)
         self._ranges = {
             JobKey(exchange, symbol, timeframe): (first, last)
             for exchange, symbol, timeframe, first, last in con.execute(
@@ -396,53 +347,24 @@ class DuckDBStore:
         """Stored closed candles of one series in time order (for recomputing indicators)."""
         return await self._run(self._series, key)
 
-    def _read_chunk(self, query: CandleQuery, start_ms: int, end_ms: int, limit: int) -> pa.Table:
-        key = query.key
-        params = [key.exchange, key.symbol, key.timeframe, utc_datetime(start_ms)]
-        params += [utc_datetime(end_ms), query.closed_only, limit]
-        cursor = self._cursors.get()  # never waits: one cursor per read thread
-        try:
-            return cursor.execute(_READ_SQL, params).to_arrow_table()
-        finally:
-            self._cursors.put(cursor)
-
     async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
-        """The query's stored rows, every column, oldest first, in chunks of bounded size; a
-        failed chunk raises TransientStoreError or PermanentStoreError (see `duckdb_fault`)."""
+        """The query's stored rows, every column, oldest first, in chunks of bounded size (see
+        `DuckDBReader`)."""
         if self._ranges is None:
             raise RuntimeError("DuckDBStore.read before ensure()")
-
-        async def fetch(start_ms: int, end_ms: int, limit: int) -> pa.Table:
-            if self._closing:
-                raise TransientStoreError("DuckDB read: the store is closing")
-            loop = asyncio.get_running_loop()
-            try:
-                chunk = await loop.run_in_executor(
-                    self._read_executor, self._read_chunk, query, start_ms, end_ms, limit
-                )
-            except Exception as exc:
-                failed = duckdb_fault(exc, "DuckDB read")
-                if failed is None:
-                    raise
-                raise failed from exc
-            return utc_timestamps(chunk)
-
-        async for chunk in read_by_windows(query, fetch):
+        async for chunk in self._reader.read(query):
             yield chunk
 
     def _close(self) -> None:
-        while not self._cursors.empty():
-            self._cursors.get().close()
         if self._con is not None:
             self._con.close()
             self._con = None
 
     async def close(self) -> None:
         """Commit what is buffered and finish the reads in flight, then close the file."""
-        self._closing = True
         try:
             await self._buffer.close()
         finally:
-            await asyncio.to_thread(self._read_executor.shutdown, wait=True)
+            await self._reader.close()
             await self._run(self._close)
             self._executor.shutdown(wait=True)
