@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -146,14 +146,18 @@ def json_page(key: JobKey, table: pa.Table, limit: int) -> bytes:
     """The JSON answer for up to `limit` rows of `table` (which may hold one more: the next)."""
     rows = iso_columns(table.drop_columns([c for c in _SERIES_COLUMNS if c in table.schema.names]))
     following = rows.column("timestamp")[limit].as_py() if rows.num_rows > limit else None
+    page = rows.slice(0, limit)
+    names = page.column_names
+    # Column by column: Table.to_pylist builds each value through a scalar, ~6x slower.
+    columns = [page.column(name).to_pylist() for name in names]
     body: dict[str, Any] = {
         "exchange": key.exchange,
         "symbol": key.symbol,
         "timeframe": key.timeframe,
-        "rows": rows.slice(0, limit).to_pylist(),
+        "rows": [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)],
         "next": following,
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return orjson.dumps(body)
 
 
 class _Collected(io.RawIOBase):
