@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from chromium_support import Browser
 from test_jobs_api import fill, ready
-from test_status_page import chromium  # noqa: F401 (registers the fixture)
+from test_status_page import chromium as chromium_fixture  # noqa: F401 (registers it)
 
 from tda_collector.admin.jobs_api import jobs_routes
 from tda_collector.admin.server import AccessPolicy, AdminServer
