@@ -4,6 +4,9 @@ store: a clean one-line answer and an event before anything is sent; a transfer 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import aiohttp
 import pytest
 from event_support import recording_events
@@ -76,3 +79,24 @@ async def test_before_the_store_is_open_the_answer_is_a_503():
     finally:
         await server.stop()
     assert status == 503 and b"starting" in body
+
+
+async def test_a_client_leaving_mid_stream_ends_the_read_quietly(monkeypatch, caplog):
+    monkeypatch.setattr(reads, "READ_CHUNK_ROWS", 50)
+    store = MemoryStore()
+    await store.write(batch(KEY, T0, 1440))
+    server, recorded = await serve(store)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.url + "/ohlcv", params={**PARAMS, "format": "csv"}) as response,
+        ):
+            assert (await response.content.read(100)).startswith(b'"timestamp"')
+            response.close()  # hang up with most of the answer unsent
+        await asyncio.sleep(0.2)
+        status, body, _ = await get(server, format="csv")
+    finally:
+        await server.stop()
+    assert status == 200 and body.count(b"\n") == 1441
+    assert not recorded.named("ohlcv_read_error")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -21,7 +21,9 @@ stores; a symbol with quotes in it is only an unknown symbol here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import re
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,7 @@ _REQUIRED = ("exchange", "symbol", "timeframe", "start", "end")
 _KNOWN = (*_REQUIRED, "limit", "closed_only", "format")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 _SERIES_COLUMNS = ("exchange", "symbol", "timeframe")  # in the JSON envelope, not in each row
+_UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
 _CONTENT_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
 # The series the collector may answer for, or None while it is still starting.
@@ -221,14 +224,14 @@ class OhlcvApi:
             read = parse_request(request.query, known)
         except BadParameter as exc:
             return _error(400, str(exc))
-        chunks = aiter(self._store.read(read.query))
-        try:
-            first = await anext(chunks)  # a store fault here is still a clean error answer
-        except StoreFault as exc:
-            return self._store_error(read.query, exc)
-        if read.format == "json":
-            return await self._json(read.query, first, chunks)
-        return await self._stream(request, read, first, chunks)
+        async with contextlib.aclosing(self._store.read(read.query)) as chunks:
+            try:
+                first = await anext(chunks)  # a store fault here is still a clean error answer
+            except StoreFault as exc:
+                return self._store_error(read.query, exc)
+            if read.format == "json":
+                return await self._json(read.query, first, chunks)
+            return await self._stream(request, read, first, chunks)
 
     def _store_error(self, query: CandleQuery, exc: StoreFault) -> web.Response:
         self._events.error(
@@ -260,11 +263,11 @@ class OhlcvApi:
         rest: AsyncIterator[pa.Table],
     ) -> web.StreamResponse:
         key = read.query.key
-        name = f"{key.exchange}_{key.symbol.replace('/', '-')}_{key.timeframe}.{read.format}"
+        name = _UNSAFE_IN_NAMES.sub("-", f"{key.exchange}_{key.symbol}_{key.timeframe}")
         response = web.StreamResponse(
             headers={
                 "Content-Type": _CONTENT_TYPES[read.format],
-                "Content-Disposition": f'attachment; filename="{name}"',
+                "Content-Disposition": f'attachment; filename="{name}.{read.format}"',
             }
         )
         response.enable_chunked_encoding()
@@ -287,6 +290,8 @@ class OhlcvApi:
             self._store_error(read.query, exc)
             if request.transport is not None:
                 request.transport.abort()
+            return response
+        except ConnectionResetError:  # the client went away: nobody is left to answer
             return response
         await response.write_eof()
         return response

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Literal, Protocol
 
 import pyarrow as pa
@@ -47,7 +47,7 @@ class CandleStore(Protocol):
         """Stored closed candles of one series, oldest first, as users query them."""
         ...
 
-    def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+    def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
         """The query's rows as users query them (one per key, the newest version), every
         stored column, timestamps in UTC, oldest first, in chunks of at most
         `reads.READ_CHUNK_ROWS` rows; runs beside the writers without stalling them. A chunk

@@ -17,7 +17,7 @@ import io
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -368,7 +368,7 @@ class BigQueryStore:
     def _next_page(pages: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
         return next(pages, None)
 
-    async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+    async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
         """The query's rows from the `_latest` view, every column, oldest first: one
         parameterised query, its result fetched a page at a time on a worker thread. A failure
         raises TransientStoreError or PermanentStoreError (see `bigquery_fault`)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -91,7 +91,7 @@ class DuckDBReader:
                 raise
             raise failed from exc
 
-    async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+    async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
         """The query's rows, every column, oldest first, in chunks of bounded size; a failed
         chunk raises TransientStoreError or PermanentStoreError (see `duckdb_fault`)."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -347,7 +347,7 @@ class DuckDBStore:
         """Stored closed candles of one series in time order (for recomputing indicators)."""
         return await self._run(self._series, key)
 
-    async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+    async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
         """The query's stored rows, every column, oldest first, in chunks of bounded size (see
         `DuckDBReader`)."""
         if self._ranges is None:

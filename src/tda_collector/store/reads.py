@@ -8,7 +8,7 @@ at least one table: with nothing stored in the range, an empty one that still na
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -73,7 +73,7 @@ FirstStored = Callable[[int, int], Awaitable[int | None]]
 
 async def read_by_windows(
     query: CandleQuery, fetch: ChunkFetch, first_stored: FirstStored
-) -> AsyncIterator[pa.Table]:
+) -> AsyncGenerator[pa.Table, None]:
     """The query's rows, one bounded chunk at a time. Each chunk is asked for a time window
     that holds `READ_CHUNK_ROWS` candles of the timeframe at most (a store scans only that
     window, and sorts no more than a chunk), starting at a stored row: a full chunk continues
