@@ -3,6 +3,8 @@ column, oldest first, in bounded chunks, with the candle in progress left out on
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -113,3 +115,18 @@ async def test_a_range_far_beyond_the_stored_rows_costs_one_window():
     chunks = [chunk async for chunk in reads.read_by_windows(query, fetch, first_stored)]
     assert [t.value for c in chunks for t in c.column("timestamp")] == stored
     assert asked == [(T0, T0 + reads.READ_CHUNK_ROWS * MIN)]  # one window, from the first row
+
+
+async def test_a_read_held_open_does_not_hold_up_writes(store_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(reads, "READ_CHUNK_ROWS", 8)
+    monkeypatch.setattr(bigquery_module, "READ_CHUNK_ROWS", 8)
+    async with store_factory(tmp_path) as (store, rows):
+        await store.write(batch(KEY, T0, 40))
+        reading = store.read(CandleQuery(KEY, T0, T0 + DAY))
+        first = await anext(reading)  # a slow client: the read waits between its chunks
+        await asyncio.wait_for(store.write(batch(OTHER, T0, 5)), 30)
+        await asyncio.wait_for(store.write(batch(KEY, T0 + 40 * MIN, 5, price=300.0)), 30)
+        rest = [chunk async for chunk in reading]
+        assert len(await rows(OTHER)) == 5
+    opens = pa.concat_tables([first, *rest]).column("open").to_pylist()
+    assert opens[:40] == [100.0 + i for i in range(40)]
