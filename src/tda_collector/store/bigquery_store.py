@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 
 from ..config import BigQueryConfig
 from ..errors import PermanentStoreError, StoreFault, TransientStoreError, UsageError
@@ -56,6 +57,9 @@ WriteMode = Literal["stream", "load"]
 CLUSTERING = ("exchange", "symbol", "timeframe")
 _REQUEST_TIMEOUT_S = 60.0
 _LOAD_JOB_TIMEOUT_S = 900.0
+# Opening the store at start: the client's own retries, but for a minute rather than its default
+# ten (an unreachable endpoint kept a collector silent for 9 minutes before `startup_failed`).
+_ENSURE_RETRY = DEFAULT_RETRY.with_timeout(60.0)
 # Retries inside one write; the caller's DurableWriter retries the whole write on top.
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
@@ -169,20 +173,21 @@ class BigQueryStore:
         client = self._client()
         dataset = bigquery.Dataset(self._names.dataset_id)
         dataset.location = self._config.location
-        client.create_dataset(dataset, exists_ok=True)
+        client.create_dataset(dataset, exists_ok=True, retry=_ENSURE_RETRY)
         wanted = bigquery.Table(self._names.table_id, schema=self._fields)
         wanted.time_partitioning = bigquery.TimePartitioning(
             type_=self._partitioning, field="timestamp"
         )
         wanted.clustering_fields = list(CLUSTERING)
-        table = client.create_table(wanted, exists_ok=True)  # the existing table if there is one
+        # The existing table if there is one.
+        table = client.create_table(wanted, exists_ok=True, retry=_ENSURE_RETRY)
         added = missing_fields(table.schema, self._columns)
         if added:
             table.schema = [*table.schema, *added]
-            table = client.update_table(table, ["schema"])
+            table = client.update_table(table, ["schema"], retry=_ENSURE_RETRY)
         by_name = {f.name.lower(): f for f in table.schema}
         self._fields = [by_name[c.name.lower()] for c in self._columns]
-        client.query(latest_view_sql(self._names)).result()
+        client.query(latest_view_sql(self._names), retry=_ENSURE_RETRY).result(retry=_ENSURE_RETRY)
         return [f.name for f in added], layout_differences(table, self._partitioning, CLUSTERING)
 
     async def ensure(self) -> None:
