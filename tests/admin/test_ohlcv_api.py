@@ -154,7 +154,8 @@ def test_iso_and_epoch_ms_ask_for_the_same_rows_and_the_open_candle_is_marked(ru
     }
     by_ms = running.get("/ohlcv", {**params, "end": 32_503_680_000_000}).json()["rows"]
     by_iso = running.get("/ohlcv", iso).json()["rows"]
-    assert [r["timestamp"] for r in by_iso] == [r["timestamp"] for r in by_ms]
+    ms_stamps, iso_stamps = [r["timestamp"] for r in by_ms], [r["timestamp"] for r in by_iso]
+    assert iso_stamps[: len(ms_stamps)] == ms_stamps and len(iso_stamps) - len(ms_stamps) in (0, 1)
     # 60 closed minutes, the 2 after them, and the one in progress (one more if a minute
     # turned between the two calls)
     assert by_iso[0]["timestamp"].endswith(":00Z") and len(by_iso) in (63, 64)
