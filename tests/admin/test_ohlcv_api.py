@@ -24,8 +24,10 @@ from daemon_support import (
     storage_settings,
 )
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
+from multidict import MultiDict
 from store_support import read_duckdb_rows
 
+from tda_collector.admin.ohlcv_api import MAX_PAGE_ROWS, parse_request
 from tda_collector.models import JobKey
 
 MIN = 60_000
@@ -178,10 +180,12 @@ def test_a_known_series_with_nothing_stored_is_200_with_no_rows(running):
     assert table.num_rows == 0 and "rsi_14" in table.column_names
 
 
-def test_a_limit_above_the_cap_is_capped(running):
+def test_a_limit_above_the_cap_is_answered_with_a_capped_page(running):
     answer = running.get("/ohlcv", {**window(60 * 24), "limit": 10**12})
-    assert answer.status_code == 200
-    assert len(answer.json()["rows"]) <= 10_000
+    assert answer.status_code == 200 and answer.json()["rows"]
+    known = {JobKey("binance", "BTC/USDT", "1m")}
+    query = MultiDict({**SERIES, "start": "2024-01-01", "end": "2024-02-01", "limit": "10000000"})
+    assert parse_request(query, known).query.limit == MAX_PAGE_ROWS + 1  # one more: the next
 
 
 INJECTED = [
