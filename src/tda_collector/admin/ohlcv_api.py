@@ -112,7 +112,8 @@ def parse_request(params: MultiMapping[str], known: Collection[JobKey]) -> Ohlcv
     """The read a query string asks for; BadParameter naming the first parameter at fault."""
     unknown = sorted(set(params) - set(_KNOWN))
     if unknown:
-        raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(_KNOWN)})")
+        name = unknown[0] if unknown[0].isidentifier() else repr(unknown[0])
+        raise BadParameter(f"{name}: unknown parameter (known: {', '.join(_KNOWN)})")
     values = {name: value for name in _KNOWN if (value := _single(params, name)) is not None}
     for name in _REQUIRED:
         if not values.get(name):
