@@ -1,4 +1,5 @@
-"""`python -m bench [throughput|live|progress|floors|memory]`: measurements as tables, with ratios.
+"""`python -m bench [throughput|live|progress|floors|memory|read]`: measurements as tables, with
+ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
@@ -6,6 +7,7 @@ progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recor
 floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
 bigquery_write: the BigQuery store's Storage Write API paths against insertAll and load jobs.
+read: GET /ohlcv of a year of 1m as JSON and Parquet; one-day read p99 beside a backfill.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from . import bigquery_write, floors, live_latency, memory, progress
+from . import read as reads
 from .throughput import render, run_baseline, run_collector
 
 
@@ -66,13 +69,17 @@ def bigquery_writes(args: argparse.Namespace) -> None:
     bigquery_write.main(args.live_series, args.live_writes, args.history_jobs, args.history_pages)
 
 
+def read_api(args: argparse.Namespace) -> None:
+    reads.run(args.read_symbols, args.budget, args.safety, args.latency_ms, args.reads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory", "bigquery_write"],
+        choices=["throughput", "live", "progress", "floors", "memory", "bigquery_write", "read"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -91,6 +98,8 @@ def main() -> None:
     parser.add_argument("--live-writes", type=int, default=20, help="bigquery_write: per series")
     parser.add_argument("--history-jobs", type=int, default=8, help="bigquery_write")
     parser.add_argument("--history-pages", type=int, default=10, help="bigquery_write: per job")
+    parser.add_argument("--read-symbols", type=int, default=20, help="read: series backfilled")
+    parser.add_argument("--reads", type=int, default=200, help="read: one-day reads per phase")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -99,6 +108,7 @@ def main() -> None:
         "floors": cpu_floors,
         "memory": peak_memory,
         "bigquery_write": bigquery_writes,
+        "read": read_api,
     }[args.what](args)
 
 

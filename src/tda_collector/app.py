@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+import sys
 import time
 from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
 from .admin.jobs_api import jobs_routes
+from .admin.ohlcv_api import ohlcv_routes
 from .admin.server import AdminServer, build_admin_server
 from .config import Config
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
@@ -32,6 +35,7 @@ from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .models import JobKey
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings, run_live
@@ -112,25 +116,39 @@ async def _run_mode(
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
+
+    def catalog() -> frozenset[JobKey] | None:
+        """The series `GET /ohlcv` answers for: the configured ones and the run's jobs."""
+        if not readiness.store_ready:
+            return None
+        configured = (key for rt in runtimes for key in rt.keys)
+        return frozenset((*configured, *(job.key for job in registry.jobs.values())))
+
     admin = build_admin_server(
         config.admin,
         metrics,
         readiness,
-        jobs_routes(
-            registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
-        ),
+        [
+            *jobs_routes(
+                registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+            ),
+            *ohlcv_routes(store, catalog, events),
+        ],
+        admin_token,
     )
     try:
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
+        # The store first: one that cannot be opened (a DuckDB file a running daemon holds)
+        # ends the run before any exchange request is spent.
+        await store.ensure()
+        await state.open()
         runtimes, failure = await open_all(
             config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
         )
         if failure is not None:
             raise failure
-        await state.open()
-        await store.ensure()
         keys = [k for rt in runtimes for k in rt.keys]
         live = request.mode == "live"
         # One query serves both: indicator states are checked against it, and it gives live
@@ -241,10 +259,12 @@ async def run(
             duration_ms=round((time.monotonic() - started) * 1000),
         )
         return EXIT_OK
-    except (ExchangeFault, StoreFault, OSError) as exc:
-        # The exchange or the store could not be opened (a DuckDB file another process holds,
-        # a dataset we may not write): one event naming it, exit 1, no traceback.
+    except (ExchangeFault, StoreFault, OSError, sqlite3.Error) as exc:
+        # The exchange, the store or the state file could not be opened (a DuckDB file another
+        # process holds, a dataset we may not write): one event naming it, and the same line
+        # on stderr for whoever started us; exit 1, no traceback.
         events.error("startup_failed", f"could not start: {exc}", error=str(exc))
+        print(f"tda-collector: could not start: {exc}", file=sys.stderr)
         return EXIT_JOBS_FAILED
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -171,6 +171,27 @@ def grid_of(timeframe: str, week_origin_ms: int = MONDAY_WEEK_ORIGIN_MS) -> Grid
     return Grid(timeframe, step, week_origin_ms % step if unit == "w" else 0)
 
 
+# Epoch ms up to the last instant an ISO 8601 date-time can name (year 9999).
+_MAX_INSTANT_MS = 253_402_300_799_999
+
+
+def instant_ms(text: str) -> int:
+    """Epoch ms of an ISO 8601 date or date-time (UTC when no zone is given), or of a string
+    of digits read as epoch ms; ValueError, saying what is wrong, for anything else."""
+    text = text.strip()
+    if text.isdigit():
+        if int(text) > _MAX_INSTANT_MS:
+            raise ValueError(f"epoch ms beyond the year 9999: {text}")
+        return int(text)
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 date or date-time, nor epoch ms: {text!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
 def iso_utc(epoch_s: float) -> str:
     """`2024-01-01T00:00:00Z`, the interface's form of a time in answers and events."""
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

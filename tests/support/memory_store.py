@@ -3,19 +3,25 @@
 Knobs, as constructor keywords and as attributes to change mid-test:
 - `fail_next_writes`: that many writes raise TransientStoreError, then writes succeed again;
 - `fail_permanently`: every write raises PermanentStoreError until it is set back to False;
-- `write_delay_s`: each write first waits this long on `sleep` (inject a virtual clock's).
+- `write_delay_s`: each write first waits this long on `sleep` (inject a virtual clock's);
+- `fail_reads_after`: a read yields that many chunks, then raises TransientStoreError (None:
+  reads succeed).
 A failed write stores nothing and does not count in `writes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 
 import numpy as np
+import pyarrow as pa
 
 from tda_collector.errors import PermanentStoreError, TransientStoreError
 from tda_collector.models import CandleBatch, Column, JobKey
+from tda_collector.store import reads
+from tda_collector.store.reads import CandleQuery
 
 
 class MemoryStore:
@@ -32,6 +38,7 @@ class MemoryStore:
         fail_next_writes: int = 0,
         fail_permanently: bool = False,
         write_delay_s: float = 0.0,
+        fail_reads_after: int | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.rows: dict[tuple[JobKey, int], tuple] = {}
@@ -40,6 +47,7 @@ class MemoryStore:
         self.fail_next_writes = fail_next_writes
         self.fail_permanently = fail_permanently
         self.write_delay_s = write_delay_s
+        self.fail_reads_after = fail_reads_after
         self.sleep = sleep
         self.writes = 0
 
@@ -98,6 +106,44 @@ class MemoryStore:
             volume=columns[:, 5],
             closed=np.ones(len(closed), dtype=bool),
         )
+
+    def _table(self, query: CandleQuery) -> pa.Table:
+        stamps = [
+            ts
+            for (key, ts), row in sorted(self.rows.items(), key=lambda kv: kv[0][1])
+            if key == query.key
+            and query.start_ms <= ts < query.end_ms
+            and (row[6] or not query.closed_only)
+        ][: query.limit]
+        rows = [self.rows[(query.key, ts)] for ts in stamps]
+        names = sorted({n for ts in stamps for n in self.extra[(query.key, ts)]})
+        columns = {
+            "timestamp": pa.array(stamps, pa.timestamp("ms", tz="UTC")),
+            "exchange": [query.key.exchange] * len(rows),
+            "symbol": [query.key.symbol] * len(rows),
+            "timeframe": [query.key.timeframe] * len(rows),
+            **{
+                name: pa.array([r[i] for r in rows], pa.float64())
+                for i, name in enumerate(("open", "high", "low", "close", "volume"), start=1)
+            },
+            "ingested_at": pa.array([datetime.now(UTC)] * len(rows), pa.timestamp("us", "UTC")),
+            "is_closed": pa.array([r[6] for r in rows], pa.bool_()),
+            **{
+                name: pa.array(
+                    [self.extra[(query.key, ts)].get(name) for ts in stamps], pa.float64()
+                )
+                for name in names
+            },
+        }
+        return pa.table(columns)
+
+    async def read(self, query: CandleQuery) -> AsyncIterator[pa.Table]:
+        table = self._table(query)
+        step = reads.READ_CHUNK_ROWS
+        for number, offset in enumerate(range(0, max(table.num_rows, 1), step)):
+            if self.fail_reads_after is not None and number >= self.fail_reads_after:
+                raise TransientStoreError("the disk went away (injected)")
+            yield table.slice(offset, step)
 
     async def close(self) -> None:
         return None

@@ -48,9 +48,9 @@ async def stored_rows(store: DuckDBStore, key: JobKey) -> list[dict]:
 
 
 @asynccontextmanager
-async def duckdb_store(tmp_path):
+async def duckdb_store(tmp_path, **kw):
     path = str(tmp_path / "ohlcv.duckdb")
-    store = DuckDBStore(path, quiet_events())
+    store = DuckDBStore(path, quiet_events(), **kw)
     await store.ensure()
 
     async def rows(key: JobKey) -> list[dict]:
@@ -84,6 +84,10 @@ class LockHolder:
         if self._process.stdout.readline().strip() != "locked":
             self.release()
             raise RuntimeError(f"the lock holder could not open {path}")
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def release(self) -> None:
         if self._process.returncode is None:

@@ -20,7 +20,6 @@ the environment variable named by `admin.token_env`; without one set they are re
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -31,19 +30,11 @@ from ..exchange.throttle import Pauses
 from ..jobs.model import PAUSED, PENDING, RUNNING, STATUSES, USER_ACTIONS, TransitionRefused
 from ..jobs.progress import Progress
 from ..jobs.registry import JobRegistry
+from .server import listens_on_loopback
 from .status_page import STATUS_PAGE
 
 _FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -169,5 +160,5 @@ def jobs_routes(
     token_env: str,
     pauses: Pauses | None = None,
 ) -> list[web.RouteDef]:
-    access = AdminAccess(is_loopback(host), token, token_env)
+    access = AdminAccess(listens_on_loopback(host), token, token_env)
     return JobsApi(registry, progress, access, pauses).routes()

@@ -82,15 +82,23 @@ function when(ms) {
   return Math.abs(d) < 1 ? "now" : d > 0 ? "in " + d + "s" : -d + "s ago";
 }
 function pct(f) { return f === null || f === undefined ? "-" : (100 * f).toFixed(1) + "%"; }
-async function post(path) {
+// Off loopback every request needs the admin token: asked for once, kept for the tab.
+let declined = false;
+async function call(path, method) {
   const headers = {};
   const token = sessionStorage.getItem("tda-token");
   if (token) headers.Authorization = "Bearer " + token;
-  const r = await fetch(path, {method: "POST", headers});
-  if (r.status === 401) {
+  const r = await fetch(path, {method: method || "GET", headers});
+  if ((r.status === 401 || (r.status === 403 && token)) && !declined) {
+    sessionStorage.removeItem("tda-token");
     const t = prompt("Admin token");
-    if (t) { sessionStorage.setItem("tda-token", t); return post(path); }
+    if (t) { sessionStorage.setItem("tda-token", t); return call(path, method); }
+    declined = true;
   }
+  return r;
+}
+async function post(path) {
+  const r = await call(path, "POST");
   const body = await r.json();
   $("msg").textContent = r.ok ? "" : body.error;
   refresh();
@@ -160,8 +168,10 @@ async function refresh() {
   if ($("status").value) params.set("status", $("status").value);
   if ($("q").value) params.set("q", $("q").value);
   try {
-    const [p, jobs] = await Promise.all([fetch("/progress").then((r) => r.json()),
-      fetch("/jobs?" + params).then((r) => r.json())]);
+    const pr = await call("/progress");
+    if (!pr.ok) { $("msg").textContent = (await pr.json()).error; return; }
+    const p = await pr.json();
+    const jobs = await (await call("/jobs?" + params)).json();
     renderProgress(p);
     renderJobs(jobs);
   } catch (e) {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Literal, Protocol
+
+import pyarrow as pa
 
 from ..config import StorageConfig
 from ..models import CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from .duckdb_store import DuckDBStore
+from .reads import CandleQuery
 from .write_streams import WriteStreamState
+
+__all__ = ["CandleQuery", "CandleStore", "build_store"]
 
 
 class CandleStore(Protocol):
@@ -41,6 +46,13 @@ class CandleStore(Protocol):
 
     async def series(self, key: JobKey) -> CandleBatch:
         """Stored closed candles of one series, oldest first, as users query them."""
+        ...
+
+    def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
+        """The query's rows as users query them (one per key, the newest version), every
+        stored column, timestamps in UTC, oldest first, in chunks of at most
+        `reads.READ_CHUNK_ROWS` rows; runs beside the writers without stalling them. A chunk
+        that cannot be read raises TransientStoreError or PermanentStoreError."""
         ...
 
     async def close(self) -> None: ...

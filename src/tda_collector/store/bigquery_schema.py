@@ -20,6 +20,7 @@ from google.cloud import bigquery
 
 from ..errors import UsageError
 from ..models import Column, JobKey
+from .reads import CandleQuery, utc_datetime
 
 # Project ids also allow "-"; dataset and table names are letters, digits and underscores.
 _PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -190,6 +191,29 @@ ORDER BY timestamp"""
         ]
     )
     return sql, config
+
+
+def read_query(names: TableNames, query: CandleQuery) -> tuple[str, bigquery.QueryJobConfig]:
+    """One series' rows in the query's range as users query them (the view), every column,
+    oldest first; all values are parameters."""
+    sql = f"""SELECT * FROM `{names.view_id}`
+WHERE exchange = @exchange AND symbol = @symbol AND timeframe = @timeframe
+  AND timestamp >= @start AND timestamp < @end
+  AND (NOT @closed_only OR is_closed IS NOT FALSE)
+ORDER BY timestamp{" LIMIT @limit" if query.limit is not None else ""}"""
+    key = query.key
+    parameters = [
+        *(
+            bigquery.ScalarQueryParameter(name, "STRING", getattr(key, name))
+            for name in ("exchange", "symbol", "timeframe")
+        ),
+        bigquery.ScalarQueryParameter("start", "TIMESTAMP", utc_datetime(query.start_ms)),
+        bigquery.ScalarQueryParameter("end", "TIMESTAMP", utc_datetime(query.end_ms)),
+        bigquery.ScalarQueryParameter("closed_only", "BOOL", query.closed_only),
+    ]
+    if query.limit is not None:
+        parameters.append(bigquery.ScalarQueryParameter("limit", "INT64", query.limit))
+    return sql, bigquery.QueryJobConfig(query_parameters=parameters)
 
 
 def conform(table: pa.Table, fields: Sequence[bigquery.SchemaField]) -> pa.Table:

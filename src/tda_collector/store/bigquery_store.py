@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 import pyarrow as pa
 from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 
 from ..config import BigQueryConfig
-from ..errors import PermanentStoreError, UsageError
+from ..errors import PermanentStoreError, StoreFault, UsageError
 from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from ..retry import RetryPolicy
@@ -42,16 +43,23 @@ from .bigquery_schema import (
     layout_differences,
     missing_fields,
     newest_query,
+    read_query,
     schema_fields,
     series_query,
 )
 from .bigquery_streams import CommittedStreamWriter, PendingStreamWriter, StreamContext
 from .bigquery_write_api import WriteApi, connect_write_api
+from .reads import READ_CHUNK_ROWS, CandleQuery, utc_timestamps
 from .write_streams import MemoryStreamState, WriteStreamState
 
 # committed/pending: the Storage Write API (live/history); stream/load: the legacy fallback.
 WriteMode = Literal["committed", "pending", "stream", "load"]
 CLUSTERING = ("exchange", "symbol", "timeframe")
+_REQUEST_TIMEOUT_S = 60.0
+_QUERY_RESULT_TIMEOUT_S = 900.0
+# Opening the store at start: the client's own retries, but for a minute rather than its default
+# ten (an unreachable endpoint kept a collector silent for 9 minutes before `startup_failed`).
+_ENSURE_RETRY = DEFAULT_RETRY.with_timeout(60.0)
 # Retries inside one write; the caller's DurableWriter retries the whole write on top.
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
@@ -171,20 +179,21 @@ class BigQueryStore:
         client = self._client()
         dataset = bigquery.Dataset(self._names.dataset_id)
         dataset.location = self._config.location
-        client.create_dataset(dataset, exists_ok=True)
+        client.create_dataset(dataset, exists_ok=True, retry=_ENSURE_RETRY)
         wanted = bigquery.Table(self._names.table_id, schema=self._fields)
         wanted.time_partitioning = bigquery.TimePartitioning(
             type_=self._partitioning, field="timestamp"
         )
         wanted.clustering_fields = list(CLUSTERING)
-        table = client.create_table(wanted, exists_ok=True)  # the existing table if there is one
+        # The existing table if there is one.
+        table = client.create_table(wanted, exists_ok=True, retry=_ENSURE_RETRY)
         added = missing_fields(table.schema, self._columns)
         if added:
             table.schema = [*table.schema, *added]
-            table = client.update_table(table, ["schema"])
+            table = client.update_table(table, ["schema"], retry=_ENSURE_RETRY)
         by_name = {f.name.lower(): f for f in table.schema}
         self._fields = [by_name[c.name.lower()] for c in self._columns]
-        client.query(latest_view_sql(self._names)).result()
+        client.query(latest_view_sql(self._names), retry=_ENSURE_RETRY).result(retry=_ENSURE_RETRY)
         if self._uses_write_api and self._write_api is None:
             schema = conform(pa.table({}), self._fields).schema  # the table's own modes
             write_client = connect_write_api(self._config, self._environ)
@@ -258,6 +267,39 @@ class BigQueryStore:
         sql, config = series_query(self._names, key)
         table = self._client().query(sql, job_config=config).to_arrow(create_bqstorage_client=False)
         return CandleBatch.closed_from_arrow(key, table)
+
+    def _start_read(self, query: CandleQuery) -> Iterator[pa.RecordBatch]:
+        sql, config = read_query(self._names, query)
+        job = self._client().query(sql, job_config=config, timeout=_REQUEST_TIMEOUT_S)
+        # Result pages over the REST API (tabledata.list), READ_CHUNK_ROWS rows a request.
+        rows = job.result(page_size=READ_CHUNK_ROWS, timeout=_QUERY_RESULT_TIMEOUT_S)
+        return iter(rows.to_arrow_iterable())
+
+    @staticmethod
+    def _next_page(pages: Iterator[pa.RecordBatch]) -> pa.RecordBatch | None:
+        return next(pages, None)
+
+    async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
+        """The query's rows from the `_latest` view, every column, oldest first: one
+        parameterised query, its result fetched a page at a time on a worker thread. A failure
+        raises TransientStoreError or PermanentStoreError (see `bigquery_fault`)."""
+        doing = f"reading {self._names.view_id}"
+        yielded = False
+        try:
+            pages = await self._run(self._start_read, query)
+            while (page := await self._run(self._next_page, pages)) is not None:
+                if page.num_rows:
+                    yielded = True
+                    yield utc_timestamps(pa.Table.from_batches([page]))
+        except StoreFault:
+            raise
+        except Exception as exc:
+            failed = bigquery_fault(exc, doing)
+            if failed is None:
+                raise
+            raise failed from exc
+        if not yielded:  # nothing stored in the range: the columns still tell what would be
+            yield utc_timestamps(conform(pa.table({}), self._fields))
 
     def _close_client(self) -> None:
         if self._client_instance is not None:

@@ -9,16 +9,19 @@ outside it is a plain insert (backfills), and only a page overlapping it first d
 the stored rows it replaces. Tables created with the primary key keep it and work the same way.
 
 DuckDB is not safe for concurrent use from several threads on one connection and its calls
-block, so every call runs on one dedicated worker thread: the event loop never waits on disk.
+block, so every write runs on one dedicated worker thread: the event loop never waits on disk.
+Reads (`read`) run on threads of their own, through cursors of the same connection
+(`duckdb_reads.DuckDBReader`), in chunks of bounded size.
 
-DuckDB's errors are sorted into transient and permanent ones in one place, `duckdb_fault`.
+DuckDB's errors are sorted into transient and permanent ones in one place, `duckdb_fault`
+(`duckdb_errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,10 +30,12 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from ..errors import PermanentStoreError, StoreFault, TransientStoreError
+from ..errors import PermanentStoreError, TransientStoreError
 from ..models import BASE_COLUMNS, KEY_COLUMNS, TABLE_NAME, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
-from .faults import fault
+from .duckdb_errors import duckdb_fault, lock_holder
+from .duckdb_reads import DuckDBReader
+from .reads import CandleQuery
 from .write_buffer import WriteBuffer
 
 _DUCKDB_TYPES = {"STRING": "VARCHAR", "FLOAT64": "DOUBLE", "BOOL": "BOOLEAN"}
@@ -44,33 +49,6 @@ _SAME_KEY = " AND ".join(f't."{k}" = s."{k}"' for k in KEY_COLUMNS)
 PIPELINE_PAGES = 1
 
 T = TypeVar("T")
-
-
-def duckdb_fault(exc: BaseException, doing: str) -> StoreFault | None:
-    """`exc` as the store error it means, by DuckDB's exception family (PEP 249's); None for
-    an exception that is not DuckDB's or the file system's (a bug: it propagates as it is)."""
-    if isinstance(exc, duckdb.ConnectionException):
-        # "Connection already closed": no repeat on this connection can succeed.
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, (duckdb.OperationalError, duckdb.InterruptException)):
-        # The database's state, not the statement: IOException (the file locked by another
-        # process, a full disk, a failed read or write; also a file that is not a DuckDB
-        # database, which only `ensure` meets and reports once), TransactionException and
-        # SerializationException (a conflicting transaction), OutOfMemoryException (memory
-        # held by other work), an interrupted statement. The same write may succeed later.
-        return fault(TransientStoreError, doing, exc)
-    if isinstance(exc, duckdb.Error):
-        # The statement or the table is wrong, and repeating it gets the same answer:
-        # Catalog/Binder (an unknown table or column), Conversion/TypeMismatch/OutOfRange (a
-        # value the column's type cannot hold), Constraint (NULL in a NOT NULL column),
-        # NotImplemented, and Internal/Fatal (the database is invalidated until reopened).
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)):
-        # Creating the file's directory: the path itself is wrong.
-        return fault(PermanentStoreError, doing, exc)
-    if isinstance(exc, OSError):
-        return fault(TransientStoreError, doing, exc)  # a full disk, a failing mount
-    return None
 
 
 def _ddl_type(column: Column) -> str:
@@ -135,6 +113,7 @@ class DuckDBStore:
         self._columns = (*BASE_COLUMNS, *extra_columns)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._reader = DuckDBReader()
         self._buffer = WriteBuffer(self._flush, len, batch_rows, batch_seconds)
         # Per series, the first and last stored open time (ms); loaded by `ensure`, moved only
         # by commits. Every write goes through this store: DuckDB allows one writing process.
@@ -173,6 +152,7 @@ class DuckDBStore:
         for column in added:
             con.execute(f'ALTER TABLE {TABLE_NAME} ADD COLUMN "{column.name}" {_ddl_type(column)}')
         self._table_columns = frozenset(existing | {c.name for c in added})
+        self._reader.open(con)
         self._ranges = {
             JobKey(exchange, symbol, timeframe): (first, last)
             for exchange, symbol, timeframe, first, last in con.execute(
@@ -189,6 +169,16 @@ class DuckDBStore:
         another process, not a DuckDB file) raises a one-line StoreFault (see `duckdb_fault`)."""
         try:
             added = await self._run(self._ensure)
+        except duckdb.IOException as exc:
+            holder = lock_holder(str(exc))
+            if holder is None:
+                raise duckdb_fault(exc, f"opening DuckDB file {self._path}") or exc from exc
+            raise TransientStoreError(
+                f"opening DuckDB file {self._path} failed: it is locked by another process "
+                f"({holder}), "
+                "e.g. a running collector: DuckDB lets one process open a file; stop that "
+                "one first, or read the candles through its GET /ohlcv"
+            ) from exc
         except Exception as exc:
             failed = duckdb_fault(exc, f"opening DuckDB file {self._path}")
             if failed is None:
@@ -357,15 +347,24 @@ class DuckDBStore:
         """Stored closed candles of one series in time order (for recomputing indicators)."""
         return await self._run(self._series, key)
 
+    async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
+        """The query's stored rows, every column, oldest first, in chunks of bounded size (see
+        `DuckDBReader`)."""
+        if self._ranges is None:
+            raise RuntimeError("DuckDBStore.read before ensure()")
+        async for chunk in self._reader.read(query):
+            yield chunk
+
     def _close(self) -> None:
         if self._con is not None:
             self._con.close()
             self._con = None
 
     async def close(self) -> None:
-        """Commit what is buffered, wait for it, then close the file."""
+        """Commit what is buffered and finish the reads in flight, then close the file."""
         try:
             await self._buffer.close()
         finally:
+            await self._reader.close()
             await self._run(self._close)
             self._executor.shutdown(wait=True)

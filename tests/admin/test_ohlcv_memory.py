@@ -1,0 +1,85 @@
+"""A year of 1m read as Parquet from a running collector holds a chunk at a time, not the year.
+
+Measured on the collector's peak RSS (the kernel's high-water mark, /proc/PID/status VmHWM):
+a first read of a month pays what any read costs once (threads, allocator arenas, DuckDB's
+buffer pool); a read of the whole year after it must add far less than the year's rows take
+in memory, where holding the year would add all of it."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from collector_support import FROZEN_NOW_S, write_config
+from daemon_support import admin_settings, live_daemon
+from fake_exchange import FakeExchange, SymbolSpec
+from seeding import MIN, YEAR_OF_MINUTES, seed_minutes
+
+from tda_collector.models import JobKey
+
+KEY = JobKey("binance", "BTC/USDT", "1m")
+NOW_MS = int(FROZEN_NOW_S * 1000)
+START_MS = NOW_MS - NOW_MS % MIN - 1441 * MIN - YEAR_OF_MINUTES * MIN
+END_MS = START_MS + YEAR_OF_MINUTES * MIN
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def read_parquet(daemon, start_ms: int, end_ms: int) -> io.BytesIO:
+    params = {"exchange": "binance", "symbol": "BTC/USDT", "timeframe": "1m"}
+    params |= {"start": start_ms, "end": end_ms, "format": "parquet"}
+    body = io.BytesIO()
+    with daemon.get("/ohlcv", params, stream=True) as answer:
+        assert answer.status_code == 200
+        for part in answer.iter_content(1 << 20):
+            body.write(part)
+    body.seek(0)
+    return body
+
+
+def test_a_year_of_1m_as_parquet_streams_with_bounded_memory(tmp_path):
+    close_sum = seed_minutes(str(tmp_path / "ohlcv.duckdb"), KEY, START_MS, YEAR_OF_MINUTES)
+    with FakeExchange([SymbolSpec("BTC/USDT")], clock=lambda: FROZEN_NOW_S) as fake:
+        port, admin = admin_settings()
+        config = write_config(
+            tmp_path,
+            fake.base_url,
+            ["BTC/USDT"],
+            ["1m"],
+            admin=admin,
+            # Off, so that start-up does not recompute a year of indicators: the peak measured
+            # before the read is the collector's own, the growth the read's.
+            indicators={"enabled": False},
+            # DuckDB keeps blocks it read cached up to its memory limit (README: the default
+            # 32MB): a small one keeps that cache from hiding in the growth measured.
+            storage={
+                "backend": "duckdb",
+                "duckdb": {"path": str(tmp_path / "ohlcv.duckdb"), "memory_limit": "8MB"},
+            },
+        )
+        with live_daemon(config, port) as daemon:
+            before = peak_rss_mib(daemon.proc.pid)
+            read_parquet(daemon, START_MS, START_MS + 30 * 1440 * MIN)
+            after_month = peak_rss_mib(daemon.proc.pid)
+            body = read_parquet(daemon, START_MS, END_MS)
+            after_year = peak_rss_mib(daemon.proc.pid)
+    table = pq.read_table(body)
+    year_in_memory_mib = table.nbytes / 2**20
+    print(
+        f"peak RSS {before:.1f} MiB, after a month {after_month:.1f}, after the year "
+        f"{after_year:.1f}; the year in Arrow {year_in_memory_mib:.1f} MiB"
+    )
+    assert table.num_rows == YEAR_OF_MINUTES
+    stamps = pc.cast(table.column("timestamp"), pa.int64()).to_numpy() // 1000
+    assert stamps[0] == START_MS and (stamps[1:] - stamps[:-1] == MIN).all()
+    assert abs(pc.sum(table.column("close")).as_py() - close_sum) < 1e-6 * close_sum
+    assert table.column("rsi_14").null_count == 0  # the stored indicator columns come along
+    assert after_year - after_month < year_in_memory_mib / 4
