@@ -140,10 +140,11 @@ async def _run_mode(
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
-        # The store first: one that cannot be opened (a DuckDB file a running daemon holds)
-        # ends the run before any exchange request is spent.
-        await store.ensure()
+        # The state and the store first: one that cannot be opened (a DuckDB file a running
+        # daemon holds) ends the run before any exchange request is spent. The state before the
+        # store, whose ensure settles the BigQuery commits a killed run left in doubt.
         await state.open()
+        await store.ensure()
         runtimes, failure = await open_all(
             config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
         )

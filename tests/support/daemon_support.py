@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import requests
-from bigquery_support import PROJECT, emulator_url, unique_dataset
+from bigquery_support import PROJECT, emulator_grpc, emulator_url, unique_dataset
 from collector_support import free_port, start_subprocess, stop, wait_for_event
 
 
@@ -31,6 +31,7 @@ def storage_settings(backend: str, tmp_path: Path) -> dict[str, Any]:
             "project": PROJECT,
             "dataset": unique_dataset(),
             "api_endpoint": emulator_url(),
+            "write_api_endpoint": emulator_grpc(),
         },
     }
 
