@@ -73,11 +73,12 @@ class Fetcher:
         """Requests sent through this fetcher and its background views."""
         return self._sent[0]
 
-    def background(self) -> Fetcher:
+    def background(self, gate: Gate | None) -> Fetcher:
         """The same fetcher (source, limiter, throttle, count) for work that yields to live
-        requests: its candle requests take the limiter's background slots."""
+        requests: its candle requests take the limiter's background slots and ask `gate`."""
         view = copy.copy(self)
         view._acquire = self.limiter.acquire_background
+        view._gate = gate
         return view
 
     async def open(self, forever: bool) -> None:

@@ -15,6 +15,7 @@ everything since its cursor. A cancelled job's task stops; the other jobs go on.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from ..jobs.control import register_live_jobs, run_cancellable
 from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
 from ..jobs.registry import JobRegistry
+from ..jobs.schedule import EACH_CLOSE, Schedule, next_cron_ms
 from ..models import CandleBatch, JobKey
 from ..normalize import Window
 from ..observability.events import EventLog
@@ -63,6 +65,7 @@ class LiveJob:
     # closed candles are a hole the exchange has, which is then not asked for again.
     proven_to_ms: int | None = None
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
+    schedule: Schedule = EACH_CLOSE
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
@@ -107,12 +110,13 @@ class LiveExchange:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     registry: JobRegistry = field(default_factory=lambda: JobRegistry("live"))
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
-    _slots: asyncio.Semaphore | None = None
+    _slots: asyncio.Semaphore = field(init=False)
     _writes: ShieldedWrites = field(default_factory=ShieldedWrites)
     _step: PageStep = field(init=False)
 
     def __post_init__(self) -> None:
         self._step = PageStep(self.fetcher, self.events, self.metrics)
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
 
     def now_ms(self) -> int:
         return self.fetcher.source.now_ms()
@@ -225,20 +229,44 @@ class LiveExchange:
                 duration_ms=max(0, self.now_ms() - due_ms),
             )
 
+    def next_due(self, job: LiveJob, now_ms: int) -> int:
+        """When the job runs next after `now_ms`, by its schedule."""
+        if job.schedule.cron is not None:
+            return next_cron_ms(job.schedule.cron, now_ms)
+        return next_due_ms(now_ms, job.grid, self.settings.refresh_ms, self.settings.settle_ms)
+
+    def _ran(self, job: LiveJob, started: float, rows: int, error: str | None) -> None:
+        """One run of the job is over: a `job_run` event (DEBUG: one per job and close) and
+        the run's duration in the job-run histogram."""
+        seconds = time.monotonic() - started
+        self.metrics.job_run(job.key.exchange, "live", seconds)
+        self.events.debug(
+            "job_run",
+            f"{self._handle(job).id}: {rows} rows",
+            symbol=job.key.symbol,
+            timeframe=job.key.timeframe,
+            job=self._handle(job).id,
+            rows=rows,
+            duration_ms=round(seconds * 1000, 1),
+            error=error,
+        )
+
     async def _run_once(self, job: LiveJob) -> tuple[int, bool]:
-        assert self._slots is not None
         async with self._slots:
             handle = self._handle(job)
             self.registry.run_started(handle, self.now_ms())
+            started = time.monotonic()
             try:
                 rows = await self.sync(job)
                 self.registry.note(handle, last_error=None)
+                self._ran(job, started, rows, None)
                 return rows, False
             except JobPaused:  # paused mid-way: what was stored stays, the rest on resume
                 return 0, False
             except (ExchangeFault, StoreFault) as exc:
                 # The cursor did not move: the next run starts where this one stopped.
                 self.registry.note(handle, last_error=str(exc))
+                self._ran(job, started, 0, str(exc)[:500])
                 level = (
                     self.events.error if isinstance(exc, PermanentFault) else self.events.warning
                 )
@@ -273,36 +301,39 @@ class LiveExchange:
                     continue
                 rows, failed = await self._run_once(job)
                 self._finish(job, due, rows, failed)
-                settings = self.settings
-                self._register(
-                    job,
-                    next_due_ms(self.now_ms(), job.grid, settings.refresh_ms, settings.settle_ms),
-                )
+                self._register(job, self.next_due(job, self.now_ms()))
         except asyncio.CancelledError:
             if handle.status == CANCELLED and in_cycle:
                 self._finish(job, job.next_due_ms, 0, False, ran=False)
                 self.registry.note(handle, next_run_ms=None)
             raise
 
+    def attach(self, job: LiveJob, due_ms: int) -> Job:
+        """Register the job (its saved record if the registry has one) and its first run at
+        `due_ms`; `run_job` then keeps it live."""
+        handle = self.registry.find(job.key, "live") or self.registry.add(
+            Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
+        )
+        if handle.status == PENDING:
+            self.registry.apply(handle, "start")
+        handle.active = True
+        job.handle = handle
+        self._register(job, due_ms)
+        return handle
+
+    async def drain(self) -> None:
+        """Let pages already fetched finish their write (the stop budget is 1 s)."""
+        await self._writes.drain(DRAIN_ON_STOP_S)
+
     async def run(self, jobs: list[LiveJob]) -> None:
         """Start every job with a catch-up sync now (one cycle), then keep them live."""
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
-        for job in jobs:
-            handle = self.registry.find(job.key) or self.registry.add(
-                Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
-            )
-            if handle.status == PENDING:
-                self.registry.apply(handle, "start")
-            handle.active = True
-            job.handle = handle
         start = self.now_ms()
         for job in jobs:
-            self._register(job, start)
+            self.attach(job, start)
         try:
             await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
         except asyncio.CancelledError:
-            # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
-            await self._writes.drain(DRAIN_ON_STOP_S)
+            await self.drain()
             raise
 
 
