@@ -8,15 +8,18 @@ The config is read here and nowhere below: the modes get their settings objects
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
-from .admin.jobs_api import jobs_routes
+from .admin.jobs_api import jobs_routes, routes_access
 from .admin.server import AdminServer, build_admin_server
-from .config import Config
+from .admin.service_api import ServiceApi
+from .config import Config, ExchangeConfig
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
 from .exchange.fetcher import Fetcher
 from .exchange.runtime import (
@@ -24,9 +27,11 @@ from .exchange.runtime import (
     RunRequest,
     SourceFactory,
     open_all,
+    open_exchange,
     retry_policy,
 )
 from .exchange.throttle import Pauses
+from .jobs.catalog import SqliteCatalog, reconcile
 from .jobs.control import JobMonitor
 from .jobs.ledger import StateStore
 from .jobs.progress import Progress
@@ -34,7 +39,8 @@ from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
-from .modes.live import LiveSettings, run_live
+from .modes.live import LiveSettings
+from .modes.service import LiveService, Opener, ServiceParts
 from .observability.events import EventLog
 from .observability.metrics import Metrics
 from .store import CandleStore, build_store
@@ -86,6 +92,36 @@ def _requests_of(fetcher: Fetcher) -> Callable[[], int]:
     return lambda: fetcher.requests
 
 
+def instance_name() -> str:
+    """This instance in the jobs API's `owner`: hostname-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _opener(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory,
+    metrics: Metrics,
+    registry: JobRegistry,
+    pauses: Pauses,
+) -> Opener:
+    """How the live service opens a connector: as `open_exchange` does at start (with the
+    command line's narrowing in `request`), its budget then shown in /progress."""
+    policy = retry_policy(config.retry)
+    filed = [e.id for e in config.exchanges]
+
+    async def open_one(cfg: ExchangeConfig) -> ExchangeRuntime:
+        position = filed.index(cfg.id) if cfg.id in filed else len(filed)
+        rt = await open_exchange(
+            cfg, request, events, policy, factory, metrics, position, registry.check, pauses
+        )
+        _track_budgets(registry, [rt])
+        return rt
+
+    return open_one
+
+
 async def _run_mode(
     config: Config,
     request: RunRequest,
@@ -107,34 +143,60 @@ async def _run_mode(
     state = StateStore(config.state_path)
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
-    admin = build_admin_server(
-        config.admin,
+    live = request.mode == "live"
+    catalog = SqliteCatalog(config.state_path)
+    parts = ServiceParts(
+        live_settings(config),
+        config.history_page_limit,
+        events,
+        store,
+        state,
+        catalog,
+        policy,
         metrics,
-        readiness,
-        jobs_routes(
-            registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
-        ),
+        registry,
+        indicators,
     )
+    service = LiveService(
+        parts, _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses), []
+    )
+    routes = jobs_routes(
+        registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+    )
+    if live:
+        access = routes_access(config.admin.host, admin_token, config.admin.token_env)
+        routes = [*ServiceApi(service, registry, access, instance_name()).routes(), *routes]
+    admin = build_admin_server(config.admin, metrics, readiness, routes)
     try:
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
-        runtimes, failure = await open_all(
-            config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
-        )
-        if failure is not None:
-            raise failure
-        await state.open()
+        if live:
+            await state.open()
+            await catalog.open()
+            connectors = reconcile(await catalog.connectors(), config.exchanges)
+            await catalog.save_connectors(connectors)
+            service.connectors = {c.id: c for c in connectors}
+            start_opener = _opener(config, request, events, factory, metrics, registry, pauses)
+            await service.open_enabled(start_opener, request.exchanges)
+            keys = service.keys()
+        else:
+            runtimes, failure = await open_all(
+                config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
+            )
+            if failure is not None:
+                raise failure
+            await state.open()
+            keys = [k for rt in runtimes for k in rt.keys]
         await store.ensure()
-        keys = [k for rt in runtimes for k in rt.keys]
-        live = request.mode == "live"
         # One query serves both: indicator states are checked against it, and it gives live
         # mode its cursors (on BigQuery each query scans the table).
         newest_closed = await store.newest(keys) if live or indicators is not None else {}
         if indicators is not None:
             await indicators.load(keys, newest_closed)
         readiness.store_ready = True
-        _track_budgets(registry, runtimes)
+        if not live:
+            _track_budgets(registry, runtimes)
         bar = terminal_bar(request.mode, events.logger)
         async with JobMonitor(registry, progress, events, bar):
             if not live:
@@ -151,23 +213,12 @@ async def _run_mode(
                     indicators,
                     registry,
                 )
-            return await run_live(
-                live_settings(config),
-                events,
-                runtimes,
-                store,
-                state,
-                policy,
-                metrics,
-                indicators,
-                registry,
-                cursors=newest_closed,
-            )
+            return await service.run(dict(newest_closed))
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators))
+        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators, service))
 
 
 async def _close_all(
@@ -176,9 +227,11 @@ async def _close_all(
     state: StateStore,
     admin: AdminServer | None,
     indicators: IndicatorStage | None,
+    service: LiveService,
 ) -> None:
     await asyncio.gather(
         *(rt.source.close() for rt in runtimes),
+        service.close(),
         store.close(),
         state.close(),
         *([indicators.close()] if indicators is not None else []),

@@ -28,13 +28,31 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..exchange.throttle import Pauses
-from ..jobs.model import PAUSED, PENDING, RUNNING, STATUSES, USER_ACTIONS, TransitionRefused
+from ..jobs.model import (
+    PAUSED,
+    PENDING,
+    RUNNING,
+    STATUSES,
+    USER_ACTIONS,
+    Job,
+    TransitionRefused,
+)
 from ..jobs.progress import Progress
 from ..jobs.registry import JobRegistry
 from .status_page import STATUS_PAGE
 
 _FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JobJson = Callable[[Job], dict[str, object]]  # a job as the API shows it
+ResumeGuard = Callable[[Job], str | None]  # why a job may not be resumed now, or None
+
+
+def record_json(job: Job) -> dict[str, object]:
+    return job.record.to_json()
+
+
+def no_guard(job: Job) -> str | None:
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -70,8 +88,12 @@ class AdminAccess:
         return None
 
 
-def _error(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str) -> web.Response:
+    """The API's error answer: `{"error": "one line"}`."""
     return web.json_response({"error": message}, status=status)
+
+
+_error = error_response
 
 
 class JobsApi:
@@ -81,11 +103,15 @@ class JobsApi:
         progress: Progress,
         access: AdminAccess,
         pauses: Pauses | None = None,
+        job_json: JobJson = record_json,
+        resume_guard: ResumeGuard = no_guard,
     ) -> None:
         self._registry = registry
         self._progress = progress
         self._access = access
         self._pauses = pauses if pauses is not None else Pauses()
+        self._job_json = job_json
+        self._resume_guard = resume_guard
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -129,26 +155,29 @@ class JobsApi:
             jobs = [job for job in jobs if job.status in statuses]
         chosen = jobs[offset : None if limit is None else offset + limit]
         return web.json_response(
-            {"total": len(jobs), "offset": offset, "jobs": [job.record.to_json() for job in chosen]}
+            {"total": len(jobs), "offset": offset, "jobs": [self._job_json(job) for job in chosen]}
         )
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         if job is None:
             return _error(404, f"no job {request.match_info['id']}")
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job))
 
     async def command(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         action = request.match_info["action"]
         if job is None or action not in USER_ACTIONS:
             return _error(404, f"no job {request.match_info['id']} or no action {action}")
+        refused = self._resume_guard(job) if action == "resume" else None
+        if refused is not None:
+            return _error(409, refused)
         try:
             self._registry.command(job, action)
         except TransitionRefused as exc:
             return _error(409, str(exc))
         await self._registry.flush()
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job))
 
     async def pause_all(self, request: web.Request) -> web.Response:
         changed = self._registry.command_all("pause", (PENDING, RUNNING))
@@ -168,6 +197,13 @@ def jobs_routes(
     token: str | None,
     token_env: str,
     pauses: Pauses | None = None,
+    job_json: JobJson = record_json,
+    resume_guard: ResumeGuard = no_guard,
 ) -> list[web.RouteDef]:
-    access = AdminAccess(is_loopback(host), token, token_env)
-    return JobsApi(registry, progress, access, pauses).routes()
+    access = routes_access(host, token, token_env)
+    return JobsApi(registry, progress, access, pauses, job_json, resume_guard).routes()
+
+
+def routes_access(host: str, token: str | None, token_env: str) -> AdminAccess:
+    """Who may change things on a server listening on `host`."""
+    return AdminAccess(is_loopback(host), token, token_env)

@@ -67,6 +67,14 @@ class RateLimiter:
     def paused_until(self) -> float:
         return self._paused_until
 
+    def usage(self) -> tuple[int, float, int, float]:
+        """(limit, period_s, usage, period_start): requests that may start in any 1-second
+        window, that window's length, how many started in the current one, and when it began
+        (monotonic seconds: the oldest start in it, or now when none)."""
+        now = self._clock()
+        starts = [t for t in self._recent if t > now - 1.0]
+        return self._window_cap, 1.0, len(starts), starts[0] if starts else now
+
     async def acquire(self, cost: float = 1.0) -> None:
         """Wait for a slot of `cost` requests' weight."""
         self._foreground_waiting += 1

@@ -34,8 +34,9 @@ from ..models import JobKey
 from .ledger import connect_sqlite
 from .schedule import EACH_CLOSE, Schedule
 
-ADDED, DISMISSED = "added", "dismissed"
 DefinitionKind = Literal["added", "dismissed"]
+ADDED: DefinitionKind = "added"
+DISMISSED: DefinitionKind = "dismissed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS connectors (

@@ -337,6 +337,25 @@ class LiveExchange:
             raise
 
 
+async def prepare_live(
+    registry: JobRegistry,
+    state: StateStore,
+    runtimes: list[ExchangeRuntime],
+    keys: list[JobKey],
+    cursors: Mapping[JobKey, int],
+    metrics: Metrics,
+) -> dict[JobKey, Grid]:
+    """Register the jobs with what their saved rows carry over, and show each series' newest
+    stored close; returns each key's grid on its exchange's calendar."""
+    await register_live_jobs(registry, state, keys, cursors)
+    by_exchange = {rt.config.id: rt.source.capabilities for rt in runtimes}
+    grids = {k: by_exchange[k.exchange].grid(k.timeframe) for k in keys}
+    for key, open_ms in cursors.items():
+        close_s = (grids.get(key) or grid_of(key.timeframe)).next_open(open_ms) / 1000
+        metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
+    return grids
+
+
 async def run_live(
     settings: LiveSettings,
     events: EventLog,
@@ -354,11 +373,7 @@ async def run_live(
     the newest stored closed candle, as the store reported it at start."""
     keys = [k for rt in runtimes for k in rt.keys]
     registry = registry or JobRegistry("live", state, metrics, events)
-    await register_live_jobs(registry, state, keys, cursors)
-    grids = {k: rt.source.capabilities.grid(k.timeframe) for rt in runtimes for k in rt.keys}
-    for key, open_ms in cursors.items():
-        close_s = (grids.get(key) or grid_of(key.timeframe)).next_open(open_ms) / 1000
-        metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
+    grids = await prepare_live(registry, state, runtimes, keys, cursors, metrics)
     if indicators is not None:
         repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
         await indicators.repair(repair_writer.write_as_is)

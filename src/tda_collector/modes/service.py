@@ -1,0 +1,455 @@
+"""The live daemon as a service: connectors and jobs changed while it runs, backfills inside it.
+
+Each enabled connector is opened (source, its one limiter, fetcher: `ExchangeRuntime`) and its
+live jobs run as one task each on that connector's `LiveExchange`. A connector's jobs are the
+symbols x timeframes it declares, less the ones `DELETE /jobs/{id}` dismissed, plus the ones
+`POST /jobs` added (see `jobs/catalog.py`, which persists all of it). Changes take effect at once:
+
+- a new job attaches like any new live series (its first run fetches `live_initial_candles`
+  or catches up from the newest stored candle); a deleted job's task is cancelled and the job
+  forgotten, its stored candles stay;
+- disabling a connector pauses its jobs (no request of theirs leaves: the fetcher's gate), and
+  enabling resumes them: the first run after it pages through the hole, as after downtime; a
+  connector never opened in this process (disabled at start, or new) is opened on enable;
+- a PUT with a changed block opens the connector anew with it (nothing changes if that fails),
+  then moves the jobs over, carrying their records: jobs the new block no longer declares stop;
+- a backfill is a history job of the series run here, under the connector's one limiter at
+  background priority (live requests go first) and into the same store and ledger.
+
+Changes are made one at a time (a lock), so two requests never interleave their steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import ExchangeConfig
+from ..errors import UsageError
+from ..exchange.runtime import ExchangeRuntime
+from ..exchange.universe import check_symbols, check_timeframes
+from ..intervals import subtract
+from ..jobs.catalog import ADDED, DISMISSED, Catalog, Connector, JobDefinition, config_body
+from ..jobs.control import history_window, run_cancellable
+from ..jobs.ledger import StateStore
+from ..jobs.model import CANCELLED, COMPLETED, OPEN, PAUSED, PENDING, Job, JobRecord
+from ..jobs.registry import JobRegistry
+from ..jobs.schedule import EACH_CLOSE, Schedule
+from ..models import JobKey
+from ..observability.events import EventLog
+from ..observability.metrics import Metrics
+from ..retry import RetryPolicy
+from ..store import CandleStore
+from .backfill import HistoryBackfill, HistoryOutcome
+from .durable_writer import DurableWriter
+from .indicator_stage import IndicatorStage
+from .live import LiveExchange, LiveJob, LiveSettings, prepare_live
+
+Opener = Callable[[ExchangeConfig], Awaitable[ExchangeRuntime]]
+
+
+class Refused(Exception):
+    """A change the service will not make: `status` is the HTTP answer (400, 404, 409)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Open:
+    """An opened connector: its runtime, its live scheduler and each live job's task."""
+
+    runtime: ExchangeRuntime
+    live: LiveExchange
+    tasks: dict[JobKey, asyncio.Task[bool]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServiceParts:
+    """What the service writes with and reports to (built once by the app)."""
+
+    settings: LiveSettings
+    history_page_limit: int
+    events: EventLog
+    store: CandleStore
+    state: StateStore
+    catalog: Catalog
+    policy: RetryPolicy
+    metrics: Metrics
+    registry: JobRegistry
+    indicators: IndicatorStage | None = None
+
+
+class LiveService:
+    def __init__(self, parts: ServiceParts, opener: Opener, connectors: list[Connector]) -> None:
+        self._p = parts
+        self._opener = opener
+        self.connectors = {c.id: c for c in connectors}
+        self.definitions: dict[JobKey, JobDefinition] = {}
+        self.opened: dict[str, _Open] = {}
+        self._backfills: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self._failure: asyncio.Future[None] | None = None
+
+    # -- start and run
+    async def open_enabled(self, opener: Opener, only: tuple[str, ...] = ()) -> None:
+        """Open every enabled connector (`only`: just these ids) concurrently with `opener`
+        (the start's, which may narrow symbols and timeframes); the first failure is raised
+        once the others are open (they are then closed by `close`)."""
+        self.definitions = {d.key: d for d in await self._p.catalog.definitions()}
+        wanted = [c for c in self.connectors.values() if c.enabled and (not only or c.id in only)]
+        unknown = [e for e in only if e not in self.connectors]
+        if unknown:
+            raise UsageError(f"--exchange {', '.join(unknown)}: no such connector")
+        opened = await asyncio.gather(*(opener(c.config) for c in wanted), return_exceptions=True)
+        for connector, result in zip(wanted, opened, strict=True):
+            if isinstance(result, ExchangeRuntime):
+                self.opened[connector.id] = _Open(result, self._live_of(result))
+        failure = next((r for r in opened if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure
+
+    def keys(self) -> list[JobKey]:
+        """Every live job's series of the opened connectors."""
+        return [k for conn in self.opened.values() for k in self.jobs_of(conn)]
+
+    async def run(self, cursors: dict[JobKey, int]) -> int:
+        """Keep every job of the opened connectors live until cancelled, each from its cursor:
+        the newest stored closed candle, as the store reported it at start."""
+        self._failure = asyncio.get_running_loop().create_future()
+        p = self._p
+        keys = self.keys()
+        runtimes = [conn.runtime for conn in self.opened.values()]
+        await prepare_live(p.registry, p.state, runtimes, keys, cursors, p.metrics)
+        if p.indicators is not None:
+            await p.indicators.repair(DurableWriter(p.store, p.policy, p.events).write_as_is)
+        for conn in self.opened.values():
+            self._start_jobs(conn, self.jobs_of(conn), cursors)
+        self._p.events.info("live_started", f"{self.job_count()} jobs going live")
+        try:
+            await self._failure
+        finally:
+            await self._stop_everything()
+        return 0
+
+    def job_count(self) -> int:
+        return sum(len(conn.tasks) for conn in self.opened.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(conn.runtime.source.close() for conn in self.opened.values()),
+            self._p.catalog.close(),
+            return_exceptions=True,
+        )
+
+    # -- the jobs of a connector
+    def jobs_of(self, conn: _Open) -> list[JobKey]:
+        """Declared keys less the dismissed ones, then the added ones, no key twice."""
+        exchange = conn.runtime.config.id
+        dismissed = {k for k, d in self.definitions.items() if d.kind == DISMISSED}
+        added = [k for k, d in self.definitions.items() if d.kind == ADDED]
+        added = [k for k in added if k.exchange == exchange]
+        keys = [k for k in conn.runtime.keys if k not in dismissed]
+        return list(dict.fromkeys([*keys, *added]))
+
+    def _live_of(self, runtime: ExchangeRuntime) -> LiveExchange:
+        p = self._p
+        events = p.events.bind(exchange=runtime.config.id)
+        writer = DurableWriter(
+            p.store, p.policy, events, metrics=p.metrics, indicators=p.indicators
+        )
+        page_limit = min(p.settings.page_limit, runtime.source.capabilities.max_page_size)
+        settings = replace(p.settings, page_limit=page_limit)
+        return LiveExchange(
+            runtime.fetcher, writer, p.state, events, settings, p.metrics, registry=p.registry
+        )
+
+    def _start_jobs(self, conn: _Open, keys: list[JobKey], cursors: dict[JobKey, int]) -> None:
+        now = conn.live.now_ms()
+        caps = conn.runtime.source.capabilities
+        for key in keys:
+            definition = self.definitions.get(key)
+            schedule = definition.schedule if definition is not None else EACH_CLOSE
+            job = LiveJob(key, caps.grid(key.timeframe), cursors.get(key), schedule=schedule)
+            saved = self._p.registry.find(key, "live")
+            if saved is not None and job.cursor_ms is None:
+                job.cursor_ms = saved.record.cursor_ms
+            handle = conn.live.attach(job, now)
+            handle.schedule = schedule.to_json()
+            task = asyncio.create_task(run_cancellable(handle, conn.live.run_job(job)))
+            task.add_done_callback(self._watch)
+            conn.tasks[key] = task
+
+    def _watch(self, task: asyncio.Task[bool]) -> None:
+        """A job task that died of anything but a cancel stops the service, loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._failure is not None and not self._failure.done():
+            self._failure.set_exception(task.exception() or RuntimeError("job task died"))
+
+    async def _stop_jobs(self, conn: _Open, keys: list[JobKey]) -> list[Job]:
+        """Cancel these jobs' tasks and forget the jobs; returns them (for their records)."""
+        stopped = []
+        for key in keys:
+            task = conn.tasks.pop(key, None)
+            handle = self._p.registry.find(key, "live")
+            if handle is None:
+                continue
+            if handle.status in OPEN:
+                self._p.registry.command(handle, "cancel")
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self._p.registry.remove(handle)
+            stopped.append(handle)
+        return stopped
+
+    async def _stop_everything(self) -> None:
+        tasks: list[asyncio.Task[Any]] = [
+            t for conn in self.opened.values() for t in conn.tasks.values()
+        ]
+        tasks.extend(self._backfills)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(conn.live.drain() for conn in self.opened.values()))
+
+    async def _cursors(self, keys: list[JobKey]) -> dict[JobKey, int]:
+        """Newest stored closed candle of new series (and their indicator states loaded)."""
+        if not keys:
+            return {}
+        newest = await self._p.store.newest(keys)
+        if self._p.indicators is not None:
+            await self._p.indicators.load(keys, newest)
+        return dict(newest)
+
+    # -- connectors
+    async def put_connector(self, config: ExchangeConfig) -> tuple[bool, Connector]:
+        """Upsert; (created, connector). The same block again changes nothing."""
+        async with self._lock:
+            known = self.connectors.get(config.id)
+            if known is not None and config_body(known.config) == config_body(config):
+                return False, known
+            connector = Connector(config, known.enabled if known else True, None)
+            if known is not None:
+                connector = replace(connector, file_body=known.file_body)
+            if connector.enabled:
+                await self._reopen(config)
+            await self._p.catalog.save_connectors([connector])
+            self.connectors[config.id] = connector
+            self._p.events.info(
+                "connector_saved", f"connector {config.id} saved", exchange=config.id
+            )
+            return known is None, connector
+
+    async def _reopen(self, config: ExchangeConfig) -> None:
+        runtime = await self._open_checked(config)
+        old = self.opened.pop(config.id, None)
+        records: dict[JobKey, JobRecord] = {}
+        if old is not None:
+            for job in await self._stop_jobs(old, list(old.tasks)):
+                records[job.key] = job.record
+            await old.live.drain()
+            await old.runtime.source.close()
+        conn = self.opened[config.id] = _Open(runtime, self._live_of(runtime))
+        # A PUT declares anew: what it declares again is no longer dismissed.
+        undismissed = [k for k in runtime.keys if k in self.definitions]
+        await self._p.catalog.drop_definitions(undismissed)
+        for key in undismissed:
+            del self.definitions[key]
+        keys = self.jobs_of(conn)
+        for key in keys:
+            if key in records:  # carry the job's counts and times over
+                record = replace(records[key], status=PENDING, next_run_ms=None)
+                self._p.registry.add(Job(record))
+        self._start_jobs(conn, keys, await self._cursors(keys))
+
+    async def _open_checked(self, config: ExchangeConfig) -> ExchangeRuntime:
+        try:
+            return await asyncio.wait_for(self._opener(config), 60)
+        except UsageError as exc:
+            raise Refused(400, str(exc)) from None
+        except Exception as exc:  # the exchange could not be reached or refused us
+            raise Refused(400, f"could not open {config.id}: {exc}") from None
+
+    async def set_enabled(self, exchange: str, enabled: bool) -> Connector:
+        async with self._lock:
+            connector = self._connector(exchange)
+            conn = self.opened.get(exchange)
+            if enabled and conn is None:
+                await self._reopen(connector.config)
+            elif conn is not None:
+                self._pause_or_resume(exchange, enabled)
+            connector = replace(connector, enabled=enabled)
+            await self._p.catalog.save_connectors([connector])
+            self.connectors[exchange] = connector
+            self._p.events.info(
+                "connector_enabled" if enabled else "connector_disabled",
+                f"connector {exchange} {'enabled' if enabled else 'disabled'}",
+                exchange=exchange,
+            )
+            return connector
+
+    def _pause_or_resume(self, exchange: str, enabled: bool) -> None:
+        """Disabling pauses every running job of the connector (so none of its requests
+        leaves); enabling resumes every paused one, which then catches up at once."""
+        registry = self._p.registry
+        for job in registry.select(exchange=exchange):
+            if enabled and job.status == PAUSED:
+                registry.command(job, "resume")
+            elif not enabled and job.status in OPEN and job.status != PAUSED:
+                registry.command(job, "pause")
+
+    def refuses_resume(self, job: Job) -> str | None:
+        """Why a job may not be resumed by hand: its connector is disabled."""
+        connector = self.connectors.get(job.key.exchange)
+        if connector is not None and not connector.enabled:
+            return f"connector {connector.id} is disabled; enable it to resume its jobs"
+        return None
+
+    def _connector(self, exchange: str) -> Connector:
+        connector = self.connectors.get(exchange)
+        if connector is None:
+            raise Refused(404, f"no connector {exchange}")
+        return connector
+
+    def _enabled(self, exchange: str, field: str = "exchange") -> _Open:
+        connector = self.connectors.get(exchange)
+        if connector is None:
+            raise Refused(400, f"{field}: no connector {exchange}")
+        conn = self.opened.get(exchange)
+        if not connector.enabled or conn is None:
+            raise Refused(409, f"connector {exchange} is disabled")
+        return conn
+
+    # -- jobs
+    async def add_job(self, key: JobKey, schedule: Schedule) -> tuple[bool, Job]:
+        """A live job of the series; (created, job). One that exists is left as it is."""
+        async with self._lock:
+            conn = self._enabled(key.exchange)
+            source = conn.runtime.source
+            try:
+                check_timeframes(key.exchange, [key.timeframe], source.timeframes)
+                check_symbols(key.exchange, [key.symbol], source.markets())
+            except UsageError as exc:
+                raise Refused(400, str(exc)) from None
+            if key in conn.tasks:
+                return False, self._live_job(key)
+            definition = JobDefinition(key, ADDED, schedule)
+            await self._p.catalog.save_definition(definition)
+            self.definitions[key] = definition
+            self._start_jobs(conn, [key], await self._cursors([key]))
+            return True, self._live_job(key)
+
+    def _live_job(self, key: JobKey) -> Job:
+        job = self._p.registry.find(key, "live")
+        assert job is not None
+        return job
+
+    async def delete_job(self, job: Job) -> None:
+        """Stop and forget the job; a declared one stays away until a PUT declares it."""
+        async with self._lock:
+            key = job.key
+            if job.record.mode == "history":
+                if job.status in OPEN:
+                    self._p.registry.command(job, "cancel")
+                self._p.registry.remove(job)
+                return
+            conn = self.opened.get(key.exchange)
+            if conn is not None:
+                await self._stop_jobs(conn, [key])
+            else:
+                self._p.registry.remove(job)
+            declared = conn is None or key in conn.runtime.keys
+            if declared:
+                definition = JobDefinition(key, DISMISSED)
+                await self._p.catalog.save_definition(definition)
+                self.definitions[key] = definition
+            else:
+                await self._p.catalog.drop_definitions([key])
+                self.definitions.pop(key, None)
+
+    async def backfill(self, key: JobKey, start_ms: int, end_ms: int) -> Job:
+        """A history job of the series over [start, end), started now (202)."""
+        async with self._lock:
+            conn = self._enabled(key.exchange)
+            registry = self._p.registry
+            earlier = registry.find(key, "history")
+            if earlier is not None and earlier.status in OPEN:
+                raise Refused(409, f"{earlier.id} is still {earlier.status}")
+            source = conn.runtime.source
+            grid = source.capabilities.grid(key.timeframe)
+            start, end = history_window(start_ms, end_ms, grid, source.now_ms())
+            if start >= end:
+                raise Refused(400, "start: the range holds no closed candle")
+            if earlier is not None:
+                registry.remove(earlier)
+            gaps = subtract((start, end), await self._p.state.coverage(key))
+            record = JobRecord.of(
+                key,
+                "history",
+                start_ms=start,
+                end_ms=end,
+                covered_ms=end - start - sum(b - a for a, b in gaps),
+                cursor_ms=gaps[0][0] if gaps else end,
+            )
+            job = registry.add(Job(record))
+            task = asyncio.create_task(self._run_backfill(conn, job))
+            self._backfills.add(task)
+            task.add_done_callback(self._backfills.discard)
+            return job
+
+    async def _run_backfill(self, conn: _Open, job: Job) -> None:
+        p, registry = self._p, self._p.registry
+        events = p.events.bind(exchange=job.key.exchange)
+        fetcher = conn.runtime.fetcher.background(lambda key: registry.check(key, "history"))
+        writer = DurableWriter(
+            p.store, p.policy, events, metrics=p.metrics, indicators=p.indicators
+        )
+        backfill = HistoryBackfill(
+            fetcher, writer, p.state, events, p.history_page_limit, p.metrics, registry
+        )
+        started = time.monotonic()
+        outcome = HistoryOutcome()
+        try:
+            while job.status in OPEN:
+                if job.status == PENDING:
+                    registry.apply(job, "start")
+                outcome = HistoryOutcome()
+                job.active = True
+                try:
+                    if not await run_cancellable(job, backfill.run_job(job, outcome)):
+                        return
+                finally:
+                    job.active = False
+                if outcome.status == PAUSED:
+                    await job.wait_unpaused()
+                elif outcome.status == COMPLETED:
+                    registry.apply(job, "complete")
+                else:
+                    registry.apply(job, "fail", error=outcome.error or "failed")
+        finally:
+            await backfill.drain(None if job.status != CANCELLED else 1.0)
+            self._ran_backfill(job, outcome, time.monotonic() - started)
+        if p.indicators is not None:
+            await p.indicators.repair(DurableWriter(p.store, p.policy, events).write_as_is)
+
+    def _ran_backfill(self, job: Job, outcome: HistoryOutcome, seconds: float) -> None:
+        self._p.metrics.job_run(job.key.exchange, "history", seconds)
+        log = self._p.events.info if job.status == COMPLETED else self._p.events.warning
+        log(
+            "job_run",
+            f"{job.id}: {job.status}, {job.record.rows} rows",
+            exchange=job.key.exchange,
+            symbol=job.key.symbol,
+            timeframe=job.key.timeframe,
+            job=job.id,
+            status=job.status,
+            rows=job.record.rows,
+            duration_ms=round(seconds * 1000, 1),
+            error=outcome.error,
+        )
