@@ -160,12 +160,26 @@ async def _run_mode(
     service = LiveService(
         parts, _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses), []
     )
+    admin_cfg = config.admin
     routes = jobs_routes(
-        registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+        registry, progress, admin_cfg.host, admin_token, admin_cfg.token_env, pauses
     )
-    if live:
-        access = routes_access(config.admin.host, admin_token, config.admin.token_env)
-        routes = [*ServiceApi(service, registry, access, instance_name()).routes(), *routes]
+    if live:  # the service's routes first: `/jobs/{id}/{action}` would take `backfill`
+        access = routes_access(admin_cfg.host, admin_token, admin_cfg.token_env)
+        service_api = ServiceApi(service, registry, access, instance_name())
+        routes = [
+            *service_api.routes(),
+            *jobs_routes(
+                registry,
+                progress,
+                admin_cfg.host,
+                admin_token,
+                admin_cfg.token_env,
+                pauses,
+                service_api.job_json,
+                service.refuses_resume,
+            ),
+        ]
     admin = build_admin_server(config.admin, metrics, readiness, routes)
     try:
         if admin is not None:

@@ -33,7 +33,7 @@ from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
 from ..intervals import subtract
 from ..jobs.catalog import ADDED, DISMISSED, Catalog, Connector, JobDefinition, config_body
-from ..jobs.control import history_window, run_cancellable
+from ..jobs.control import history_window, register_live_jobs, run_cancellable
 from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, COMPLETED, OPEN, PAUSED, PENDING, Job, JobRecord
 from ..jobs.registry import JobRegistry
@@ -262,11 +262,14 @@ class LiveService:
         for key in undismissed:
             del self.definitions[key]
         keys = self.jobs_of(conn)
+        cursors = await self._cursors(keys)
+        registry = self._p.registry
         for key in keys:
-            if key in records:  # carry the job's counts and times over
-                record = replace(records[key], status=PENDING, next_run_ms=None)
-                self._p.registry.add(Job(record))
-        self._start_jobs(conn, keys, await self._cursors(keys))
+            if key in records and registry.find(key, "live") is None:  # counts carried over
+                registry.add(Job(replace(records[key], status=PENDING, next_run_ms=None)))
+        fresh = [k for k in keys if k not in records and registry.find(k, "live") is None]
+        await register_live_jobs(registry, self._p.state, fresh, cursors)
+        self._start_jobs(conn, keys, cursors)
 
     async def _open_checked(self, config: ExchangeConfig) -> ExchangeRuntime:
         try:
@@ -282,8 +285,7 @@ class LiveService:
             conn = self.opened.get(exchange)
             if enabled and conn is None:
                 await self._reopen(connector.config)
-            elif conn is not None:
-                self._pause_or_resume(exchange, enabled)
+            self._pause_or_resume(exchange, enabled)
             connector = replace(connector, enabled=enabled)
             await self._p.catalog.save_connectors([connector])
             self.connectors[exchange] = connector
