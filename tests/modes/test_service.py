@@ -202,9 +202,8 @@ def test_connector_upsert_is_idempotent_and_disable_stops_its_requests(
     restarted = Collector(tmp_path / "config.yaml", port, "--mode=live")
     restarted_at = time.monotonic()
     try:
-        [binance] = restarted.wait_until(
-            lambda: send(port, "GET", "/connectors")[1]["connectors"], what="the API"
-        )
+        restarted.wait_until(lambda: restarted.named("live_started"), what="the service")
+        [binance] = send(port, "GET", "/connectors")[1]["connectors"]
         assert binance["enabled"] is False and binance["symbols"] == ["BTC/USDT", "XRP/USDT"]
         assert binance["rate_limit_state"] is None and job_ids(port) == []
         assert rig.fake.request_log()[-1].time < restarted_at  # nothing asked, markets neither
@@ -214,6 +213,7 @@ def test_connector_upsert_is_idempotent_and_disable_stops_its_requests(
             lambda: restarted.job(xrp)["runs_total"] >= 1 and restarted.job(xrp), what="XRP runs"
         )
         assert xrp_job["status"] == "RUNNING" and xrp_job["last_error"] is None
+        assert xrp_job["rows"] >= INITIAL and xrp_job["cursor_ms"]  # carried over
     finally:
         assert restarted.stop() == 0
 

@@ -22,8 +22,9 @@ Changes are made one at a time (a lock), so two requests never interleave their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,6 +95,15 @@ class LiveService:
         self._backfills: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._failure: asyncio.Future[None] | None = None
+        self._started = False  # changes are refused until `run` has started every job
+
+    @contextlib.asynccontextmanager
+    async def _change(self) -> AsyncIterator[None]:
+        """One change at a time, and only once the service runs (else 503)."""
+        if not self._started:
+            raise Refused(503, "the collector is starting; try again in a moment")
+        async with self._lock:
+            yield
 
     # -- start and run
     async def open_enabled(self, opener: Opener, only: tuple[str, ...] = ()) -> None:
@@ -129,6 +139,7 @@ class LiveService:
             await p.indicators.repair(DurableWriter(p.store, p.policy, p.events).write_as_is)
         for conn in self.opened.values():
             self._start_jobs(conn, self.jobs_of(conn), cursors)
+        self._started = True
         self._p.events.info("live_started", f"{self.job_count()} jobs going live")
         try:
             await self._failure
@@ -230,7 +241,7 @@ class LiveService:
     # -- connectors
     async def put_connector(self, config: ExchangeConfig) -> tuple[bool, Connector]:
         """Upsert; (created, connector). The same block again changes nothing."""
-        async with self._lock:
+        async with self._change():
             known = self.connectors.get(config.id)
             if known is not None and config_body(known.config) == config_body(config):
                 return False, known
@@ -280,7 +291,7 @@ class LiveService:
             raise Refused(400, f"could not open {config.id}: {exc}") from None
 
     async def set_enabled(self, exchange: str, enabled: bool) -> Connector:
-        async with self._lock:
+        async with self._change():
             connector = self._connector(exchange)
             conn = self.opened.get(exchange)
             if enabled and conn is None:
@@ -331,7 +342,7 @@ class LiveService:
     # -- jobs
     async def add_job(self, key: JobKey, schedule: Schedule) -> tuple[bool, Job]:
         """A live job of the series; (created, job). One that exists is left as it is."""
-        async with self._lock:
+        async with self._change():
             conn = self._enabled(key.exchange)
             source = conn.runtime.source
             try:
@@ -354,7 +365,7 @@ class LiveService:
 
     async def delete_job(self, job: Job) -> None:
         """Stop and forget the job; a declared one stays away until a PUT declares it."""
-        async with self._lock:
+        async with self._change():
             key = job.key
             if job.record.mode == "history":
                 if job.status in OPEN:
@@ -377,7 +388,7 @@ class LiveService:
 
     async def backfill(self, key: JobKey, start_ms: int, end_ms: int) -> Job:
         """A history job of the series over [start, end), started now (202)."""
-        async with self._lock:
+        async with self._change():
             conn = self._enabled(key.exchange)
             registry = self._p.registry
             earlier = registry.find(key, "history")
