@@ -3,32 +3,19 @@ disabled and enabled, all while it runs; real ccxt against the fake exchange, Du
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
 from collector_support import DAY_MS, FROZEN_NOW_S
 from fake_exchange import SymbolSpec, expected_candles
-from jobs_support import Collector, free_port, stored
+from jobs_support import Collector, free_port, send, stored
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
 MIN = 60_000
 INITIAL = 30
 BTC, ETH = "binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live"
-
-
-def send(port: int, method: str, path: str, body: Any = None, raw: bytes | None = None):
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture
