@@ -37,6 +37,7 @@ from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .modes.handover import hand_over
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings
@@ -44,6 +45,7 @@ from .modes.service import LiveService, Opener, ServiceParts
 from .observability.events import EventLog
 from .observability.metrics import Metrics
 from .store import CandleStore, build_store
+from .store.duckdb_store import held_by_another_process
 
 
 def history_settings(config: Config) -> HistorySettings:
@@ -182,6 +184,11 @@ async def _run_mode(
         ]
     admin = build_admin_server(config.admin, metrics, readiness, routes)
     try:
+        if not live:
+            # The store first, before any exchange request: one a daemon holds is handed over.
+            handed = await _ensure_or_hand_over(store, config, admin_token, request, events)
+            if handed is not None:
+                return handed
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
@@ -202,7 +209,8 @@ async def _run_mode(
                 raise failure
             await state.open()
             keys = [k for rt in runtimes for k in rt.keys]
-        await store.ensure()
+        if live:
+            await store.ensure()
         # One query serves both: indicator states are checked against it, and it gives live
         # mode its cursors (on BigQuery each query scans the table).
         newest_closed = await store.newest(keys) if live or indicators is not None else {}
@@ -233,6 +241,27 @@ async def _run_mode(
         raise
     finally:
         await asyncio.shield(_close_all(runtimes, store, state, admin, indicators, service))
+
+
+async def _ensure_or_hand_over(
+    store: CandleStore,
+    config: Config,
+    admin_token: str | None,
+    request: RunRequest,
+    events: EventLog,
+) -> int | None:
+    """Ensure the store; when another process holds it and a daemon answers at the admin
+    address, run the request through that daemon and return the exit code (see `handover`)."""
+    try:
+        await store.ensure()
+        return None
+    except StoreFault as exc:
+        if not held_by_another_process(exc):
+            raise
+        handed = await hand_over(config.admin, admin_token, request, events)
+        if handed is None:
+            raise
+        return handed
 
 
 async def _close_all(

@@ -46,6 +46,13 @@ PIPELINE_PAGES = 1
 T = TypeVar("T")
 
 
+def held_by_another_process(exc: BaseException) -> bool:
+    """`exc` (a fault from `ensure`) says another process holds the file's lock; DuckDB's
+    message names that process and its PID."""
+    cause = exc.__cause__
+    return isinstance(cause, duckdb.IOException) and "Conflicting lock" in str(cause)
+
+
 def duckdb_fault(exc: BaseException, doing: str) -> StoreFault | None:
     """`exc` as the store error it means, by DuckDB's exception family (PEP 249's); None for
     an exception that is not DuckDB's or the file system's (a bug: it propagates as it is)."""
