@@ -19,6 +19,9 @@ from ..observability.metrics import CONTENT_TYPE, Metrics
 # Returns None when ready, else a short reason. Must not raise; if it does, that is the reason.
 Readiness = Callable[[], Awaitable[str | None]]
 READINESS_TIMEOUT_S = 2.0  # below a typical probe timeout, so the probe sees our 503
+# How long a stop waits for requests still being answered (a progress stream never ends by
+# itself) before cancelling them: the process's whole stop budget is 1 s.
+SHUTDOWN_TIMEOUT_S = 0.2
 
 
 class AdminServer:
@@ -57,7 +60,9 @@ class AdminServer:
 
     async def start(self) -> None:
         # No access log: stdout carries only the interface's JSON events.
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._requested_port)
