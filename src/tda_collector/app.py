@@ -37,11 +37,12 @@ from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .modes.daemon_backfill import ServiceParts
 from .modes.handover import hand_over
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings
-from .modes.service import LiveService, Opener, ServiceParts
+from .modes.service import LiveService, Opener
 from .observability.events import EventLog
 from .observability.metrics import Metrics
 from .store import CandleStore, build_store

@@ -1,8 +1,9 @@
 """Live mode: every candle as it closes, the open one refreshed, holes after downtime repaired.
 
-Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant and
-then syncs: it fetches everything after its cursor (the newest stored closed candle) up to and
-including the candle in progress, writes it, and moves the cursor. Due instants come from the
+Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant (by
+its schedule: each candle close and open-candle refresh, or a cron's instants) and then syncs:
+it fetches everything after its cursor (the newest stored closed candle) up to and including
+the candle in progress, writes it, and moves the cursor. Due instants come from the
 clock, not from sleeping fixed intervals, so there is no drift; a run that overruns its next due
 instant skips it rather than piling up. After downtime the first sync pages through the hole
 (within the shared budget) before the job is live again, so catch-up needs no special mode.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ExchangeFault, PermanentFault, StoreFault
@@ -32,11 +33,8 @@ from ..models import CandleBatch, JobKey
 from ..normalize import Window
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from ..retry import RetryPolicy
-from ..store import CandleStore
 from ..timeframes import Grid, grid_of
 from .durable_writer import DurableWriter
-from .indicator_stage import IndicatorStage
 from .pipeline import DRAIN_ON_STOP_S, PageStep, ShieldedWrites, proven_span
 
 if TYPE_CHECKING:
@@ -354,48 +352,3 @@ async def prepare_live(
         close_s = (grids.get(key) or grid_of(key.timeframe)).next_open(open_ms) / 1000
         metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
     return grids
-
-
-async def run_live(
-    settings: LiveSettings,
-    events: EventLog,
-    runtimes: list[ExchangeRuntime],
-    store: CandleStore,
-    state: StateStore,
-    retry_policy: RetryPolicy,
-    metrics: Metrics,
-    indicators: IndicatorStage | None = None,
-    registry: JobRegistry | None = None,
-    *,
-    cursors: Mapping[JobKey, int],
-) -> int:
-    """Run every configured job live until cancelled (SIGTERM/SIGINT), each from its cursor:
-    the newest stored closed candle, as the store reported it at start."""
-    keys = [k for rt in runtimes for k in rt.keys]
-    registry = registry or JobRegistry("live", state, metrics, events)
-    grids = await prepare_live(registry, state, runtimes, keys, cursors, metrics)
-    if indicators is not None:
-        repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
-        await indicators.repair(repair_writer.write_as_is)
-    exchanges = []
-    for rt in runtimes:
-        exchange_events = events.bind(exchange=rt.config.id)
-        live = LiveExchange(
-            rt.fetcher,
-            DurableWriter(
-                store, retry_policy, exchange_events, metrics=metrics, indicators=indicators
-            ),
-            state,
-            exchange_events,
-            replace(
-                settings,
-                page_limit=min(settings.page_limit, rt.source.capabilities.max_page_size),
-            ),
-            metrics,
-            registry=registry,
-        )
-        jobs = [LiveJob(k, grids[k], cursors.get(k)) for k in rt.keys]
-        exchanges.append(live.run(jobs))
-    events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
-    await asyncio.gather(*exchanges)
-    return 0

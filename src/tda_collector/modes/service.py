@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,21 +32,14 @@ from ..errors import UsageError
 from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
 from ..intervals import subtract
-from ..jobs.catalog import ADDED, DISMISSED, Catalog, Connector, JobDefinition, config_body
+from ..jobs.catalog import ADDED, DISMISSED, Connector, JobDefinition, config_body
 from ..jobs.control import history_window, register_live_jobs, run_cancellable
-from ..jobs.ledger import StateStore
-from ..jobs.model import CANCELLED, COMPLETED, OPEN, PAUSED, PENDING, Job, JobRecord
-from ..jobs.registry import JobRegistry
+from ..jobs.model import OPEN, PAUSED, PENDING, Job, JobRecord
 from ..jobs.schedule import EACH_CLOSE, Schedule
 from ..models import JobKey
-from ..observability.events import EventLog
-from ..observability.metrics import Metrics
-from ..retry import RetryPolicy
-from ..store import CandleStore
-from .backfill import HistoryBackfill, HistoryOutcome
+from .daemon_backfill import DaemonBackfills, ServiceParts
 from .durable_writer import DurableWriter
-from .indicator_stage import IndicatorStage
-from .live import LiveExchange, LiveJob, LiveSettings, prepare_live
+from .live import LiveExchange, LiveJob, prepare_live
 
 Opener = Callable[[ExchangeConfig], Awaitable[ExchangeRuntime]]
 
@@ -69,22 +61,6 @@ class _Open:
     tasks: dict[JobKey, asyncio.Task[bool]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ServiceParts:
-    """What the service writes with and reports to (built once by the app)."""
-
-    settings: LiveSettings
-    history_page_limit: int
-    events: EventLog
-    store: CandleStore
-    state: StateStore
-    catalog: Catalog
-    policy: RetryPolicy
-    metrics: Metrics
-    registry: JobRegistry
-    indicators: IndicatorStage | None = None
-
-
 class LiveService:
     def __init__(self, parts: ServiceParts, opener: Opener, connectors: list[Connector]) -> None:
         self._p = parts
@@ -92,7 +68,7 @@ class LiveService:
         self.connectors = {c.id: c for c in connectors}
         self.definitions: dict[JobKey, JobDefinition] = {}
         self.opened: dict[str, _Open] = {}
-        self._backfills: set[asyncio.Task[None]] = set()
+        self._backfills = DaemonBackfills(parts)
         self._lock = asyncio.Lock()
         self._failure: asyncio.Future[None] | None = None
         self._started = False  # changes are refused until `run` has started every job
@@ -223,7 +199,7 @@ class LiveService:
         tasks: list[asyncio.Task[Any]] = [
             t for conn in self.opened.values() for t in conn.tasks.values()
         ]
-        tasks.extend(self._backfills)
+        tasks.extend(self._backfills.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -411,58 +387,5 @@ class LiveService:
                 cursor_ms=gaps[0][0] if gaps else end,
             )
             job = registry.add(Job(record))
-            task = asyncio.create_task(self._run_backfill(conn, job))
-            self._backfills.add(task)
-            task.add_done_callback(self._backfills.discard)
+            self._backfills.start(conn.runtime, job)
             return job
-
-    async def _run_backfill(self, conn: _Open, job: Job) -> None:
-        p, registry = self._p, self._p.registry
-        events = p.events.bind(exchange=job.key.exchange)
-        fetcher = conn.runtime.fetcher.background(lambda key: registry.check(key, "history"))
-        writer = DurableWriter(
-            p.store, p.policy, events, metrics=p.metrics, indicators=p.indicators
-        )
-        backfill = HistoryBackfill(
-            fetcher, writer, p.state, events, p.history_page_limit, p.metrics, registry
-        )
-        started = time.monotonic()
-        outcome = HistoryOutcome()
-        try:
-            while job.status in OPEN:
-                if job.status == PENDING:
-                    registry.apply(job, "start")
-                outcome = HistoryOutcome()
-                job.active = True
-                try:
-                    if not await run_cancellable(job, backfill.run_job(job, outcome)):
-                        return
-                finally:
-                    job.active = False
-                if outcome.status == PAUSED:
-                    await job.wait_unpaused()
-                elif outcome.status == COMPLETED:
-                    registry.apply(job, "complete")
-                else:
-                    registry.apply(job, "fail", error=outcome.error or "failed")
-        finally:
-            await backfill.drain(None if job.status != CANCELLED else 1.0)
-            self._ran_backfill(job, outcome, time.monotonic() - started)
-        if p.indicators is not None:
-            await p.indicators.repair(DurableWriter(p.store, p.policy, events).write_as_is)
-
-    def _ran_backfill(self, job: Job, outcome: HistoryOutcome, seconds: float) -> None:
-        self._p.metrics.job_run(job.key.exchange, "history", seconds)
-        log = self._p.events.info if job.status == COMPLETED else self._p.events.warning
-        log(
-            "job_run",
-            f"{job.id}: {job.status}, {job.record.rows} rows",
-            exchange=job.key.exchange,
-            symbol=job.key.symbol,
-            timeframe=job.key.timeframe,
-            job=job.id,
-            status=job.status,
-            rows=job.record.rows,
-            duration_ms=round(seconds * 1000, 1),
-            error=outcome.error,
-        )
