@@ -273,3 +273,41 @@ def test_bad_input_on_every_new_endpoint_changes_nothing(exchange_rig, tmp_path,
 
 def answer_state(port: int) -> dict[str, Any]:
     return send(port, "GET", "/connectors/binance")[1]["rate_limit_state"]
+
+
+def test_off_loopback_every_change_needs_the_token(exchange_rig, tmp_path, specs, monkeypatch):
+    monkeypatch.setenv("TDA_ADMIN_TOKEN", "s3cret-token")
+    rig = exchange_rig(specs)
+    port = free_port()
+    config = rig.config(
+        ["BTC/USDT"], live_initial_candles=INITIAL, admin={"host": "0.0.0.0", "port": port}
+    )
+    collector = Collector(config, port, "--mode=live")
+
+    def authorised(method: str, path: str, body: Any = None):
+        return send(port, method, path, body, token="s3cret-token")
+
+    try:
+        collector.wait_until(lambda: collector.named("live_started"), what="live")
+        connectors = authorised("GET", "/connectors")[1]
+        changes = [
+            (
+                "PUT",
+                "/connectors/binance",
+                {**connectors["connectors"][0], "symbols": ["ETH/USDT"]},
+            ),
+            ("POST", "/connectors/binance/disable", None),
+            ("POST", "/jobs", {"exchange": "binance", "symbol": "ETH/USDT", "timeframe": "1m"}),
+            ("DELETE", f"/jobs/{BTC}", None),
+            ("POST", f"/jobs/{BTC}/backfill", {"start": "2024-02-28"}),
+        ]
+        for method, path, body in changes:
+            for token in (None, "wrong"):
+                status, answer = send(port, method, path, body, token=token)
+                assert status == 401 and answer == {"error": "a valid bearer token is required"}
+        assert authorised("GET", "/connectors")[1]["connectors"][0]["enabled"] is True
+        assert [j["id"] for j in authorised("GET", "/jobs")[1]["jobs"]] == [BTC]
+        status, answer = authorised("POST", "/jobs", changes[2][2])
+        assert status == 201 and answer["job"]["id"] == ETH
+    finally:
+        assert collector.stop() == 0
