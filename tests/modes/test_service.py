@@ -92,12 +92,24 @@ def test_post_jobs_collects_the_series_once_and_delete_stops_it(exchange_rig, tm
     assert eth[:-1] == latest_closed(specs[1], INITIAL) and eth[-1][0] == NOW_MS - NOW_MS % MIN
 
     restarted = start_live(rig)  # the added job persists, the deleted one stays away
+    port = restarted.port
     try:
-        assert job_ids(restarted.port) == [BTC, "binance:SOL-USDT:1m:live"]
+        assert job_ids(port) == [BTC, "binance:SOL-USDT:1m:live"]
         sol = restarted.job("binance:SOL-USDT:1m:live")
         assert sol["schedule"] == cron["schedule"]
+        # A job the file declares, deleted: gone, and still gone after a restart.
+        assert send(port, "DELETE", f"/jobs/{BTC}")[0] == 200
     finally:
-        restarted.stop()
+        assert restarted.stop() == 0
+    again = Collector(tmp_path / "config.yaml", port, "--mode=live")
+    try:
+        again.wait_until(lambda: again.named("live_started"), what="live")
+        assert job_ids(port) == ["binance:SOL-USDT:1m:live"]
+        status, answer = send(port, "POST", "/jobs", {**body, "symbol": "BTC/USDT"})
+        assert status == 201 and answer["job"]["id"] == BTC  # brought back by adding it
+        again.wait_until(lambda: again.job(BTC)["runs_total"] >= 1, what="BTC runs again")
+    finally:
+        assert again.stop() == 0
 
 
 def test_a_backfill_inside_the_live_daemon_stores_exactly_the_exchanges_candles(
@@ -254,6 +266,7 @@ def test_bad_input_on_every_new_endpoint_changes_nothing(exchange_rig, tmp_path,
             ({"symbols": ["BTC/USDT"], "timeframes": ["7x"]}, "timeframes"),
             ({"symbols": ["BTC/USDT"], "rate_limit": {"safety": 5}}, "rate_limit.safety"),
             ({"symbols": ["BTC/USDT"], "ccxt": {"apiKey": "k"}}, "ccxt"),
+            ({"symbols": ["BTC/USDT"], "credentials_env": {"apiKey": "HOME"}}, "credentials_env"),
             ({"symbols": [SQL], "ccxt": before_connectors["connectors"][0]["ccxt"]}, "symbol"),
         ]
         for body, named in bad_connectors:

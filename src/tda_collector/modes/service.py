@@ -61,6 +61,22 @@ class _Open:
     tasks: dict[JobKey, asyncio.Task[bool]] = field(default_factory=dict)
 
 
+def _check_secrets_stay(known: Connector | None, config: ExchangeConfig) -> None:
+    """Credentials come only from variables the config file names: the API may neither name
+    other variables (their values would be sent to the exchange) nor re-point a connector with
+    credentials elsewhere (`ccxt`: its URLs), so a PUT cannot send a secret anywhere."""
+    filed = (
+        ExchangeConfig.model_validate_json(known.file_body) if known and known.file_body else None
+    )
+    allowed = filed.credentials_env if filed is not None else {}
+    if config.credentials_env != allowed:
+        raise Refused(400, "credentials_env: only the config file may name credential variables")
+    if allowed and known is not None and config.ccxt != known.config.ccxt:
+        raise Refused(
+            400, "ccxt: cannot be changed through the API on a connector with credentials"
+        )
+
+
 class LiveService:
     def __init__(self, parts: ServiceParts, opener: Opener, connectors: list[Connector]) -> None:
         self._p = parts
@@ -221,6 +237,7 @@ class LiveService:
             known = self.connectors.get(config.id)
             if known is not None and config_body(known.config) == config_body(config):
                 return False, known
+            _check_secrets_stay(known, config)
             connector = Connector(config, known.enabled if known else True, None)
             if known is not None:
                 connector = replace(connector, file_body=known.file_body)
