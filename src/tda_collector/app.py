@@ -31,7 +31,7 @@ from .exchange.runtime import (
     retry_policy,
 )
 from .exchange.throttle import Pauses
-from .jobs.catalog import SqliteCatalog, reconcile
+from .jobs.catalog import SqliteCatalog
 from .jobs.control import JobMonitor
 from .jobs.ledger import StateStore
 from .jobs.progress import Progress
@@ -161,7 +161,7 @@ async def _run_mode(
         indicators,
     )
     service = LiveService(
-        parts, _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses), []
+        parts, _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses)
     )
     admin_cfg = config.admin
     routes = jobs_routes(
@@ -195,12 +195,8 @@ async def _run_mode(
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
         if live:
             await state.open()
-            await catalog.open()
-            connectors = reconcile(await catalog.connectors(), config.exchanges)
-            await catalog.save_connectors(connectors)
-            service.connectors = {c.id: c for c in connectors}
             start_opener = _opener(config, request, events, factory, metrics, registry, pauses)
-            await service.open_enabled(start_opener, request.exchanges)
+            await service.open_enabled(start_opener, config.exchanges, request.exchanges)
             keys = service.keys()
         else:
             runtimes, failure = await open_all(

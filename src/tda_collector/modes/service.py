@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
 from ..intervals import subtract
-from ..jobs.catalog import ADDED, DISMISSED, Connector, JobDefinition, config_body
+from ..jobs.catalog import ADDED, DISMISSED, Connector, JobDefinition, config_body, reconcile
 from ..jobs.control import history_window, register_live_jobs, run_cancellable
 from ..jobs.model import OPEN, PAUSED, PENDING, Job, JobRecord
 from ..jobs.schedule import EACH_CLOSE, Schedule
@@ -78,10 +78,10 @@ def _check_secrets_stay(known: Connector | None, config: ExchangeConfig) -> None
 
 
 class LiveService:
-    def __init__(self, parts: ServiceParts, opener: Opener, connectors: list[Connector]) -> None:
+    def __init__(self, parts: ServiceParts, opener: Opener) -> None:
         self._p = parts
         self._opener = opener
-        self.connectors = {c.id: c for c in connectors}
+        self.connectors: dict[str, Connector] = {}
         self.definitions: dict[JobKey, JobDefinition] = {}
         self.opened: dict[str, _Open] = {}
         self._backfills = DaemonBackfills(parts)
@@ -98,11 +98,19 @@ class LiveService:
             yield
 
     # -- start and run
-    async def open_enabled(self, opener: Opener, only: tuple[str, ...] = ()) -> None:
-        """Open every enabled connector (`only`: just these ids) concurrently with `opener`
-        (the start's, which may narrow symbols and timeframes); the first failure is raised
-        once the others are open (they are then closed by `close`)."""
-        self.definitions = {d.key: d for d in await self._p.catalog.definitions()}
+    async def open_enabled(
+        self, opener: Opener, file_blocks: list[ExchangeConfig], only: tuple[str, ...] = ()
+    ) -> None:
+        """Load the catalog with the config file applied (`catalog.reconcile`), then open every
+        enabled connector (`only`: just these ids) concurrently with `opener` (the start's,
+        which may narrow symbols and timeframes); the first failure is raised once the others
+        are open (they are then closed by `close`)."""
+        catalog = self._p.catalog
+        await catalog.open()
+        connectors = reconcile(await catalog.connectors(), file_blocks)
+        await catalog.save_connectors(connectors)
+        self.connectors = {c.id: c for c in connectors}
+        self.definitions = {d.key: d for d in await catalog.definitions()}
         wanted = [c for c in self.connectors.values() if c.enabled and (not only or c.id in only)]
         unknown = [e for e in only if e not in self.connectors]
         if unknown:
