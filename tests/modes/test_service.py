@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 from collector_support import DAY_MS, FROZEN_NOW_S
 from fake_exchange import SymbolSpec, expected_candles
+from fake_okx import FakeOkx
+from fake_okx import ccxt_options as okx_options
 from jobs_support import Collector, free_port, send, stored
+from store_support import read_duckdb_rows
+
+from tda_collector.models import JobKey
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
 MIN = 60_000
@@ -324,3 +329,34 @@ def test_off_loopback_every_change_needs_the_token(exchange_rig, tmp_path, specs
         assert status == 201 and answer["job"]["id"] == ETH
     finally:
         assert collector.stop() == 0
+
+
+def test_a_new_connector_put_at_run_time_is_opened_and_collected(exchange_rig, tmp_path, specs):
+    rig = exchange_rig(specs)
+    collector = start_live(rig)
+    port = collector.port
+    okx_id = "okx:ETH-USDT:1m:live"
+    with FakeOkx([SymbolSpec("ETH/USDT")], clock=lambda: FROZEN_NOW_S) as okx:
+        try:
+            block = {
+                "symbols": ["ETH/USDT"],
+                "timeframes": ["1m"],
+                "ccxt": okx_options(okx.base_url),
+            }
+            status, created = send(port, "PUT", "/connectors/okx", block)
+            assert status == 201 and created["id"] == "okx" and created["enabled"] is True
+            assert created["rate_limit_state"]["limit"] >= 1
+            collector.wait_until(lambda: collector.job(okx_id)["rows"] >= INITIAL, what="okx rows")
+            assert send(port, "PUT", "/connectors/okx", block)[0] == 200
+            listed = send(port, "GET", "/connectors")[1]["connectors"]
+            assert [c["id"] for c in listed] == ["binance", "okx"]
+            assert job_ids(port) == [BTC, okx_id]
+        finally:
+            assert collector.stop() == 0
+    rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("okx", "ETH/USDT", "1m"))
+    closed = [
+        (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
+        for r in rows
+        if r["is_closed"]
+    ]
+    assert closed == latest_closed(SymbolSpec("ETH/USDT"), INITIAL)
