@@ -82,3 +82,36 @@ def test_live_closes_stay_within_their_bound_while_a_backfill_uses_the_budget(
     stamps = [r[0] for r in live]
     assert stamps == list(range(stamps[0], stamps[0] + len(stamps) * MIN, MIN))
     assert live[:-1] == [candle("BTC/USDT", "1m", t) for t in stamps[:-1]]
+
+
+def test_a_connector_enabled_again_catches_up_the_closes_it_missed(exchange_rig, tmp_path):
+    clock = ShiftedClock(seconds_into_minute=52)
+    spec = SymbolSpec("BTC/USDT")
+    rig = exchange_rig([spec], clock=clock)
+    port = free_port()
+    config = rig.config(
+        ["BTC/USDT"],
+        live_initial_candles=5,
+        live_settle_seconds=0.5,
+        update_interval_seconds=600,
+        admin={"host": "127.0.0.1", "port": port},
+    )
+    collector = Collector(config, port, "--mode=live")
+    try:
+        collector.wait_until(lambda: collector.named("live_cycle_complete"), what="live")
+        assert send(port, "POST", "/connectors/binance/disable")[0] == 200
+        disabled_at = time.monotonic()
+        missed_close = (int(clock() * 1000) // MIN + 1) * MIN  # the next candle closes here
+        time.sleep(max(0.0, missed_close / 1000 - clock()) + 2.0)
+        assert [r for r in rig.fake.klines_requests() if r.time > disabled_at + 0.3] == []
+        assert send(port, "POST", "/connectors/binance/enable")[0] == 200
+        collector.wait_until(
+            lambda: collector.job(BTC)["cursor_ms"] >= missed_close - MIN, what="the catch-up"
+        )
+    finally:
+        assert collector.stop() == 0
+    closed = [r for r in stored(tmp_path, "BTC/USDT") if r[0] < missed_close]
+    stamps = [r[0] for r in closed]
+    assert stamps[-1] == missed_close - MIN  # the candle that closed while disabled
+    assert stamps == list(range(stamps[0], missed_close, MIN))
+    assert closed == [candle("BTC/USDT", "1m", t) for t in stamps]
