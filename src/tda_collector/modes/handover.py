@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,9 @@ import aiohttp
 from ..config import AdminConfig
 from ..errors import EXIT_JOBS_FAILED, EXIT_OK, UsageError
 from ..exchange.runtime import RunRequest
+from ..jobs.model import STATUSES
+from ..jobs.progress import RateWindow, Summary
+from ..jobs.progress_bar import ProgressBar, terminal_bar
 from ..observability.events import EventLog
 
 POLL_S = 1.0
@@ -50,6 +54,24 @@ def selected(jobs: list[dict[str, Any]], request: RunRequest) -> list[dict[str, 
         )
 
     return [job for job in jobs if job["mode"] == "live" and wanted(job)]
+
+
+def summary_of(jobs: list[dict[str, Any]], candles_per_s: float | None) -> Summary:
+    """The followed backfills as a history run's progress (what its events and bar show)."""
+    counts = Counter({status: 0 for status in STATUSES})
+    counts.update(j["status"] for j in jobs)
+    covered = sum(j["covered"] or 0.0 for j in jobs) / len(jobs) if jobs else None
+    return Summary(
+        mode="history",
+        counts=dict(counts),
+        candles=sum(j["rows"] for j in jobs),
+        covered=covered,
+        candles_per_s=candles_per_s,
+        jobs_per_s=None,
+        eta_s=None,
+        exchanges=[],
+        updated_ms=int(time.time() * 1000),
+    )
 
 
 class Handover:
@@ -102,32 +124,36 @@ class Handover:
         return self._summarise(final, time.monotonic() - started)
 
     async def _follow(self, ids: list[str]) -> list[dict[str, Any]]:
-        last_event = -PROGRESS_EVENT_S
-        while True:
-            current = []
-            for job_id in ids:
-                status, job = await self._call("GET", f"/jobs/{job_id}")
-                if status != 200:
-                    raise UsageError(f"the daemon lost the backfill {job_id} ({status})")
-                current.append(job)
-            done = [j for j in current if j["status"] in TERMINAL]
-            now = time.monotonic()
-            if len(done) == len(current) or now - last_event >= PROGRESS_EVENT_S:
-                last_event = now
-                covered = sum(j["covered"] or 0.0 for j in current) / len(current)
-                rows = sum(j["rows"] for j in current)
-                self._events.info(
-                    "progress",
-                    f"{len(done)}/{len(current)} jobs done, {covered:.1%} covered, {rows:,} "
-                    "candles (in the daemon)",
-                    jobs=len(current),
-                    done=len(done),
-                    rows=rows,
-                    covered=round(covered, 6),
-                )
-            if len(done) == len(current):
-                return current
-            await asyncio.sleep(POLL_S)
+        """Poll the backfills once a second to their end: `progress` events every few seconds
+        and, on a terminal, the usual bar."""
+        bar: ProgressBar | None = terminal_bar("history", self._events.logger)
+        rate = RateWindow()
+        last_event: float | None = None
+        try:
+            while True:
+                current = [await self._job(job_id) for job_id in ids]
+                now = time.monotonic()
+                candles = sum(j["rows"] for j in current)
+                summary = summary_of(current, rate.rate(now, candles))
+                rate.sample(now, candles)
+                if bar is not None:
+                    (bar.open if last_event is None else bar.update)(summary)
+                finished = summary.done == summary.total
+                if finished or last_event is None or now - last_event >= PROGRESS_EVENT_S:
+                    last_event = now
+                    self._events.info("progress", summary.line(), **summary.event_fields())
+                if finished:
+                    return current
+                await asyncio.sleep(POLL_S)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def _job(self, job_id: str) -> dict[str, Any]:
+        status, job = await self._call("GET", f"/jobs/{job_id}")
+        if status != 200:
+            raise UsageError(f"the daemon lost the backfill {job_id} ({status})")
+        return dict(job)
 
     def _summarise(self, jobs: list[dict[str, Any]], seconds: float) -> int:
         failed = [j for j in jobs if j["status"] == "FAILED"]
