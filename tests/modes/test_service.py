@@ -197,6 +197,16 @@ def test_connector_upsert_is_idempotent_and_disable_stops_its_requests(
         )
         assert {j["status"] for j in send(port, "GET", "/jobs")[1]["jobs"]} == {"RUNNING"}
 
+        # Changed while disabled: enabling opens it with the new block.
+        assert send(port, "POST", "/connectors/binance/disable")[0] == 200
+        status, answer = send(port, "PUT", "/connectors/binance", {**changed, "timeframes": ["1h"]})
+        assert status == 200 and answer["enabled"] is False and job_ids(port) == []
+        assert send(port, "POST", "/connectors/binance/enable")[0] == 200
+        hourly = ["binance:BTC-USDT:1h:live", "binance:XRP-USDT:1h:live"]
+        collector.wait_until(lambda: job_ids(port) == hourly, what="the hourly jobs")
+        assert send(port, "PUT", "/connectors/binance", changed)[0] == 200  # back to 1m
+        assert sorted(job_ids(port)) == [BTC, xrp]
+
         assert send(port, "POST", "/connectors/binance/disable")[0] == 200
     finally:
         assert collector.stop() == 0

@@ -117,12 +117,12 @@ class JobRegistry:
 
     def remove(self, job: Job) -> None:
         """Forget a job that is not running any more (deleted, or replaced by a new one of the
-        same id); its saved row stays, as a new job of that series carries its counts over."""
+        same id). Its row is still saved by the next `flush` and stays in the state store: a
+        new job of that series carries its counts over."""
         if self.jobs.get(job.id) is not job:
             return
         del self.jobs[job.id]
         del self._by_key[job.key, job.record.mode]
-        self._dirty.pop(job.id, None)
         tally = self.tally(job.key.exchange)
         tally.drop(job.status, job.record.rows, job.slots, self._uncovered(job))
         if self._metrics is not None:

@@ -45,7 +45,7 @@ Opener = Callable[[ExchangeConfig], Awaitable[ExchangeRuntime]]
 
 
 class Refused(Exception):
-    """A change the service will not make: `status` is the HTTP answer (400, 404, 409)."""
+    """A change the service will not make: `status` is the HTTP answer (400, 404, 409, 503)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -202,8 +202,9 @@ class LiveService:
         if self._failure is not None and not self._failure.done():
             self._failure.set_exception(task.exception() or RuntimeError("job task died"))
 
-    async def _stop_jobs(self, conn: _Open, keys: list[JobKey]) -> list[Job]:
-        """Cancel these jobs' tasks and forget the jobs; returns them (for their records)."""
+    async def _stop_jobs(self, conn: _Open, keys: list[JobKey], log: bool = True) -> list[Job]:
+        """Cancel these jobs' tasks and forget the jobs (a `job_cancelled` event each when
+        `log`: they were deleted, not moved); returns them, for their records."""
         stopped = []
         for key in keys:
             task = conn.tasks.pop(key, None)
@@ -211,7 +212,7 @@ class LiveService:
             if handle is None:
                 continue
             if handle.status in OPEN:
-                self._p.registry.command(handle, "cancel")
+                self._p.registry.command(handle, "cancel", log=log)
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -251,6 +252,8 @@ class LiveService:
                 connector = replace(connector, file_body=known.file_body)
             if connector.enabled:
                 await self._reopen(config)
+            else:  # enabling opens it anew, with this block
+                await self._close_connection(config.id)
             await self._p.catalog.save_connectors([connector])
             self.connectors[config.id] = connector
             self._p.events.info(
@@ -258,15 +261,23 @@ class LiveService:
             )
             return known is None, connector
 
+    async def _close_connection(self, exchange: str) -> dict[JobKey, JobRecord]:
+        """Stop the open connector's live jobs and close its exchange; returns the jobs'
+        records (saved too, so that opening it again carries them over)."""
+        old = self.opened.pop(exchange, None)
+        if old is None:
+            return {}
+        records = {
+            job.key: job.record for job in await self._stop_jobs(old, list(old.tasks), False)
+        }
+        await old.live.drain()
+        await old.runtime.source.close()
+        await self._p.registry.flush()
+        return records
+
     async def _reopen(self, config: ExchangeConfig) -> None:
         runtime = await self._open_checked(config)
-        old = self.opened.pop(config.id, None)
-        records: dict[JobKey, JobRecord] = {}
-        if old is not None:
-            for job in await self._stop_jobs(old, list(old.tasks)):
-                records[job.key] = job.record
-            await old.live.drain()
-            await old.runtime.source.close()
+        records = await self._close_connection(config.id)
         conn = self.opened[config.id] = _Open(runtime, self._live_of(runtime))
         # A PUT declares anew: what it declares again is no longer dismissed.
         undismissed = [k for k in runtime.keys if k in self.definitions]
