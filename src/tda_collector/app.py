@@ -108,16 +108,28 @@ def _opener(
     metrics: Metrics,
     registry: JobRegistry,
     pauses: Pauses,
+    patient: bool = True,
 ) -> Opener:
     """How the live service opens a connector: as `open_exchange` does at start (with the
-    command line's narrowing in `request`), its budget then shown in /progress."""
+    command line's narrowing in `request`), its budget then shown in /progress. Not `patient`
+    (a change through the API, which must answer), an exchange that cannot be reached fails
+    after the retry policy's attempts instead of being waited for."""
     policy = retry_policy(config.retry)
     filed = [e.id for e in config.exchanges]
 
     async def open_one(cfg: ExchangeConfig) -> ExchangeRuntime:
         position = filed.index(cfg.id) if cfg.id in filed else len(filed)
         rt = await open_exchange(
-            cfg, request, events, policy, factory, metrics, position, registry.check, pauses
+            cfg,
+            request,
+            events,
+            policy,
+            factory,
+            metrics,
+            position,
+            registry.check,
+            pauses,
+            patient,
         )
         _track_budgets(registry, [rt])
         return rt
@@ -161,7 +173,8 @@ async def _run_mode(
         indicators,
     )
     service = LiveService(
-        parts, _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses)
+        parts,
+        _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses, False),
     )
     admin_cfg = config.admin
     routes = jobs_routes(

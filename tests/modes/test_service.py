@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from collector_support import DAY_MS, FROZEN_NOW_S
+from collector_support import DAY_MS, FROZEN_NOW_S, ccxt_options
 from fake_exchange import SymbolSpec, expected_candles
 from fake_okx import FakeOkx
 from fake_okx import ccxt_options as okx_options
@@ -287,6 +287,11 @@ def test_bad_input_on_every_new_endpoint_changes_nothing(exchange_rig, tmp_path,
         for body, named in bad_connectors:
             status, answer = send(port, "PUT", "/connectors/binance", body)
             assert status == 400 and named in answer["error"], (body, answer)
+        dead = ccxt_options(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        status, answer = send(
+            port, "PUT", "/connectors/binance", {"symbols": ["BTC/USDT"], "ccxt": dead}
+        )
+        assert status == 400 and answer["error"].startswith("could not open binance")
         status, answer = send(port, "PUT", "/connectors/Bad%20Id", {"symbols": ["BTC/USDT"]})
         assert status == 400 and answer["error"].startswith("id:")
         assert send(port, "GET", "/jobs")[1]["total"] == before_jobs
