@@ -8,6 +8,7 @@ The config is read here and nowhere below: the modes get their settings objects
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
-from .admin.jobs_api import jobs_routes, routes_access
+from .admin.jobs_api import describe_job, jobs_routes, routes_access
 from .admin.server import AdminServer, build_admin_server
 from .admin.service_api import ServiceApi
 from .config import Config, ExchangeConfig
@@ -177,12 +178,19 @@ async def _run_mode(
         _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses, False),
     )
     admin_cfg = config.admin
+    owner = instance_name()
     routes = jobs_routes(
-        registry, progress, admin_cfg.host, admin_token, admin_cfg.token_env, pauses
+        registry,
+        progress,
+        admin_cfg.host,
+        admin_token,
+        admin_cfg.token_env,
+        pauses,
+        functools.partial(describe_job, owner=owner),
     )
     if live:  # the service's routes first: `/jobs/{id}/{action}` would take `backfill`
         access = routes_access(admin_cfg.host, admin_token, admin_cfg.token_env)
-        service_api = ServiceApi(service, registry, access, instance_name())
+        service_api = ServiceApi(service, registry, access, owner)
         routes = [
             *service_api.routes(),
             *jobs_routes(

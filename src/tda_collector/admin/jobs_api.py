@@ -43,6 +43,8 @@ from ..jobs.model import (
 )
 from ..jobs.progress import Progress
 from ..jobs.registry import JobRegistry
+from ..jobs.schedule import EACH_CLOSE
+from ..timeframes import iso_utc
 from .status_page import STATUS_PAGE
 
 _FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
@@ -54,6 +56,26 @@ ResumeGuard = Callable[[Job], str | None]  # why a job may not be resumed now, o
 
 def record_json(job: Job) -> dict[str, object]:
     return job.record.to_json()
+
+
+def describe_job(job: Job, owner: str) -> dict[str, object]:
+    """The job as the API shows it: its record, with times as ISO too, its schedule (live), its
+    runs so far (live: runs started by this process; history: pages stored) and its `owner`,
+    the instance running it."""
+    record = job.record
+    live = record.mode == "live"
+    return {
+        **record.to_json(),
+        "schedule": (job.schedule or EACH_CLOSE.to_json()) if live else None,
+        "last_run": iso_ms(record.last_run_ms),
+        "next_run": iso_ms(record.next_run_ms),
+        "runs_total": job.runs if live else record.pages,
+        "owner": owner,
+    }
+
+
+def iso_ms(ms: int | None) -> str | None:
+    return None if ms is None else iso_utc(ms / 1000)
 
 
 def no_guard(job: Job) -> str | None:

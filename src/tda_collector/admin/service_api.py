@@ -33,7 +33,7 @@ from ..jobs.schedule import EACH_CLOSE, Schedule
 from ..models import JobKey
 from ..modes.service import LiveService, Refused
 from ..timeframes import iso_utc
-from .jobs_api import AdminAccess, Handler, error_response
+from .jobs_api import AdminAccess, Handler, describe_job, error_response
 
 READ_ONLY = ("id", "enabled", "rate_limit_state")
 # Instants a backfill may name: from the epoch to the end of year 9999 (datetime's range).
@@ -71,10 +71,6 @@ def instant_ms(value: str | int, field: str) -> int:
     if not 0 <= ms <= LATEST_MS:
         raise Refused(400, f"{field}: out of range (1970 to 9999)")
     return ms
-
-
-def iso_ms(ms: int | None) -> str | None:
-    return None if ms is None else iso_utc(ms / 1000)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -149,18 +145,7 @@ class ServiceApi:
         return {**body, "enabled": connector.enabled, "rate_limit_state": state}
 
     def job_json(self, job: Job) -> dict[str, object]:
-        """The job's record, with the service's fields: times as ISO, its schedule, runs so
-        far (live: syncs started by this process; history: pages stored) and its owner."""
-        record = job.record
-        live = record.mode == "live"
-        return {
-            **record.to_json(),
-            "schedule": (job.schedule or EACH_CLOSE.to_json()) if live else None,
-            "last_run": iso_ms(record.last_run_ms),
-            "next_run": iso_ms(record.next_run_ms),
-            "runs_total": job.runs if live else record.pages,
-            "owner": self._owner,
-        }
+        return describe_job(job, self._owner)
 
     # -- handlers
     async def list_connectors(self, request: web.Request) -> web.Response:
