@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable, Mapping
 
 import pyarrow as pa
+from aiohttp import web
 
-from .admin.jobs_api import describe_job, jobs_routes, routes_access
+from .admin.jobs_api import describe_job, jobs_routes, no_guard, routes_access
 from .admin.server import AdminServer, build_admin_server
 from .admin.service_api import ServiceApi
-from .config import Config, ExchangeConfig
+from .config import AdminConfig, Config, ExchangeConfig
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
 from .exchange.fetcher import Fetcher
 from .exchange.runtime import (
@@ -177,33 +178,9 @@ async def _run_mode(
         parts,
         _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses, False),
     )
-    admin_cfg = config.admin
-    owner = instance_name()
-    routes = jobs_routes(
-        registry,
-        progress,
-        admin_cfg.host,
-        admin_token,
-        admin_cfg.token_env,
-        pauses,
-        functools.partial(describe_job, owner=owner),
+    routes = _admin_routes(
+        config.admin, admin_token, registry, progress, pauses, service if live else None
     )
-    if live:  # the service's routes first: `/jobs/{id}/{action}` would take `backfill`
-        access = routes_access(admin_cfg.host, admin_token, admin_cfg.token_env)
-        service_api = ServiceApi(service, registry, access, owner)
-        routes = [
-            *service_api.routes(),
-            *jobs_routes(
-                registry,
-                progress,
-                admin_cfg.host,
-                admin_token,
-                admin_cfg.token_env,
-                pauses,
-                service_api.job_json,
-                service.refuses_resume,
-            ),
-        ]
     admin = build_admin_server(config.admin, metrics, readiness, routes)
     try:
         if not live:
@@ -259,6 +236,28 @@ async def _run_mode(
         raise
     finally:
         await asyncio.shield(_close_all(runtimes, store, state, admin, indicators, service))
+
+
+def _admin_routes(
+    admin: AdminConfig,
+    token: str | None,
+    registry: JobRegistry,
+    progress: Progress,
+    pauses: Pauses,
+    service: LiveService | None,
+) -> list[web.RouteDef]:
+    """The jobs API's routes, and in live mode the service's before them (the jobs API's
+    `/jobs/{id}/{action}` would take `backfill`)."""
+    owner = instance_name()
+    job_json = functools.partial(describe_job, owner=owner)
+    guard = service.refuses_resume if service is not None else no_guard
+    routes = jobs_routes(
+        registry, progress, admin.host, token, admin.token_env, pauses, job_json, guard
+    )
+    if service is None:
+        return routes
+    access = routes_access(admin.host, token, admin.token_env)
+    return [*ServiceApi(service, registry, access, owner).routes(), *routes]
 
 
 async def _ensure_or_hand_over(
