@@ -14,6 +14,7 @@ from tda_collector.jobs.catalog import (
     SqliteCatalog,
     config_body,
     reconcile,
+    secrets_refusal,
 )
 from tda_collector.jobs.schedule import Schedule, next_cron_ms
 from tda_collector.models import JobKey
@@ -85,3 +86,18 @@ def test_cron_instants_are_strictly_after_now_in_utc():
 def test_bad_schedules_are_refused(body):
     with pytest.raises(ValidationError):
         Schedule.model_validate(body)
+
+
+def test_the_api_can_neither_name_credential_variables_nor_re_point_a_connector_with_them():
+    with_keys = ExchangeConfig(
+        id="binance", symbols=["BTC/USDT"], credentials_env={"apiKey": "BINANCE_KEY"}
+    )
+    filed = Connector(with_keys, True, config_body(with_keys))
+    elsewhere = with_keys.model_copy(update={"ccxt": {"urls": {"api": "http://evil.example"}}})
+    more_symbols = with_keys.model_copy(update={"symbols": ["BTC/USDT", "ETH/USDT"]})
+    assert secrets_refusal(filed, more_symbols) is None  # the file's variables, kept
+    assert secrets_refusal(filed, elsewhere).startswith("ccxt:")
+    assert secrets_refusal(filed, block()).startswith("credentials_env:")  # dropped
+    assert secrets_refusal(None, with_keys).startswith("credentials_env:")  # new, via the API
+    assert secrets_refusal(Connector(block()), elsewhere).startswith("credentials_env:")
+    assert secrets_refusal(Connector(block()), block("binance", "ETH/USDT")) is None

@@ -92,6 +92,21 @@ def reconcile(stored: list[Connector], file_blocks: list[ExchangeConfig]) -> lis
     return list(by_id.values())
 
 
+def secrets_refusal(known: Connector | None, config: ExchangeConfig) -> str | None:
+    """Why an API change to `known` (None: a new connector) may not take `config`, or None.
+    Credentials come only from variables the config file names: the API may neither name
+    others (their values would be sent to the exchange) nor re-point a connector that has
+    credentials (`ccxt`: its URLs), so no change through the API can send a secret anywhere."""
+    allowed: dict[str, str] = {}
+    if known is not None and known.file_body is not None:
+        allowed = ExchangeConfig.model_validate_json(known.file_body).credentials_env
+    if config.credentials_env != allowed:
+        return "credentials_env: only the config file may name credential variables"
+    if allowed and known is not None and config.ccxt != known.config.ccxt:
+        return "ccxt: not changeable through the API on a connector with credentials"
+    return None
+
+
 class Catalog(Protocol):
     """Persisted connectors and job definitions. Every call is one transaction."""
 

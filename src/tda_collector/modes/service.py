@@ -32,7 +32,15 @@ from ..errors import UsageError
 from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
 from ..intervals import subtract
-from ..jobs.catalog import ADDED, DISMISSED, Connector, JobDefinition, config_body, reconcile
+from ..jobs.catalog import (
+    ADDED,
+    DISMISSED,
+    Connector,
+    JobDefinition,
+    config_body,
+    reconcile,
+    secrets_refusal,
+)
 from ..jobs.control import history_window, register_live_jobs, run_cancellable
 from ..jobs.model import OPEN, PAUSED, PENDING, Job, JobRecord
 from ..jobs.schedule import EACH_CLOSE, Schedule
@@ -59,22 +67,6 @@ class _Open:
     runtime: ExchangeRuntime
     live: LiveExchange
     tasks: dict[JobKey, asyncio.Task[bool]] = field(default_factory=dict)
-
-
-def _check_secrets_stay(known: Connector | None, config: ExchangeConfig) -> None:
-    """Credentials come only from variables the config file names: the API may neither name
-    other variables (their values would be sent to the exchange) nor re-point a connector with
-    credentials elsewhere (`ccxt`: its URLs), so a PUT cannot send a secret anywhere."""
-    filed = (
-        ExchangeConfig.model_validate_json(known.file_body) if known and known.file_body else None
-    )
-    allowed = filed.credentials_env if filed is not None else {}
-    if config.credentials_env != allowed:
-        raise Refused(400, "credentials_env: only the config file may name credential variables")
-    if allowed and known is not None and config.ccxt != known.config.ccxt:
-        raise Refused(
-            400, "ccxt: cannot be changed through the API on a connector with credentials"
-        )
 
 
 class LiveService:
@@ -246,7 +238,9 @@ class LiveService:
             known = self.connectors.get(config.id)
             if known is not None and config_body(known.config) == config_body(config):
                 return False, known
-            _check_secrets_stay(known, config)
+            refusal = secrets_refusal(known, config)
+            if refusal is not None:
+                raise Refused(400, refusal)
             connector = Connector(config, known.enabled if known else True, None)
             if known is not None:
                 connector = replace(connector, file_body=known.file_body)
