@@ -132,7 +132,8 @@ class LiveService:
         for conn in self.opened.values():
             self._start_jobs(conn, self.jobs_of(conn), cursors)
         self._started = True
-        self._p.events.info("live_started", f"{self.job_count()} jobs going live")
+        jobs = self.job_count()
+        self._p.events.info("live_started", f"{jobs} jobs going live", jobs=jobs)
         try:
             await self._failure
         finally:
