@@ -270,6 +270,10 @@ def test_bad_input_on_every_new_endpoint_changes_nothing(exchange_rig, tmp_path,
         for body, named in BAD_BACKFILLS:
             status, answer = send(port, "POST", f"/jobs/{BTC}/backfill", body)
             assert status == 400 and answer["error"].startswith(named), (body, answer)
+        for method, path in (("PUT", "/connectors/binance"), ("POST", f"/jobs/{BTC}/backfill")):
+            for raw, named in ((b"{nope", "body: not valid JSON"), (b'"x"', "body: must be")):
+                status, answer = send(port, method, path, raw=raw)
+                assert status == 400 and answer["error"].startswith(named), (path, answer)
         nope = "/jobs/binance:NOPE-USDT:1m:live"
         assert send(port, "POST", f"{nope}/backfill", {"start": 0})[0] == 404
         assert send(port, "DELETE", "/jobs/binance:NOPE-USDT:1m:live")[0] == 404
