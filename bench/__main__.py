@@ -1,17 +1,20 @@
-"""`python -m bench [throughput|live|progress|floors|memory]`: measurements as tables, with ratios.
+"""`python -m bench [throughput|live|progress|floors|memory|priority]`: measurements as tables,
+with ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
 progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
 floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
+priority: a live request's wait for its slot while a backfill saturates the budget, background
+slots against call order.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import floors, live_latency, memory, progress
+from . import floors, live_latency, memory, priority, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -61,13 +64,17 @@ def peak_memory(args: argparse.Namespace) -> None:
     memory.main(args.small_rows, args.large_rows, args.symbol_rows, args.many_symbols, settings)
 
 
+def live_priority(args: argparse.Namespace) -> None:
+    priority.run(args.budget, args.safety, args.workers, args.seconds, 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory"],
+        choices=["throughput", "live", "progress", "floors", "memory", "priority"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -82,6 +89,8 @@ def main() -> None:
     parser.add_argument("--symbol-rows", type=int, default=720_000, help="memory: either count")
     parser.add_argument("--many-symbols", type=int, default=1_000, help="memory")
     parser.add_argument("--duckdb-memory-limit", help="memory: storage.duckdb.memory_limit")
+    parser.add_argument("--workers", type=int, default=16, help="priority: backfill tasks")
+    parser.add_argument("--seconds", type=float, default=15.0, help="priority: per run")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -89,6 +98,7 @@ def main() -> None:
         "progress": progress_latency,
         "floors": cpu_floors,
         "memory": peak_memory,
+        "priority": live_priority,
     }[args.what](args)
 
 
