@@ -31,7 +31,8 @@ async def test_connectors_and_definitions_survive_a_reopen(tmp_path):
     catalog = SqliteCatalog(path)
     await catalog.open()
     okx = Connector(block("okx", "ETH/USDT"), enabled=False)
-    await catalog.save_connectors([Connector(block(), True, config_body(block())), okx])
+    gone = Connector(block("kraken", "BTC/USD"), True, None, deleted=True)
+    await catalog.save_connectors([Connector(block(), True, config_body(block())), okx, gone])
     cron = Schedule(mode="cron", cron="*/5 * * * *")
     await catalog.save_definition(JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron))
     await catalog.save_definition(JobDefinition(JobKey("binance", "BTC/USDT", "1m"), DISMISSED))
@@ -39,9 +40,10 @@ async def test_connectors_and_definitions_survive_a_reopen(tmp_path):
 
     again = SqliteCatalog(path)
     await again.open()
-    assert [(c.id, c.enabled, c.config) for c in await again.connectors()] == [
-        ("binance", True, block()),
-        ("okx", False, block("okx", "ETH/USDT")),
+    assert [(c.id, c.enabled, c.config, c.deleted) for c in await again.connectors()] == [
+        ("binance", True, block(), False),
+        ("okx", False, block("okx", "ETH/USDT"), False),
+        ("kraken", True, block("kraken", "BTC/USD"), True),
     ]
     definitions = await again.definitions()
     assert definitions[0] == JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron)
@@ -101,3 +103,11 @@ def test_the_api_can_neither_name_credential_variables_nor_re_point_a_connector_
     assert secrets_refusal(None, with_keys).startswith("credentials_env:")  # new, via the API
     assert secrets_refusal(Connector(block()), elsewhere).startswith("credentials_env:")
     assert secrets_refusal(Connector(block()), block("binance", "ETH/USDT")) is None
+
+
+def test_a_deleted_connector_stays_deleted_until_its_file_block_is_edited():
+    filed = block("binance", "BTC/USDT")
+    tombstone = Connector(filed, True, config_body(filed), deleted=True)
+    assert reconcile([tombstone], [filed]) == [tombstone]
+    edited = block("binance", "ETH/USDT")
+    assert reconcile([tombstone], [edited]) == [Connector(edited, True, config_body(edited))]

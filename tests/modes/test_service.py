@@ -370,6 +370,17 @@ def test_a_new_connector_put_at_run_time_is_opened_and_collected(exchange_rig, t
             listed = send(port, "GET", "/connectors")[1]["connectors"]
             assert [c["id"] for c in listed] == ["binance", "okx"]
             assert job_ids(port) == [BTC, okx_id]
+
+            status, deleted = send(port, "DELETE", "/connectors/okx")
+            deleted_at = time.monotonic()
+            assert status == 200 and deleted["connector"]["id"] == "okx"
+            assert [c["id"] for c in send(port, "GET", "/connectors")[1]["connectors"]] == [
+                "binance"
+            ]
+            assert job_ids(port) == [BTC] and send(port, "GET", "/connectors/okx")[0] == 404
+            time.sleep(1.5)  # three refresh ticks
+            assert [r for r in okx.candle_requests() if r.time > deleted_at] == []
+            assert send(port, "DELETE", "/connectors/okx")[0] == 404
         finally:
             assert collector.stop() == 0
     rows = read_duckdb_rows(str(tmp_path / "ohlcv.duckdb"), JobKey("okx", "ETH/USDT", "1m"))

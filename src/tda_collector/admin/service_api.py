@@ -4,6 +4,7 @@
     GET  /connectors/{id}              the `exchanges[]` block, `id`, `enabled`, and the
                                        read-only `rate_limit_state`
     PUT  /connectors/{id}              idempotent upsert of such a block: 201 new, 200 otherwise
+    DELETE /connectors/{id}            stops its jobs and forgets it (its candles stay)
     POST /connectors/{id}/enable|disable
     POST /jobs                         {"exchange", "symbol", "timeframe", "schedule"?}: 201
                                        {"job"} created, 200 {"job"} when the series has one
@@ -108,6 +109,7 @@ class ServiceApi:
             web.get("/connectors", self.list_connectors),
             web.get("/connectors/{id}", self.get_connector),
             web.put("/connectors/{id}", self._changing(self.put_connector)),
+            web.delete("/connectors/{id}", self._changing(self.delete_connector)),
             web.post("/connectors/{id}/{action}", self._changing(self.toggle_connector)),
             web.post("/jobs", self._changing(self.add_job)),
             web.delete("/jobs/{id}", self._changing(self.delete_job)),
@@ -164,6 +166,11 @@ class ServiceApi:
         config = validated(ExchangeConfig, {**block, "id": request.match_info["id"]})
         created, connector = await self._service.put_connector(config)
         return web.json_response(self.connector_json(connector), status=201 if created else 200)
+
+    async def delete_connector(self, request: web.Request) -> web.Response:
+        connector = await self._service.delete_connector(request.match_info["id"])
+        await self._registry.flush()
+        return web.json_response({"connector": self.connector_json(connector)})
 
     async def toggle_connector(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]

@@ -12,7 +12,8 @@ it was applied; an unchanged file block leaves the connector as the API last set
 of the file takes effect at the next start, and an API change survives restarts until the file's
 block for that connector is edited. Connectors the API created stay when the file does not name
 them; `enabled` lives only here (the file has no such key), so a disabled connector stays
-disabled across restarts.
+disabled across restarts. A deleted connector is kept as a tombstone (`deleted`) with the file
+block it was deleted under: the same file block does not bring it back, an edited one does.
 
 The state lives in the state file (its own tables, its own connection and worker thread, so
 blocking SQLite calls never run on the event loop). `Catalog` is the seam another backend
@@ -40,7 +41,8 @@ DISMISSED: DefinitionKind = "dismissed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS connectors (
-    id TEXT PRIMARY KEY, body TEXT NOT NULL, enabled INTEGER NOT NULL, file_body TEXT
+    id TEXT PRIMARY KEY, body TEXT NOT NULL, enabled INTEGER NOT NULL, file_body TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS job_definitions (
     exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
@@ -60,11 +62,12 @@ def config_body(config: ExchangeConfig) -> str:
 @dataclass(frozen=True)
 class Connector:
     """One exchange's connector. `file_body` is the config file's block for it as last applied
-    (None: the API created it)."""
+    (None: the API created it); `deleted`: a tombstone, shown nowhere."""
 
     config: ExchangeConfig
     enabled: bool = True
     file_body: str | None = None
+    deleted: bool = False
 
     @property
     def id(self) -> str:
@@ -85,7 +88,7 @@ def reconcile(stored: list[Connector], file_blocks: list[ExchangeConfig]) -> lis
     for block in file_blocks:
         body = config_body(block)
         known = by_id.get(block.id)
-        if known is None:
+        if known is None or (known.deleted and known.file_body != body):
             by_id[block.id] = Connector(block, True, body)
         elif known.file_body != body:
             by_id[block.id] = replace(known, config=block, file_body=body)
@@ -159,24 +162,29 @@ class SqliteCatalog:
 
     def _connectors(self) -> list[Connector]:
         rows = self._conn.execute(
-            "SELECT body, enabled, file_body FROM connectors ORDER BY rowid"
+            "SELECT body, enabled, file_body, deleted FROM connectors ORDER BY rowid"
         ).fetchall()
         return [
-            Connector(ExchangeConfig.model_validate_json(body), bool(enabled), file_body)
-            for body, enabled, file_body in rows
+            Connector(ExchangeConfig.model_validate_json(body), bool(on), file_body, bool(gone))
+            for body, on, file_body, gone in rows
         ]
 
     async def connectors(self) -> list[Connector]:
         return await self._run(self._connectors)
 
     def _save_connectors(self, connectors: list[Connector]) -> None:
-        rows = [(c.id, config_body(c.config), int(c.enabled), c.file_body) for c in connectors]
+        rows = [
+            (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted))
+            for c in connectors
+        ]
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             # An upsert keeps the row (and so the listing order) of a known connector.
             self._conn.executemany(
-                "INSERT INTO connectors (id, body, enabled, file_body) VALUES (?, ?, ?, ?)"
+                "INSERT INTO connectors (id, body, enabled, file_body, deleted)"
+                " VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET body=excluded.body, enabled=excluded.enabled,"
+                " deleted=excluded.deleted,"
                 " file_body=excluded.file_body",
                 rows,
             )

@@ -74,6 +74,7 @@ class LiveService:
         self._p = parts
         self._opener = opener
         self.connectors: dict[str, Connector] = {}
+        self._tombstones: dict[str, Connector] = {}  # deleted connectors (see `catalog`)
         self.definitions: dict[JobKey, JobDefinition] = {}
         self.opened: dict[str, _Open] = {}
         self._backfills = DaemonBackfills(parts)
@@ -101,7 +102,8 @@ class LiveService:
         await catalog.open()
         connectors = reconcile(await catalog.connectors(), file_blocks)
         await catalog.save_connectors(connectors)
-        self.connectors = {c.id: c for c in connectors}
+        self.connectors = {c.id: c for c in connectors if not c.deleted}
+        self._tombstones = {c.id: c for c in connectors if c.deleted}
         self.definitions = {d.key: d for d in await catalog.definitions()}
         wanted = [c for c in self.connectors.values() if c.enabled and (not only or c.id in only)]
         unknown = [e for e in only if e not in self.connectors]
@@ -243,18 +245,44 @@ class LiveService:
             if refusal is not None:
                 raise Refused(400, refusal)
             connector = Connector(config, known.enabled if known else True, None)
-            if known is not None:
-                connector = replace(connector, file_body=known.file_body)
+            previous = known or self._tombstones.get(config.id)
+            if previous is not None:  # the file's block it was last applied with
+                connector = replace(connector, file_body=previous.file_body)
             if connector.enabled:
                 await self._reopen(config)
             else:  # enabling opens it anew, with this block
                 await self._close_connection(config.id)
             await self._p.catalog.save_connectors([connector])
             self.connectors[config.id] = connector
+            self._tombstones.pop(config.id, None)
             self._p.events.info(
                 "connector_saved", f"connector {config.id} saved", exchange=config.id
             )
             return known is None, connector
+
+    async def delete_connector(self, exchange: str) -> Connector:
+        """Stop the connector's jobs (live and backfills), close its exchange and forget it
+        and the jobs added to it; its stored candles stay."""
+        async with self._change():
+            connector = self._connector(exchange)
+            await self._close_connection(exchange)
+            registry = self._p.registry
+            for job in registry.select(exchange=exchange):
+                if job.status in OPEN:
+                    registry.command(job, "cancel", log=False)
+                registry.remove(job)
+            added = [k for k in self.definitions if k.exchange == exchange]
+            await self._p.catalog.drop_definitions(added)
+            for key in added:
+                del self.definitions[key]
+            tombstone = replace(connector, deleted=True)
+            await self._p.catalog.save_connectors([tombstone])
+            del self.connectors[exchange]
+            self._tombstones[exchange] = tombstone
+            self._p.events.info(
+                "connector_deleted", f"connector {exchange} deleted", exchange=exchange
+            )
+            return connector
 
     async def _close_connection(self, exchange: str) -> dict[JobKey, JobRecord]:
         """Stop the open connector's live jobs and close its exchange; returns the jobs'
