@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from ..config import ExchangeConfig
 from ..errors import UsageError
@@ -41,13 +40,14 @@ from ..jobs.catalog import (
     reconcile,
     secrets_refusal,
 )
-from ..jobs.control import history_window, register_live_jobs, run_cancellable
+from ..jobs.control import history_window, register_live_jobs
 from ..jobs.model import OPEN, PAUSED, PENDING, Job, JobRecord
 from ..jobs.schedule import EACH_CLOSE, Schedule
 from ..models import JobKey
+from .connections import Connection, Connections
 from .daemon_backfill import DaemonBackfills, ServiceParts
 from .durable_writer import DurableWriter
-from .live import LiveExchange, LiveJob, prepare_live
+from .live import prepare_live
 
 Opener = Callable[[ExchangeConfig], Awaitable[ExchangeRuntime]]
 
@@ -60,15 +60,6 @@ class Refused(Exception):
         self.status = status
 
 
-@dataclass
-class _Open:
-    """An opened connector: its runtime, its live scheduler and each live job's task."""
-
-    runtime: ExchangeRuntime
-    live: LiveExchange
-    tasks: dict[JobKey, asyncio.Task[bool]] = field(default_factory=dict)
-
-
 class LiveService:
     def __init__(self, parts: ServiceParts, opener: Opener) -> None:
         self._p = parts
@@ -76,10 +67,10 @@ class LiveService:
         self.connectors: dict[str, Connector] = {}
         self._tombstones: dict[str, Connector] = {}  # deleted connectors (see `catalog`)
         self.definitions: dict[JobKey, JobDefinition] = {}
-        self.opened: dict[str, _Open] = {}
+        self.connections = Connections(parts, self._schedule_of)
+        self.opened = self.connections.opened
         self._backfills = DaemonBackfills(parts)
         self._lock = asyncio.Lock()
-        self._failure: asyncio.Future[None] | None = None
         self._started = False  # changes are refused until `run` has started every job
 
     @contextlib.asynccontextmanager
@@ -110,9 +101,9 @@ class LiveService:
         if unknown:
             raise UsageError(f"--exchange {', '.join(unknown)}: no such connector")
         opened = await asyncio.gather(*(opener(c.config) for c in wanted), return_exceptions=True)
-        for connector, result in zip(wanted, opened, strict=True):
+        for result in opened:
             if isinstance(result, ExchangeRuntime):
-                self.opened[connector.id] = _Open(result, self._live_of(result))
+                self.connections.add(result)
         failure = next((r for r in opened if isinstance(r, BaseException)), None)
         if failure is not None:
             raise failure
@@ -124,7 +115,6 @@ class LiveService:
     async def run(self, cursors: dict[JobKey, int]) -> int:
         """Keep every job of the opened connectors live until cancelled, each from its cursor:
         the newest stored closed candle, as the store reported it at start."""
-        self._failure = asyncio.get_running_loop().create_future()
         p = self._p
         keys = self.keys()
         runtimes = [conn.runtime for conn in self.opened.values()]
@@ -132,28 +122,27 @@ class LiveService:
         if p.indicators is not None:
             await p.indicators.repair(DurableWriter(p.store, p.policy, p.events).write_as_is)
         for conn in self.opened.values():
-            self._start_jobs(conn, self.jobs_of(conn), cursors)
+            self.connections.start_jobs(conn, self.jobs_of(conn), cursors)
         self._started = True
-        jobs = self.job_count()
+        jobs = self.connections.job_count()
         self._p.events.info("live_started", f"{jobs} jobs going live", jobs=jobs)
         try:
-            await self._failure
+            await self.connections.failure()
         finally:
-            await self._stop_everything()
+            await self.connections.stop_everything(self._backfills.tasks)
         return 0
-
-    def job_count(self) -> int:
-        return sum(len(conn.tasks) for conn in self.opened.values())
 
     async def close(self) -> None:
         await asyncio.gather(
-            *(conn.runtime.source.close() for conn in self.opened.values()),
-            self._p.catalog.close(),
-            return_exceptions=True,
+            self.connections.close_sources(), self._p.catalog.close(), return_exceptions=True
         )
 
+    def _schedule_of(self, key: JobKey) -> Schedule:
+        definition = self.definitions.get(key)
+        return definition.schedule if definition is not None else EACH_CLOSE
+
     # -- the jobs of a connector
-    def jobs_of(self, conn: _Open) -> list[JobKey]:
+    def jobs_of(self, conn: Connection) -> list[JobKey]:
         """Declared keys less the dismissed ones, then the added ones, no key twice."""
         exchange = conn.runtime.config.id
         dismissed = {k for k, d in self.definitions.items() if d.kind == DISMISSED}
@@ -161,69 +150,6 @@ class LiveService:
         added = [k for k in added if k.exchange == exchange]
         keys = [k for k in conn.runtime.keys if k not in dismissed]
         return list(dict.fromkeys([*keys, *added]))
-
-    def _live_of(self, runtime: ExchangeRuntime) -> LiveExchange:
-        p = self._p
-        events = p.events.bind(exchange=runtime.config.id)
-        writer = DurableWriter(
-            p.store, p.policy, events, metrics=p.metrics, indicators=p.indicators
-        )
-        page_limit = min(p.settings.page_limit, runtime.source.capabilities.max_page_size)
-        settings = replace(p.settings, page_limit=page_limit)
-        return LiveExchange(
-            runtime.fetcher, writer, p.state, events, settings, p.metrics, registry=p.registry
-        )
-
-    def _start_jobs(self, conn: _Open, keys: list[JobKey], cursors: dict[JobKey, int]) -> None:
-        now = conn.live.now_ms()
-        caps = conn.runtime.source.capabilities
-        for key in keys:
-            definition = self.definitions.get(key)
-            schedule = definition.schedule if definition is not None else EACH_CLOSE
-            job = LiveJob(key, caps.grid(key.timeframe), cursors.get(key), schedule=schedule)
-            saved = self._p.registry.find(key, "live")
-            if saved is not None and job.cursor_ms is None:
-                job.cursor_ms = saved.record.cursor_ms
-            handle = conn.live.attach(job, now)
-            handle.schedule = schedule.to_json()
-            task = asyncio.create_task(run_cancellable(handle, conn.live.run_job(job)))
-            task.add_done_callback(self._watch)
-            conn.tasks[key] = task
-
-    def _watch(self, task: asyncio.Task[bool]) -> None:
-        """A job task that died of anything but a cancel stops the service, loudly."""
-        if task.cancelled() or task.exception() is None:
-            return
-        if self._failure is not None and not self._failure.done():
-            self._failure.set_exception(task.exception() or RuntimeError("job task died"))
-
-    async def _stop_jobs(self, conn: _Open, keys: list[JobKey], log: bool = True) -> list[Job]:
-        """Cancel these jobs' tasks and forget the jobs (a `job_cancelled` event each when
-        `log`: they were deleted, not moved); returns them, for their records."""
-        stopped = []
-        for key in keys:
-            task = conn.tasks.pop(key, None)
-            handle = self._p.registry.find(key, "live")
-            if handle is None:
-                continue
-            if handle.status in OPEN:
-                self._p.registry.command(handle, "cancel", log=log)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            self._p.registry.remove(handle)
-            stopped.append(handle)
-        return stopped
-
-    async def _stop_everything(self) -> None:
-        tasks: list[asyncio.Task[Any]] = [
-            t for conn in self.opened.values() for t in conn.tasks.values()
-        ]
-        tasks.extend(self._backfills.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(conn.live.drain() for conn in self.opened.values()))
 
     async def _cursors(self, keys: list[JobKey]) -> dict[JobKey, int]:
         """Newest stored closed candle of new series (and their indicator states loaded)."""
@@ -251,7 +177,7 @@ class LiveService:
             if connector.enabled:
                 await self._reopen(config)
             else:  # enabling opens it anew, with this block
-                await self._close_connection(config.id)
+                await self.connections.close(config.id)
             await self._p.catalog.save_connectors([connector])
             self.connectors[config.id] = connector
             self._tombstones.pop(config.id, None)
@@ -265,7 +191,7 @@ class LiveService:
         and the jobs added to it; its stored candles stay."""
         async with self._change():
             connector = self._connector(exchange)
-            await self._close_connection(exchange)
+            await self.connections.close(exchange)
             registry = self._p.registry
             for job in registry.select(exchange=exchange):
                 if job.status in OPEN:
@@ -284,24 +210,10 @@ class LiveService:
             )
             return connector
 
-    async def _close_connection(self, exchange: str) -> dict[JobKey, JobRecord]:
-        """Stop the open connector's live jobs and close its exchange; returns the jobs'
-        records (saved too, so that opening it again carries them over)."""
-        old = self.opened.pop(exchange, None)
-        if old is None:
-            return {}
-        records = {
-            job.key: job.record for job in await self._stop_jobs(old, list(old.tasks), False)
-        }
-        await old.live.drain()
-        await old.runtime.source.close()
-        await self._p.registry.flush()
-        return records
-
     async def _reopen(self, config: ExchangeConfig) -> None:
         runtime = await self._open_checked(config)
-        records = await self._close_connection(config.id)
-        conn = self.opened[config.id] = _Open(runtime, self._live_of(runtime))
+        records = await self.connections.close(config.id)
+        conn = self.connections.add(runtime)
         # A PUT declares anew: what it declares again is no longer dismissed.
         undismissed = [k for k in runtime.keys if k in self.definitions]
         await self._p.catalog.drop_definitions(undismissed)
@@ -315,7 +227,7 @@ class LiveService:
                 registry.add(Job(replace(records[key], status=PENDING, next_run_ms=None)))
         fresh = [k for k in keys if k not in records and registry.find(k, "live") is None]
         await register_live_jobs(registry, self._p.state, fresh, cursors)
-        self._start_jobs(conn, keys, cursors)
+        self.connections.start_jobs(conn, keys, cursors)
 
     async def _open_checked(self, config: ExchangeConfig) -> ExchangeRuntime:
         try:
@@ -365,7 +277,7 @@ class LiveService:
             raise Refused(404, f"no connector {exchange}")
         return connector
 
-    def _enabled(self, exchange: str, field: str = "exchange") -> _Open:
+    def _enabled(self, exchange: str, field: str = "exchange") -> Connection:
         connector = self.connectors.get(exchange)
         if connector is None:
             raise Refused(400, f"{field}: no connector {exchange}")
@@ -390,7 +302,7 @@ class LiveService:
             definition = JobDefinition(key, ADDED, schedule)
             await self._p.catalog.save_definition(definition)
             self.definitions[key] = definition
-            self._start_jobs(conn, [key], await self._cursors([key]))
+            self.connections.start_jobs(conn, [key], await self._cursors([key]))
             return True, self._live_job(key)
 
     def _live_job(self, key: JobKey) -> Job:
@@ -409,7 +321,7 @@ class LiveService:
                 return
             conn = self.opened.get(key.exchange)
             if conn is not None:
-                await self._stop_jobs(conn, [key])
+                await self.connections.stop_jobs(conn, [key])
             else:
                 self._p.registry.remove(job)
             declared = conn is None or key in conn.runtime.keys
