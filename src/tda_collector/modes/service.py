@@ -12,11 +12,15 @@ symbols x timeframes it declares, less the ones `DELETE /jobs/{id}` dismissed, p
   enabling resumes them: the first run after it pages through the hole, as after downtime; a
   connector never opened in this process (disabled at start, or new) is opened on enable;
 - a PUT with a changed block opens the connector anew with it (nothing changes if that fails),
-  then moves the jobs over, carrying their records: jobs the new block no longer declares stop;
+  then moves the jobs over, carrying their records: jobs the new block no longer declares stop
+  (a disabled connector is closed instead, and opened with the new block when enabled);
+- deleting a connector stops its jobs and closes it; a tombstone keeps it deleted;
 - a backfill is a history job of the series run here, under the connector's one limiter at
   background priority (live requests go first) and into the same store and ledger.
 
-Changes are made one at a time (a lock), so two requests never interleave their steps.
+Changes are made one at a time (a lock), so two requests never interleave their steps, and
+only once every job has started (before that: 503). The open connections themselves are
+`connections.Connections`; backfills are `daemon_backfill.DaemonBackfills`.
 """
 
 from __future__ import annotations
