@@ -1,5 +1,5 @@
-"""`python -m bench [throughput|live|progress|floors|memory|read]`: measurements as tables, with
-ratios.
+"""`python -m bench [throughput|live|progress|floors|memory|bigquery_write|read|priority]`:
+measurements as tables, with ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
@@ -8,13 +8,15 @@ floors: what start-up, the request path and DuckDB's writes cost alone, per cand
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
 bigquery_write: the BigQuery store's Storage Write API paths against insertAll and load jobs.
 read: GET /ohlcv of a year of 1m as JSON and Parquet; one-day read p99 beside a backfill.
+priority: a live request's wait for its slot while a backfill saturates the budget, background
+slots against call order.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import bigquery_write, floors, live_latency, memory, progress
+from . import bigquery_write, floors, live_latency, memory, priority, progress
 from . import read as reads
 from .throughput import render, run_baseline, run_collector
 
@@ -73,13 +75,26 @@ def read_api(args: argparse.Namespace) -> None:
     reads.run(args.read_symbols, args.budget, args.safety, args.latency_ms, args.reads)
 
 
+def live_priority(args: argparse.Namespace) -> None:
+    priority.run(args.budget, args.safety, args.workers, args.seconds, 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory", "bigquery_write", "read"],
+        choices=[
+            "throughput",
+            "live",
+            "progress",
+            "floors",
+            "memory",
+            "bigquery_write",
+            "read",
+            "priority",
+        ],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -100,6 +115,8 @@ def main() -> None:
     parser.add_argument("--history-pages", type=int, default=10, help="bigquery_write: per job")
     parser.add_argument("--read-symbols", type=int, default=20, help="read: series backfilled")
     parser.add_argument("--reads", type=int, default=200, help="read: one-day reads per phase")
+    parser.add_argument("--workers", type=int, default=16, help="priority: backfill tasks")
+    parser.add_argument("--seconds", type=float, default=15.0, help="priority: per run")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -109,6 +126,7 @@ def main() -> None:
         "memory": peak_memory,
         "bigquery_write": bigquery_writes,
         "read": read_api,
+        "priority": live_priority,
     }[args.what](args)
 
 

@@ -8,18 +8,23 @@ The config is read here and nowhere below: the modes get their settings objects
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Mapping
 
 import pyarrow as pa
+from aiohttp import web
 
-from .admin.jobs_api import jobs_routes
+from .admin.jobs_api import describe_job, jobs_routes, no_guard, routes_access
 from .admin.ohlcv_api import ohlcv_routes
 from .admin.server import AdminServer, build_admin_server
-from .config import Config
+from .admin.service_api import ServiceApi
+from .config import AdminConfig, Config, ExchangeConfig
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
 from .exchange.fetcher import Fetcher
 from .exchange.runtime import (
@@ -27,21 +32,27 @@ from .exchange.runtime import (
     RunRequest,
     SourceFactory,
     open_all,
+    open_exchange,
     retry_policy,
 )
 from .exchange.throttle import Pauses
+from .jobs.catalog import SqliteCatalog
 from .jobs.control import JobMonitor
 from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
 from .models import JobKey
+from .modes.daemon_backfill import ServiceParts
+from .modes.handover import hand_over
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
-from .modes.live import LiveSettings, run_live
+from .modes.live import LiveSettings
+from .modes.service import LiveService, Opener
 from .observability.events import EventLog
 from .observability.metrics import Metrics
 from .store import CandleStore, build_store
+from .store.duckdb_errors import held_by_another_process
 
 
 def history_settings(config: Config) -> HistorySettings:
@@ -90,6 +101,48 @@ def _requests_of(fetcher: Fetcher) -> Callable[[], int]:
     return lambda: fetcher.requests
 
 
+def instance_name() -> str:
+    """This instance in the jobs API's `owner`: hostname-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _opener(
+    config: Config,
+    request: RunRequest,
+    events: EventLog,
+    factory: SourceFactory,
+    metrics: Metrics,
+    registry: JobRegistry,
+    pauses: Pauses,
+    patient: bool = True,
+) -> Opener:
+    """How the live service opens a connector: as `open_exchange` does at start (with the
+    command line's narrowing in `request`), its budget then shown in /progress. Not `patient`
+    (a change through the API, which must answer), an exchange that cannot be reached fails
+    after the retry policy's attempts instead of being waited for."""
+    policy = retry_policy(config.retry)
+    filed = [e.id for e in config.exchanges]
+
+    async def open_one(cfg: ExchangeConfig) -> ExchangeRuntime:
+        position = filed.index(cfg.id) if cfg.id in filed else len(filed)
+        rt = await open_exchange(
+            cfg,
+            request,
+            events,
+            policy,
+            factory,
+            metrics,
+            position,
+            registry.check,
+            pauses,
+            patient,
+        )
+        _track_budgets(registry, [rt])
+        return rt
+
+    return open_one
+
+
 async def _run_mode(
     config: Config,
     request: RunRequest,
@@ -116,49 +169,72 @@ async def _run_mode(
     indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
+    live = request.mode == "live"
+    catalog = SqliteCatalog(config.state_path)
+    parts = ServiceParts(
+        live_settings(config),
+        config.history_page_limit,
+        events,
+        store,
+        state,
+        catalog,
+        policy,
+        metrics,
+        registry,
+        indicators,
+    )
+    service = LiveService(
+        parts,
+        _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses, False),
+    )
 
-    def catalog() -> frozenset[JobKey] | None:
-        """The series `GET /ohlcv` answers for: the configured ones and the run's jobs."""
+    def known_series() -> frozenset[JobKey] | None:
+        """The series `GET /ohlcv` answers for (the run's jobs); None until the store is open."""
         if not readiness.store_ready:
             return None
-        configured = (key for rt in runtimes for key in rt.keys)
-        return frozenset((*configured, *(job.key for job in registry.jobs.values())))
+        return frozenset(job.key for job in registry.jobs.values())
 
-    admin = build_admin_server(
-        config.admin,
-        metrics,
-        readiness,
-        [
-            *jobs_routes(
-                registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
-            ),
-            *ohlcv_routes(store, catalog, events),
-        ],
-        admin_token,
-    )
+    routes = [
+        *_admin_routes(
+            config.admin, admin_token, registry, progress, pauses, service if live else None
+        ),
+        *ohlcv_routes(store, known_series, events),
+    ]
+    admin = build_admin_server(config.admin, metrics, readiness, routes, admin_token)
     try:
-        if admin is not None:
+        # The state, then the store, before any exchange request: a store that cannot be
+        # opened ends the run unspent, and one a daemon holds gets a history range handed over.
+        # The state comes first because the store's ensure settles the BigQuery commits a
+        # killed run left in doubt.
+        await state.open()
+        if live:
+            await store.ensure()
+        else:
+            handed = await _ensure_or_hand_over(store, config, admin_token, request, events)
+            if handed is not None:
+                return handed
+        if admin is not None:  # after the hand-over: the daemon listens on the same address
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
-        # The state and the store first: one that cannot be opened (a DuckDB file a running
-        # daemon holds) ends the run before any exchange request is spent. The state before the
-        # store, whose ensure settles the BigQuery commits a killed run left in doubt.
-        await state.open()
-        await store.ensure()
-        runtimes, failure = await open_all(
-            config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
-        )
-        if failure is not None:
-            raise failure
-        keys = [k for rt in runtimes for k in rt.keys]
-        live = request.mode == "live"
+        if live:
+            start_opener = _opener(config, request, events, factory, metrics, registry, pauses)
+            await service.open_enabled(start_opener, config.exchanges, request.exchanges)
+            keys = service.keys()
+        else:
+            runtimes, failure = await open_all(
+                config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
+            )
+            if failure is not None:
+                raise failure
+            keys = [k for rt in runtimes for k in rt.keys]
         # One query serves both: indicator states are checked against it, and it gives live
         # mode its cursors (on BigQuery each query scans the table).
         newest_closed = await store.newest(keys) if live or indicators is not None else {}
         if indicators is not None:
             await indicators.load(keys, newest_closed)
         readiness.store_ready = True
-        _track_budgets(registry, runtimes)
+        if not live:
+            _track_budgets(registry, runtimes)
         bar = terminal_bar(request.mode, events.logger)
         async with JobMonitor(registry, progress, events, bar):
             if not live:
@@ -175,23 +251,55 @@ async def _run_mode(
                     indicators,
                     registry,
                 )
-            return await run_live(
-                live_settings(config),
-                events,
-                runtimes,
-                store,
-                state,
-                policy,
-                metrics,
-                indicators,
-                registry,
-                cursors=newest_closed,
-            )
+            return await service.run(dict(newest_closed))
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators))
+        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators, service))
+
+
+def _admin_routes(
+    admin: AdminConfig,
+    token: str | None,
+    registry: JobRegistry,
+    progress: Progress,
+    pauses: Pauses,
+    service: LiveService | None,
+) -> list[web.RouteDef]:
+    """The jobs API's routes, and in live mode the service's before them (the jobs API's
+    `/jobs/{id}/{action}` would take `backfill`)."""
+    owner = instance_name()
+    job_json = functools.partial(describe_job, owner=owner)
+    guard = service.refuses_resume if service is not None else no_guard
+    routes = jobs_routes(
+        registry, progress, admin.host, token, admin.token_env, pauses, job_json, guard
+    )
+    if service is None:
+        return routes
+    access = routes_access(admin.host, token, admin.token_env)
+    return [*ServiceApi(service, registry, access, owner).routes(), *routes]
+
+
+async def _ensure_or_hand_over(
+    store: CandleStore,
+    config: Config,
+    admin_token: str | None,
+    request: RunRequest,
+    events: EventLog,
+) -> int | None:
+    """Ensure the store; when another process holds it and a daemon answers at the admin
+    address, run the request through that daemon and return the exit code (see `handover`)."""
+    try:
+        await store.ensure()
+        return None
+    except StoreFault as exc:
+        if not held_by_another_process(exc):
+            raise
+        handed = await hand_over(config.admin, admin_token, request, events)
+        if handed is None:
+            raise
+        return handed
 
 
 async def _close_all(
@@ -200,9 +308,11 @@ async def _close_all(
     state: StateStore,
     admin: AdminServer | None,
     indicators: IndicatorStage | None,
+    service: LiveService,
 ) -> None:
     await asyncio.gather(
         *(rt.source.close() for rt in runtimes),
+        service.close(),
         store.close(),
         state.close(),
         *([indicators.close()] if indicators is not None else []),

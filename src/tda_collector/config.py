@@ -230,8 +230,8 @@ class AdminConfig(_Section):
     port: int = Field(8080, ge=0, le=65535, description="0 disables the admin server.")
     token_env: str = Field(
         "TDA_ADMIN_TOKEN",
-        description="Environment variable holding the bearer token that the jobs API's POSTs "
-        "need when host is not loopback (unset: they are refused there).",
+        description="Environment variable holding the bearer token that the admin API's "
+        "changes (POST, PUT, DELETE) need when host is not loopback (unset: refused there).",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -199,3 +201,37 @@ async def test_on_loopback_no_token_is_needed(registry) -> None:
             assert (await call(server, "POST", "/resume"))[0] == 200
         finally:
             await server.stop()
+
+
+async def test_the_progress_stream_pushes_progress_and_jobs_once_a_second_and_ends_on_stop(
+    registry: JobRegistry,
+) -> None:
+    server = await serve(registry)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.url + "/progress/stream?status=RUNNING") as response,
+    ):
+        assert response.headers["Content-Type"] == "text/event-stream"
+        loop = asyncio.get_running_loop()
+        pushes: list[tuple[float, dict]] = []
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                pushes.append((loop.time(), json.loads(line[6:])))
+            if len(pushes) == 2:
+                break
+        stopping = loop.time()
+        await server.stop()
+        stopped = loop.time() - stopping
+    (first_at, first), (second_at, _) = pushes
+    assert 0.8 <= second_at - first_at <= 1.5
+    assert first["progress"]["jobs"]["total"] == 8
+    assert {j["id"] for j in first["jobs"]["jobs"]} == {
+        "binance:BTC-USDT:1m:history",
+        "binance:BTC-USDT:1h:history",
+    }
+    assert stopped < 0.5  # a stream never ends by itself; stopping does not wait for it
+
+
+async def test_a_progress_stream_with_a_bad_filter_is_a_400(server: AdminServer) -> None:
+    status, body = await call(server, "GET", "/progress/stream?status=SLEEPING")
+    assert status == 400 and body["error"].startswith("status: unknown SLEEPING")

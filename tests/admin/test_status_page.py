@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import aiohttp
 import pytest
-from chromium_support import RENDERED_JOBS, Browser, find_chromium
+from chromium_support import RENDERED_JOBS, Browser
 from fake_exchange import SymbolSpec
 from jobs_support import Collector, free_port, history_id
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT", "DOGE/USDT", "BNB/USDT"]
 ARGS = ("--mode=history", "--start=2024-02-28", "--end=2024-03-01")
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    binary, reason = find_chromium()
-    if binary is None:
-        warnings.warn(f"SKIPPING the browser test: {reason}", stacklevel=1)
-        pytest.skip(f"no headless Chromium: {reason}")
-    return binary
 
 
 @pytest.fixture

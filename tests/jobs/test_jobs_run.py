@@ -63,6 +63,8 @@ def test_pause_frees_the_slot_and_resume_goes_on_from_the_exact_point(tmp_path, 
         status, job = collector.api("POST", f"/jobs/{history_id('BTC/USDT')}/pause")
         paused_at = time.monotonic()
         assert (status, job["status"]) == (200, "PAUSED")
+        assert job["runs_total"] == job["pages"] > 0 and job["schedule"] is None
+        assert job["owner"].endswith(f"-{collector.proc.pid}") and job["last_run"].endswith("Z")
 
         # Its worker takes a waiting job: two jobs run while BTC waits.
         running = collector.wait_until(

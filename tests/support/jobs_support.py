@@ -25,13 +25,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def call(port: int, method: str, path: str) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+def send(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    token: str | None = None,
+):
+    """A JSON request (or `raw` bytes) to the admin API, with `token` as the bearer token if
+    given; returns status and decoded answer."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def call(port: int, method: str, path: str) -> tuple[int, Any]:
+    return send(port, method, path)
 
 
 def history_id(symbol: str, timeframe: str = "1m") -> str:

@@ -5,6 +5,8 @@
                                 separated), exchange, symbol, timeframe, mode, q (part of the id);
                                 paging: limit, offset
     GET  /jobs/{id}             one job (404 if unknown)
+    GET  /progress/stream       server-sent events, one a second: {"progress": ..., "jobs": ...}
+                                (the two answers above; the jobs filters apply)
     GET  /progress              the run's totals, rates, ETA and each exchange's budget use;
                                 "paused": [{"exchange", "status", "resume_at"}] for exchanges
                                 that asked to be left alone past retry.retry_after_max_seconds
@@ -19,22 +21,65 @@ the environment variable named by `admin.token_env`; without one set they are re
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from ..exchange.throttle import Pauses
-from ..jobs.model import PAUSED, PENDING, RUNNING, STATUSES, USER_ACTIONS, TransitionRefused
+from ..jobs.model import (
+    PAUSED,
+    PENDING,
+    RUNNING,
+    STATUSES,
+    USER_ACTIONS,
+    Job,
+    TransitionRefused,
+)
 from ..jobs.progress import Progress
 from ..jobs.registry import JobRegistry
+from ..jobs.schedule import EACH_CLOSE
+from ..timeframes import iso_utc
 from .server import listens_on_loopback
 from .status_page import STATUS_PAGE
 
 _FILTERS = ("exchange", "symbol", "timeframe", "mode", "q")
+STREAM_S = 1.0  # the progress stream's period
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JobJson = Callable[[Job], dict[str, object]]  # a job as the API shows it
+ResumeGuard = Callable[[Job], str | None]  # why a job may not be resumed now, or None
+
+
+def record_json(job: Job) -> dict[str, object]:
+    return job.record.to_json()
+
+
+def describe_job(job: Job, owner: str) -> dict[str, object]:
+    """The job as the API shows it: its record, with times as ISO too, its schedule (live), its
+    runs so far (live: runs started by this process; history: pages stored) and its `owner`,
+    the instance running it."""
+    record = job.record
+    live = record.mode == "live"
+    return {
+        **record.to_json(),
+        "schedule": (job.schedule or EACH_CLOSE.to_json()) if live else None,
+        "last_run": iso_ms(record.last_run_ms),
+        "next_run": iso_ms(record.next_run_ms),
+        "runs_total": job.runs if live else record.pages,
+        "owner": owner,
+    }
+
+
+def iso_ms(ms: int | None) -> str | None:
+    return None if ms is None else iso_utc(ms / 1000)
+
+
+def no_guard(job: Job) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -61,8 +106,12 @@ class AdminAccess:
         return None
 
 
-def _error(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str) -> web.Response:
+    """The API's error answer: `{"error": "one line"}`."""
     return web.json_response({"error": message}, status=status)
+
+
+_error = error_response
 
 
 class JobsApi:
@@ -72,11 +121,15 @@ class JobsApi:
         progress: Progress,
         access: AdminAccess,
         pauses: Pauses | None = None,
+        job_json: JobJson = record_json,
+        resume_guard: ResumeGuard = no_guard,
     ) -> None:
         self._registry = registry
         self._progress = progress
         self._access = access
         self._pauses = pauses if pauses is not None else Pauses()
+        self._job_json = job_json
+        self._resume_guard = resume_guard
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -84,6 +137,7 @@ class JobsApi:
             web.get("/jobs", self.list_jobs),
             web.get("/jobs/{id}", self.get_job),
             web.get("/progress", self.progress),
+            web.get("/progress/stream", self.stream),
             web.post("/jobs/{id}/{action}", self._guarded(self.command)),
             web.post("/pause", self._guarded(self.pause_all)),
             web.post("/resume", self._guarded(self.resume_all)),
@@ -99,47 +153,77 @@ class JobsApi:
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=STATUS_PAGE, content_type="text/html", charset="utf-8")
 
-    async def progress(self, request: web.Request) -> web.Response:
+    def _progress_json(self) -> dict[str, object]:
         paused = [p.to_json() for p in self._pauses.active()]
-        return web.json_response({**self._progress.summary().to_json(), "paused": paused})
+        return {**self._progress.summary().to_json(), "paused": paused}
 
-    async def list_jobs(self, request: web.Request) -> web.Response:
-        query = request.query
+    async def progress(self, request: web.Request) -> web.Response:
+        return web.json_response(self._progress_json())
+
+    def _listing(self, query: Mapping[str, str]) -> dict[str, object]:
+        """The jobs the query selects, as `GET /jobs` answers; ValueError naming a bad one."""
         statuses = [s for s in query.get("status", "").upper().split(",") if s]
         unknown = [s for s in statuses if s not in STATUSES]
         if unknown:
             wanted = ", ".join(STATUSES)
-            return _error(400, f"status: unknown {', '.join(unknown)}; one of {wanted}")
+            raise ValueError(f"status: unknown {', '.join(unknown)}; one of {wanted}")
         try:
             limit = int(query.get("limit", "0")) or None
             offset = int(query.get("offset", "0"))
         except ValueError:
-            return _error(400, "limit and offset must be integers")
+            raise ValueError("limit and offset must be integers") from None
         jobs = self._registry.select(**{name: query.get(name) for name in _FILTERS})
         if statuses:
             jobs = [job for job in jobs if job.status in statuses]
         chosen = jobs[offset : None if limit is None else offset + limit]
-        return web.json_response(
-            {"total": len(jobs), "offset": offset, "jobs": [job.record.to_json() for job in chosen]}
+        return {"total": len(jobs), "offset": offset, "jobs": [self._job_json(j) for j in chosen]}
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self._listing(request.query))
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """Progress and the selected jobs pushed once a second until the client leaves (the
+        status page's "progress streamer"); a bad filter is a 400 before the stream starts."""
+        try:
+            self._listing(request.query)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        await response.prepare(request)
+        await response.write(b"retry: 1000\n\n")
+        try:
+            while True:
+                body = {"progress": self._progress_json(), "jobs": self._listing(request.query)}
+                await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+                await asyncio.sleep(STREAM_S)
+        except ConnectionError:  # the page went away
+            return response
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         if job is None:
             return _error(404, f"no job {request.match_info['id']}")
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job))
 
     async def command(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         action = request.match_info["action"]
         if job is None or action not in USER_ACTIONS:
             return _error(404, f"no job {request.match_info['id']} or no action {action}")
+        refused = self._resume_guard(job) if action == "resume" else None
+        if refused is not None:
+            return _error(409, refused)
         try:
             self._registry.command(job, action)
         except TransitionRefused as exc:
             return _error(409, str(exc))
         await self._registry.flush()
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job))
 
     async def pause_all(self, request: web.Request) -> web.Response:
         changed = self._registry.command_all("pause", (PENDING, RUNNING))
@@ -159,6 +243,13 @@ def jobs_routes(
     token: str | None,
     token_env: str,
     pauses: Pauses | None = None,
+    job_json: JobJson = record_json,
+    resume_guard: ResumeGuard = no_guard,
 ) -> list[web.RouteDef]:
-    access = AdminAccess(listens_on_loopback(host), token, token_env)
-    return JobsApi(registry, progress, access, pauses).routes()
+    access = routes_access(host, token, token_env)
+    return JobsApi(registry, progress, access, pauses, job_json, resume_guard).routes()
+
+
+def routes_access(host: str, token: str | None, token_env: str) -> AdminAccess:
+    """Who may change things on a server listening on `host`."""
+    return AdminAccess(listens_on_loopback(host), token, token_env)

@@ -83,6 +83,11 @@ class AccessPolicy:
         return refusal if refusal is not None else await handler(request)
 
 
+# How long a stop waits for requests still being answered (a progress stream never ends by
+# itself) before cancelling them: the process's whole stop budget is 1 s.
+SHUTDOWN_TIMEOUT_S = 0.2
+
+
 class AdminServer:
     """Serves until `stop()`. Port 0 binds a free port; `port` then tells which one."""
 
@@ -121,7 +126,9 @@ class AdminServer:
 
     async def start(self) -> None:
         # No access log: stdout carries only the interface's JSON events.
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._requested_port)

@@ -1,8 +1,15 @@
 """The status page served at `GET /`: one HTML file, no build step, no outside resources.
 
-It polls `/progress` and `/jobs` every second and renders with DOM calls (never innerHTML), so
-names from an exchange cannot inject markup. When a POST is refused for want of a bearer token
-(admin bound off loopback), the page asks for the token once and keeps it for the browser tab.
+Progress and jobs are pushed once a second by `GET /progress/stream` (server-sent events); when
+the stream fails (an old proxy, a token the browser cannot send on a stream), the page polls
+`/progress` and `/jobs` every second instead. It renders with DOM calls (never innerHTML), so
+names from an exchange cannot inject markup. When a request is refused for want of a bearer
+token (admin bound off loopback), the page asks for the token once and keeps it for the browser
+tab (sessionStorage).
+
+In live mode (`GET /connectors` answers) it also manages: connectors enabled and disabled, jobs
+added (with a schedule) and deleted, backfills started from dates; and it shows each job's
+schedule and runs so far.
 """
 
 STATUS_PAGE = """<!doctype html>
@@ -33,6 +40,7 @@ td.id,td.act{white-space:nowrap}
 button{font:inherit;font-size:12px;padding:2px 8px;margin-right:3px;cursor:pointer}
 header button{font-size:13px}
 #msg{color:#ffd27a}
+form{margin:8px 0}form input,form select{font:inherit;font-size:13px}
 </style></head>
 <body>
 <header><h1>tda-collector <span id="mode"></span></h1><span id="msg"></span>
@@ -44,11 +52,24 @@ header button{font-size:13px}
 <section><h2>Exchange budgets</h2><table id="budgets"><thead><tr><th>exchange</th>
 <th>requests/s</th><th>limit/s</th><th>budget/s</th><th>budget used</th><th>jobs done</th>
 <th>paused</th></tr></thead><tbody></tbody></table></section>
+<section id="service" hidden><h2>Connectors</h2><table id="connectors"><thead><tr>
+<th>connector</th><th>enabled</th><th>symbols</th><th>timeframes</th><th>rate limit</th><th></th>
+</tr></thead><tbody></tbody></table>
+<form id="add-job">Add a job: <select id="aj-exchange"></select>
+<input id="aj-symbol" placeholder="BTC/USDT" size="12" required>
+<input id="aj-timeframe" value="1m" size="4" required>
+<select id="aj-mode"><option value="timeframe">each close</option>
+<option value="cron">cron</option></select>
+<input id="aj-cron" placeholder="*/5 * * * *" size="12"> <button id="aj-add">add job</button></form>
+<form id="backfill">Backfill <input id="bf-job" placeholder="job id" size="34" required>
+from <input type="date" id="bf-start" required> to <input type="date" id="bf-end">
+<button id="bf-go">start backfill</button></form></section>
 <section><h2>Jobs <span id="shown"></span></h2>
 <p><select id="status"><option value="">every status</option></select>
 <input id="q" placeholder="filter by id, e.g. BTC" size="24"></p>
 <table id="jobs"><thead><tr><th>job</th><th>status</th><th>covered</th><th>candles</th>
-<th>last run</th><th>next run</th><th>last error</th><th></th></tr></thead><tbody></tbody>
+<th>last run</th><th>next run</th><th>last error</th><th>schedule</th><th>runs</th><th></th>
+</tr></thead><tbody></tbody>
 </table></section>
 </main>
 <script>
@@ -82,27 +103,40 @@ function when(ms) {
   return Math.abs(d) < 1 ? "now" : d > 0 ? "in " + d + "s" : -d + "s ago";
 }
 function pct(f) { return f === null || f === undefined ? "-" : (100 * f).toFixed(1) + "%"; }
-// Off loopback every request needs the admin token: asked for once, kept for the tab.
-let declined = false;
-async function call(path, method) {
-  const headers = {};
+let service = false;  // the live service's endpoints answer: connectors, add, delete, backfill
+function withToken(init) {
   const token = sessionStorage.getItem("tda-token");
-  if (token) headers.Authorization = "Bearer " + token;
-  const r = await fetch(path, {method: method || "GET", headers});
-  if ((r.status === 401 || (r.status === 403 && token)) && !declined) {
+  if (token) init.headers.Authorization = "Bearer " + token;
+  return init;
+}
+// Off loopback every request needs the admin token: asked for once, kept for the tab; a
+// wrong one is asked for again, and a declined prompt is not repeated.
+let declined = false;
+async function send(method, path, body) {
+  const init = withToken({method, headers: {}});
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, init);
+  const held = init.headers.Authorization !== undefined;
+  if ((r.status === 401 || (r.status === 403 && held)) && !declined) {
     sessionStorage.removeItem("tda-token");
     const t = prompt("Admin token");
-    if (t) { sessionStorage.setItem("tda-token", t); return call(path, method); }
+    if (t) { sessionStorage.setItem("tda-token", t); return send(method, path, body); }
     declined = true;
   }
   return r;
 }
-async function post(path) {
-  const r = await call(path, "POST");
-  const body = await r.json();
-  $("msg").textContent = r.ok ? "" : body.error;
+async function api(method, path, body) {
+  const r = await send(method, path, body);
+  const answer = await r.json().catch(() => ({}));
+  $("msg").textContent = r.ok ? "" : (answer.error || "HTTP " + r.status);
   refresh();
+  return r.ok ? answer : null;
 }
+const post = (path) => api("POST", path);
+async function get(path) { return (await send("GET", path)).json(); }
 function stat(label, value) {
   const d = el("div"); d.appendChild(el("b", value)); d.appendChild(el("span", label));
   return d;
@@ -152,39 +186,113 @@ function renderJobs(list) {
     tr.appendChild(el("td", when(j.next_run_ms)));
     const err = el("td", j.last_error || "", "err"); err.title = j.last_error || "";
     tr.appendChild(err);
+    const sched = j.schedule ? (j.schedule.mode === "cron" ? "cron " + j.schedule.cron
+      : "each close") : "";
+    tr.appendChild(el("td", sched));
+    tr.appendChild(el("td", num(j.runs_total)));
+    const path = "/jobs/" + encodeURIComponent(j.id);
     const act = el("td", undefined, "act");
     for (const [action, from] of Object.entries(ACTIONS)) {
       const b = el("button", action); b.dataset.action = action;
       b.disabled = !from.includes(j.status);
-      b.onclick = () => post("/jobs/" + encodeURIComponent(j.id) + "/" + action);
+      b.onclick = () => post(path + "/" + action);
+      act.appendChild(b);
+    }
+    if (service && j.mode === "live") {
+      const b = el("button", "backfill…"); b.dataset.action = "backfill";
+      b.onclick = () => { $("bf-job").value = j.id; $("bf-start").focus(); };
+      act.appendChild(b);
+    }
+    if (service) {
+      const b = el("button", "delete"); b.dataset.action = "delete";
+      b.onclick = () => api("DELETE", path);
       act.appendChild(b);
     }
     tr.appendChild(act);
     return tr;
   }));
 }
-async function refresh() {
+function jobParams() {
   const params = new URLSearchParams({limit: "300"});
   if ($("status").value) params.set("status", $("status").value);
   if ($("q").value) params.set("q", $("q").value);
+  return params;
+}
+async function refresh() {
   try {
-    const pr = await call("/progress");
-    if (!pr.ok) { $("msg").textContent = (await pr.json()).error; return; }
-    const p = await pr.json();
-    const jobs = await (await call("/jobs?" + params)).json();
+    const [p, jobs] = await Promise.all([get("/progress"), get("/jobs?" + jobParams())]);
     renderProgress(p);
     renderJobs(jobs);
   } catch (e) {
     $("msg").textContent = "collector unreachable";
   }
 }
+function renderConnectors(list) {
+  const options = [];
+  $("connectors").tBodies[0].replaceChildren(...list.connectors.map((c) => {
+    const tr = el("tr"); tr.dataset.id = c.id;
+    tr.appendChild(el("td", c.id));
+    tr.appendChild(el("td", c.enabled ? "enabled" : "disabled",
+      "chip " + (c.enabled ? "RUNNING" : "PAUSED")));
+    tr.appendChild(el("td", (c.symbols || []).join(", ")));
+    tr.appendChild(el("td", (c.timeframes || []).join(", ")));
+    const r = c.rate_limit_state;
+    tr.appendChild(el("td", r ? r.usage + " / " + r.limit + " per " + r.period_ms + " ms" : "-"));
+    const act = el("td", undefined, "act");
+    const b = el("button", c.enabled ? "disable" : "enable");
+    b.dataset.action = c.enabled ? "disable" : "enable";
+    b.onclick = () => api("POST", "/connectors/" + encodeURIComponent(c.id) + "/" +
+      b.dataset.action).then(refreshConnectors);
+    act.appendChild(b); tr.appendChild(act);
+    options.push(el("option", c.id));
+    return tr;
+  }));
+  const chosen = $("aj-exchange").value;
+  $("aj-exchange").replaceChildren(...options);
+  if (chosen) $("aj-exchange").value = chosen;
+}
+async function refreshConnectors() {
+  const r = await send("GET", "/connectors").catch(() => null);
+  service = r !== null && r.ok;
+  $("service").hidden = !service;
+  if (service) renderConnectors(await r.json());
+}
+let stream = null, polling = null;
+function follow() {  // pushed once a second; polled when the stream fails
+  if (stream) stream.close();
+  if (polling) return;
+  stream = new EventSource("/progress/stream?" + jobParams());
+  stream.onmessage = (m) => {
+    const body = JSON.parse(m.data);
+    renderProgress(body.progress);
+    renderJobs(body.jobs);
+  };
+  stream.onerror = () => {
+    stream.close(); stream = null;
+    polling = setInterval(refresh, 1000);
+  };
+}
+function instant(value) { return value ? value + "T00:00:00Z" : undefined; }
+$("add-job").onsubmit = (e) => {
+  e.preventDefault();
+  const schedule = $("aj-mode").value === "cron" ? {mode: "cron", cron: $("aj-cron").value}
+    : {mode: "timeframe"};
+  api("POST", "/jobs", {exchange: $("aj-exchange").value, symbol: $("aj-symbol").value.trim(),
+    timeframe: $("aj-timeframe").value.trim(), schedule});
+};
+$("backfill").onsubmit = (e) => {
+  e.preventDefault();
+  api("POST", "/jobs/" + encodeURIComponent($("bf-job").value.trim()) + "/backfill",
+    {start: instant($("bf-start").value), end: instant($("bf-end").value)});
+};
 for (const s of STATUSES) $("status").appendChild(el("option", s));
 $("pause-all").onclick = () => post("/pause");
 $("resume-all").onclick = () => post("/resume");
-$("status").onchange = refresh;
-$("q").oninput = refresh;
-refresh();
-setInterval(refresh, 1000);
+$("status").onchange = () => { refresh(); follow(); };
+$("q").oninput = () => { refresh(); follow(); };
+refreshConnectors().then(refresh);
+follow();
+setInterval(refreshConnectors, 2000);
 </script>
 </body></html>
 """

@@ -9,6 +9,7 @@ the `RetryPolicy`; a 429/418 pauses the whole exchange's limiter for the exchang
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -64,7 +65,21 @@ class Fetcher:
         self.throttle = Throttle(
             source.id, limiter, policy, events, self._metrics, pauses, clock, wall
         )
-        self.requests = 0
+        self._sent = [0]  # candle requests sent, shared with `background()` views
+        self._acquire = limiter.acquire
+
+    @property
+    def requests(self) -> int:
+        """Requests sent through this fetcher and its background views."""
+        return self._sent[0]
+
+    def background(self, gate: Gate | None) -> Fetcher:
+        """The same fetcher (source, limiter, throttle, count) for work that yields to live
+        requests: its candle requests take the limiter's background slots and ask `gate`."""
+        view = copy.copy(self)
+        view._acquire = self.limiter.acquire_background
+        view._gate = gate
+        return view
 
     async def open(self, forever: bool) -> None:
         """Load markets and the clock, retrying transient faults like any other request. A live
@@ -153,10 +168,10 @@ class Fetcher:
 
     async def _request(self, key: JobKey, since_ms: int, until_ms: int, limit: int) -> RawCandles:
         cost = self.source.capabilities.ohlcv_request_cost
-        await self.limiter.acquire(cost)
+        await self._acquire(cost)
         if self._gate is not None:
             self._gate(key)  # after the wait for a slot: a pause during it still holds
-        self.requests += 1
+        self._sent[0] += 1
         started = self._clock()
         try:
             rows = await self.source.fetch_ohlcv(

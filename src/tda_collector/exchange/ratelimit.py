@@ -10,6 +10,12 @@ Slots are computed ahead, but a task only wakes when the event loop gets to it: 
 stretch several late tasks would start together and reach the exchange as a burst. So a
 second check at the moment of starting keeps the starts of any 1-second window within
 rate + burst, whatever the loop was doing.
+
+Two priorities share the one budget: `acquire` (live requests) reserves the next slot in call
+order; `acquire_background` (a backfill inside the live daemon) takes a slot only when it is
+free now and no `acquire` is waiting, one background request at a time, and never reserves
+ahead. So a live request waits at most one slot behind background work, however much of it
+is queued.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class RateLimiter:
         self._paused_until = 0.0
         self._window_cap = math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
         self._recent: deque[float] = deque()  # start times within the last second
+        self._foreground_waiting = 0
+        self._background_turn = asyncio.Lock()  # one background request polls at a time
 
     def pause_until(self, until: float) -> None:
         """No request may start before `until` (monotonic seconds)."""
@@ -59,8 +67,34 @@ class RateLimiter:
     def paused_until(self) -> float:
         return self._paused_until
 
+    def usage(self) -> tuple[int, float, int, float]:
+        """(limit, period_s, usage, period_start): requests that may start in any 1-second
+        window, that window's length, how many started in the current one, and when it began
+        (monotonic seconds: the oldest start in it, or now when none)."""
+        now = self._clock()
+        starts = [t for t in self._recent if t > now - 1.0]
+        return self._window_cap, 1.0, len(starts), starts[0] if starts else now
+
     async def acquire(self, cost: float = 1.0) -> None:
         """Wait for a slot of `cost` requests' weight."""
+        self._foreground_waiting += 1
+        try:
+            await self._reserve(cost)
+        finally:
+            self._foreground_waiting -= 1
+
+    async def acquire_background(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` that no `acquire` wants: a free one, taken at once."""
+        async with self._background_turn:
+            while True:
+                now = self._clock()
+                free_at = max(self._paused_until, self._tat - self._tolerance)
+                if self._foreground_waiting == 0 and free_at <= now:
+                    await self._reserve(cost)
+                    return
+                await self._sleep(max(free_at - now, self._interval))
+
+    async def _reserve(self, cost: float) -> None:
         while True:
             now = self._clock()
             if now < self._paused_until:

@@ -140,10 +140,12 @@ async def open_exchange(
     position: int,
     gate: Gate | None = None,
     pauses: Pauses | None = None,
+    patient: bool | None = None,
 ) -> ExchangeRuntime:
     """Build the exchange's source, limiter and fetcher, load its markets and resolve its jobs;
     `position` is its index in the config's `exchanges`, for error messages. The fetcher asks
-    `gate` before each candle request and reports long pauses to `pauses`."""
+    `gate` before each candle request and reports long pauses to `pauses`. Loading markets is
+    retried forever when `patient` (default: in live mode), else as the retry policy says."""
     source = factory(cfg)
     try:
         budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
@@ -166,7 +168,7 @@ async def open_exchange(
             source, limiter, policy, exchange_events, metrics=metrics, gate=gate, pauses=pauses
         )
         runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
-        await fetcher.open(forever=request.mode == "live")
+        await fetcher.open(forever=request.mode == "live" if patient is None else patient)
         runtime.keys = await _job_keys(cfg, fetcher, request, f"exchanges[{position}].markets")
     except BaseException:
         await source.close()

@@ -143,6 +143,7 @@ class Job:
     runs: int = 0  # live runs started by this process
     task: asyncio.Future[object] | None = None  # cancelled by a cancel command
     requeue: Callable[[Job], None] | None = None  # how a resumed, idle job gets a worker again
+    schedule: dict[str, str] | None = None  # a live job's schedule, as the jobs API shows it
     key: JobKey = field(init=False)
     id: str = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)

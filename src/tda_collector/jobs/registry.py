@@ -61,6 +61,15 @@ class ExchangeTally:
         if (old in OPEN) != (new in OPEN):
             self.remaining += uncovered if new in OPEN else -uncovered
 
+    def drop(self, status: str, rows: int, slots: float, uncovered: float) -> None:
+        """Undo `add` for a job that leaves the run."""
+        self.counts[status] -= 1
+        self.rows -= rows
+        self.slots -= slots
+        self.covered -= slots - uncovered
+        if status in OPEN:
+            self.remaining -= uncovered
+
     def grow(self, rows: int, covered_slots: float, still_open: bool) -> None:
         self.rows += rows
         self.covered += covered_slots
@@ -89,7 +98,7 @@ class JobRegistry:
         self.jobs: dict[str, Job] = {}
         self.tallies: dict[str, ExchangeTally] = {}
         self.clock_ms = clock_ms
-        self._by_key: dict[JobKey, Job] = {}
+        self._by_key: dict[tuple[JobKey, str], Job] = {}  # (series, mode) -> its job
         self._dirty: dict[str, Job] = {}
         self._state = state
         self._metrics = metrics
@@ -100,11 +109,24 @@ class JobRegistry:
     def add(self, job: Job) -> Job:
         if job.id in self.jobs:
             raise ValueError(f"job {job.id} is registered twice")
-        self.jobs[job.id] = self._by_key[job.key] = job
+        self.jobs[job.id] = self._by_key[job.key, job.record.mode] = job
         tally = self.tally(job.key.exchange)
         tally.add(job.status, job.record.rows, job.slots, self._uncovered(job))
         self._changed(job)
         return job
+
+    def remove(self, job: Job) -> None:
+        """Forget a job that is not running any more (deleted, or replaced by a new one of the
+        same id). Its row is still saved by the next `flush` and stays in the state store: a
+        new job of that series carries its counts over."""
+        if self.jobs.get(job.id) is not job:
+            return
+        del self.jobs[job.id]
+        del self._by_key[job.key, job.record.mode]
+        tally = self.tally(job.key.exchange)
+        tally.drop(job.status, job.record.rows, job.slots, self._uncovered(job))
+        if self._metrics is not None:
+            self._metrics.set_jobs(self.counts())
 
     def tally(self, exchange: str) -> ExchangeTally:
         return self.tallies.setdefault(exchange, ExchangeTally())
@@ -116,12 +138,14 @@ class JobRegistry:
         tally = self.tally(exchange)
         tally.budget_per_s, tally.limit_per_s, tally.requests = budget_per_s, limit_per_s, requests
 
-    def find(self, key: JobKey) -> Job | None:
-        return self._by_key.get(key)
+    def find(self, key: JobKey, mode: str | None = None) -> Job | None:
+        """The series' job of `mode` (default: the run's mode)."""
+        return self._by_key.get((key, mode or self.mode))
 
-    def check(self, key: JobKey) -> None:
-        """The request gate (the `Fetcher`'s `gate`): JobPaused when that job is paused."""
-        job = self._by_key.get(key)
+    def check(self, key: JobKey, mode: str | None = None) -> None:
+        """The request gate (the `Fetcher`'s `gate`): JobPaused when the series' job of `mode`
+        (default: the run's) is paused."""
+        job = self.find(key, mode)
         if job is not None:
             job.check()
 

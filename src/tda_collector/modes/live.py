@@ -1,8 +1,9 @@
 """Live mode: every candle as it closes, the open one refreshed, holes after downtime repaired.
 
-Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant and
-then syncs: it fetches everything after its cursor (the newest stored closed candle) up to and
-including the candle in progress, writes it, and moves the cursor. Due instants come from the
+Each job (exchange, symbol, timeframe) is one task that sleeps until its next due instant (by
+its schedule: each candle close and open-candle refresh, or a cron's instants) and then syncs:
+it fetches everything after its cursor (the newest stored closed candle) up to and including
+the candle in progress, writes it, and moves the cursor. Due instants come from the
 clock, not from sleeping fixed intervals, so there is no drift; a run that overruns its next due
 instant skips it rather than piling up. After downtime the first sync pages through the hole
 (within the shared budget) before the job is live again, so catch-up needs no special mode.
@@ -15,8 +16,9 @@ everything since its cursor. A cancelled job's task stops; the other jobs go on.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ExchangeFault, PermanentFault, StoreFault
@@ -26,15 +28,13 @@ from ..jobs.control import register_live_jobs, run_cancellable
 from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
 from ..jobs.registry import JobRegistry
+from ..jobs.schedule import EACH_CLOSE, Schedule, next_cron_ms
 from ..models import CandleBatch, JobKey
 from ..normalize import Window
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from ..retry import RetryPolicy
-from ..store import CandleStore
 from ..timeframes import Grid, grid_of
 from .durable_writer import DurableWriter
-from .indicator_stage import IndicatorStage
 from .pipeline import DRAIN_ON_STOP_S, PageStep, ShieldedWrites, proven_span
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class LiveJob:
     # closed candles are a hole the exchange has, which is then not asked for again.
     proven_to_ms: int | None = None
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
+    schedule: Schedule = EACH_CLOSE
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
@@ -107,12 +108,13 @@ class LiveExchange:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     registry: JobRegistry = field(default_factory=lambda: JobRegistry("live"))
     _cycles: dict[int, _Cycle] = field(default_factory=dict)
-    _slots: asyncio.Semaphore | None = None
+    _slots: asyncio.Semaphore = field(init=False)
     _writes: ShieldedWrites = field(default_factory=ShieldedWrites)
     _step: PageStep = field(init=False)
 
     def __post_init__(self) -> None:
         self._step = PageStep(self.fetcher, self.events, self.metrics)
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
 
     def now_ms(self) -> int:
         return self.fetcher.source.now_ms()
@@ -225,20 +227,44 @@ class LiveExchange:
                 duration_ms=max(0, self.now_ms() - due_ms),
             )
 
+    def next_due(self, job: LiveJob, now_ms: int) -> int:
+        """When the job runs next after `now_ms`, by its schedule."""
+        if job.schedule.cron is not None:
+            return next_cron_ms(job.schedule.cron, now_ms)
+        return next_due_ms(now_ms, job.grid, self.settings.refresh_ms, self.settings.settle_ms)
+
+    def _ran(self, job: LiveJob, started: float, rows: int, error: str | None) -> None:
+        """One run of the job is over: a `job_run` event (DEBUG: one per job and close) and
+        the run's duration in the job-run histogram."""
+        seconds = time.monotonic() - started
+        self.metrics.job_run(job.key.exchange, "live", seconds)
+        self.events.debug(
+            "job_run",
+            f"{self._handle(job).id}: {rows} rows",
+            symbol=job.key.symbol,
+            timeframe=job.key.timeframe,
+            job=self._handle(job).id,
+            rows=rows,
+            duration_ms=round(seconds * 1000, 1),
+            error=error,
+        )
+
     async def _run_once(self, job: LiveJob) -> tuple[int, bool]:
-        assert self._slots is not None
         async with self._slots:
             handle = self._handle(job)
             self.registry.run_started(handle, self.now_ms())
+            started = time.monotonic()
             try:
                 rows = await self.sync(job)
                 self.registry.note(handle, last_error=None)
+                self._ran(job, started, rows, None)
                 return rows, False
             except JobPaused:  # paused mid-way: what was stored stays, the rest on resume
                 return 0, False
             except (ExchangeFault, StoreFault) as exc:
                 # The cursor did not move: the next run starts where this one stopped.
                 self.registry.note(handle, last_error=str(exc))
+                self._ran(job, started, 0, str(exc)[:500])
                 level = (
                     self.events.error if isinstance(exc, PermanentFault) else self.events.warning
                 )
@@ -273,83 +299,56 @@ class LiveExchange:
                     continue
                 rows, failed = await self._run_once(job)
                 self._finish(job, due, rows, failed)
-                settings = self.settings
-                self._register(
-                    job,
-                    next_due_ms(self.now_ms(), job.grid, settings.refresh_ms, settings.settle_ms),
-                )
+                self._register(job, self.next_due(job, self.now_ms()))
         except asyncio.CancelledError:
             if handle.status == CANCELLED and in_cycle:
                 self._finish(job, job.next_due_ms, 0, False, ran=False)
                 self.registry.note(handle, next_run_ms=None)
             raise
 
+    def attach(self, job: LiveJob, due_ms: int) -> Job:
+        """Register the job (its saved record if the registry has one) and its first run at
+        `due_ms`; `run_job` then keeps it live."""
+        handle = self.registry.find(job.key, "live") or self.registry.add(
+            Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
+        )
+        if handle.status == PENDING:
+            self.registry.apply(handle, "start")
+        handle.active = True
+        job.handle = handle
+        self._register(job, due_ms)
+        return handle
+
+    async def drain(self) -> None:
+        """Let pages already fetched finish their write (the stop budget is 1 s)."""
+        await self._writes.drain(DRAIN_ON_STOP_S)
+
     async def run(self, jobs: list[LiveJob]) -> None:
         """Start every job with a catch-up sync now (one cycle), then keep them live."""
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
-        for job in jobs:
-            handle = self.registry.find(job.key) or self.registry.add(
-                Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
-            )
-            if handle.status == PENDING:
-                self.registry.apply(handle, "start")
-            handle.active = True
-            job.handle = handle
         start = self.now_ms()
         for job in jobs:
-            self._register(job, start)
+            self.attach(job, start)
         try:
             await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
         except asyncio.CancelledError:
-            # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
-            await self._writes.drain(DRAIN_ON_STOP_S)
+            await self.drain()
             raise
 
 
-async def run_live(
-    settings: LiveSettings,
-    events: EventLog,
-    runtimes: list[ExchangeRuntime],
-    store: CandleStore,
+async def prepare_live(
+    registry: JobRegistry,
     state: StateStore,
-    retry_policy: RetryPolicy,
-    metrics: Metrics,
-    indicators: IndicatorStage | None = None,
-    registry: JobRegistry | None = None,
-    *,
+    runtimes: list[ExchangeRuntime],
+    keys: list[JobKey],
     cursors: Mapping[JobKey, int],
-) -> int:
-    """Run every configured job live until cancelled (SIGTERM/SIGINT), each from its cursor:
-    the newest stored closed candle, as the store reported it at start."""
-    keys = [k for rt in runtimes for k in rt.keys]
-    registry = registry or JobRegistry("live", state, metrics, events)
+    metrics: Metrics,
+) -> dict[JobKey, Grid]:
+    """Register the jobs with what their saved rows carry over, and show each series' newest
+    stored close; returns each key's grid on its exchange's calendar."""
     await register_live_jobs(registry, state, keys, cursors)
-    grids = {k: rt.source.capabilities.grid(k.timeframe) for rt in runtimes for k in rt.keys}
+    by_exchange = {rt.config.id: rt.source.capabilities for rt in runtimes}
+    grids = {k: by_exchange[k.exchange].grid(k.timeframe) for k in keys}
     for key, open_ms in cursors.items():
         close_s = (grids.get(key) or grid_of(key.timeframe)).next_open(open_ms) / 1000
         metrics.newest_closed_candle(key.exchange, key.symbol, key.timeframe, close_s)
-    if indicators is not None:
-        repair_writer = DurableWriter(store, retry_policy, events, metrics=metrics)
-        await indicators.repair(repair_writer.write_as_is)
-    exchanges = []
-    for rt in runtimes:
-        exchange_events = events.bind(exchange=rt.config.id)
-        live = LiveExchange(
-            rt.fetcher,
-            DurableWriter(
-                store, retry_policy, exchange_events, metrics=metrics, indicators=indicators
-            ),
-            state,
-            exchange_events,
-            replace(
-                settings,
-                page_limit=min(settings.page_limit, rt.source.capabilities.max_page_size),
-            ),
-            metrics,
-            registry=registry,
-        )
-        jobs = [LiveJob(k, grids[k], cursors.get(k)) for k in rt.keys]
-        exchanges.append(live.run(jobs))
-    events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
-    await asyncio.gather(*exchanges)
-    return 0
+    return grids

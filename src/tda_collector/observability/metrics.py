@@ -186,6 +186,13 @@ class Metrics:
             registry=r,
         )
         self._jobs = Gauge("tda_jobs", "Jobs by state.", ["state"], registry=r)
+        self._job_runs = Histogram(
+            "tda_job_run_duration_seconds",
+            "Duration of one run of a job (a live sync, a backfill), any outcome.",
+            ["exchange", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._loki_dropped = Counter(
             "tda_loki_dropped_entries", "Log entries that never reached Loki.", registry=r
         )
@@ -274,6 +281,9 @@ class Metrics:
 
     def history_candles(self, exchange: str, timeframe: str, count: int) -> None:
         self._history_candles.labels(exchange, timeframe).inc(count)
+
+    def job_run(self, exchange: str, mode: str, seconds: float) -> None:
+        self._job_runs.labels(exchange, mode).observe(seconds)
 
     def set_jobs(self, by_state: Mapping[str, int]) -> None:
         """Replace the job counts; a state absent from `by_state` now counts 0."""

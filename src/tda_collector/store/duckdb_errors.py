@@ -45,3 +45,9 @@ def lock_holder(message: str) -> str | None:
     error."""
     found = _LOCK_HOLDER.search(message)
     return f"PID {found['pid']}: {found['program']}" if found else None
+
+
+def held_by_another_process(exc: BaseException) -> bool:
+    """`exc` (a fault from `ensure`, or its cause) says another process holds the file's
+    lock: a running daemon, to which history mode can hand its range."""
+    return lock_holder(str(exc.__cause__ or exc)) is not None

@@ -1,0 +1,113 @@
+"""Connectors and job definitions persisted in the state file; the file-vs-API rule."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tda_collector.config import ExchangeConfig
+from tda_collector.jobs.catalog import (
+    ADDED,
+    DISMISSED,
+    Connector,
+    JobDefinition,
+    SqliteCatalog,
+    config_body,
+    reconcile,
+    secrets_refusal,
+)
+from tda_collector.jobs.schedule import Schedule, next_cron_ms
+from tda_collector.models import JobKey
+
+T0 = 1_709_251_200_000  # 2024-03-01T00:00:00Z
+
+
+def block(exchange: str = "binance", *symbols: str) -> ExchangeConfig:
+    return ExchangeConfig(id=exchange, symbols=list(symbols or ["BTC/USDT"]))
+
+
+async def test_connectors_and_definitions_survive_a_reopen(tmp_path):
+    path = str(tmp_path / "state.sqlite")
+    catalog = SqliteCatalog(path)
+    await catalog.open()
+    okx = Connector(block("okx", "ETH/USDT"), enabled=False)
+    gone = Connector(block("kraken", "BTC/USD"), True, None, deleted=True)
+    await catalog.save_connectors([Connector(block(), True, config_body(block())), okx, gone])
+    cron = Schedule(mode="cron", cron="*/5 * * * *")
+    await catalog.save_definition(JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron))
+    await catalog.save_definition(JobDefinition(JobKey("binance", "BTC/USDT", "1m"), DISMISSED))
+    await catalog.close()
+
+    again = SqliteCatalog(path)
+    await again.open()
+    assert [(c.id, c.enabled, c.config, c.deleted) for c in await again.connectors()] == [
+        ("binance", True, block(), False),
+        ("okx", False, block("okx", "ETH/USDT"), False),
+        ("kraken", True, block("kraken", "BTC/USD"), True),
+    ]
+    definitions = await again.definitions()
+    assert definitions[0] == JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron)
+    await again.drop_definitions([JobKey("binance", "BTC/USDT", "1m")])
+    assert len(await again.definitions()) == 1
+    await again.close()
+
+
+def test_an_unchanged_file_block_leaves_the_api_change_and_an_edited_one_wins():
+    filed = block("binance", "BTC/USDT")
+    changed_by_api = Connector(block("binance", "ETH/USDT"), False, config_body(filed))
+    api_only = Connector(block("okx", "ETH/USDT"))
+    kept = reconcile([changed_by_api, api_only], [filed])
+    assert kept == [changed_by_api, api_only]  # the API's change and its disable survive
+
+    edited = block("binance", "XRP/USDT")
+    [binance, okx] = reconcile([changed_by_api, api_only], [edited])
+    assert binance == Connector(edited, False, config_body(edited))  # still disabled
+    assert okx == api_only
+    [fresh] = reconcile([], [filed])
+    assert fresh == Connector(filed, True, config_body(filed))
+
+
+def test_cron_instants_are_strictly_after_now_in_utc():
+    assert next_cron_ms("*/5 * * * *", T0) == T0 + 300_000
+    assert next_cron_ms("*/5 * * * *", T0 - 1) == T0
+    assert next_cron_ms("0 0 * * *", T0 + 1) == T0 + 86_400_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"mode": "cron"},
+        {"mode": "cron", "cron": "* * * * * *"},
+        {"mode": "cron", "cron": "61 * * * *"},
+        {"mode": "cron", "cron": "@reboot"},
+        {"mode": "timeframe", "cron": "* * * * *"},
+        {"mode": "hourly"},
+        {"mode": "cron", "cron": "* * * * *", "extra": 1},
+    ],
+)
+def test_bad_schedules_are_refused(body):
+    with pytest.raises(ValidationError):
+        Schedule.model_validate(body)
+
+
+def test_the_api_can_neither_name_credential_variables_nor_re_point_a_connector_with_them():
+    with_keys = ExchangeConfig(
+        id="binance", symbols=["BTC/USDT"], credentials_env={"apiKey": "BINANCE_KEY"}
+    )
+    filed = Connector(with_keys, True, config_body(with_keys))
+    elsewhere = with_keys.model_copy(update={"ccxt": {"urls": {"api": "http://evil.example"}}})
+    more_symbols = with_keys.model_copy(update={"symbols": ["BTC/USDT", "ETH/USDT"]})
+    assert secrets_refusal(filed, more_symbols) is None  # the file's variables, kept
+    assert secrets_refusal(filed, elsewhere).startswith("ccxt:")
+    assert secrets_refusal(filed, block()).startswith("credentials_env:")  # dropped
+    assert secrets_refusal(None, with_keys).startswith("credentials_env:")  # new, via the API
+    assert secrets_refusal(Connector(block()), elsewhere).startswith("credentials_env:")
+    assert secrets_refusal(Connector(block()), block("binance", "ETH/USDT")) is None
+
+
+def test_a_deleted_connector_stays_deleted_until_its_file_block_is_edited():
+    filed = block("binance", "BTC/USDT")
+    tombstone = Connector(filed, True, config_body(filed), deleted=True)
+    assert reconcile([tombstone], [filed]) == [tombstone]
+    edited = block("binance", "ETH/USDT")
+    assert reconcile([tombstone], [edited]) == [Connector(edited, True, config_body(edited))]
