@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 from chromium_support import Browser
 from test_jobs_api import fill, ready
-from test_status_page import chromium  # noqa: F401 (registers the fixture)
 
 from tda_collector.admin.jobs_api import jobs_routes
 from tda_collector.admin.server import AccessPolicy, AdminServer
@@ -38,7 +37,7 @@ async def answer_prompt(page, text: str, timeout_s: float = 15) -> None:
 
 @pytest.mark.timeout(1200)  # the first run may install chromium
 async def test_off_loopback_the_page_asks_for_the_token_once_and_steers_with_it(
-    chromium,  # noqa: F811 (the fixture imported above)
+    chromium,
 ):
     registry = JobRegistry("history")
     fill(registry)

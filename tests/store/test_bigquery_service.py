@@ -7,6 +7,7 @@ from bigquery_support import (
     PROJECT,
     bigquery_emulator_fixture,  # noqa: F401 (registers the fixture)
     emulator_client,
+    emulator_grpc,
     read_latest,
     unique_dataset,
 )
@@ -43,7 +44,12 @@ def test_jobs_added_and_backfilled_at_run_time_land_exactly_in_bigquery(
         admin={"host": "127.0.0.1", "port": port},
         storage={
             "backend": "bigquery",
-            "bigquery": {"project": PROJECT, "dataset": dataset, "api_endpoint": bigquery_emulator},
+            "bigquery": {
+                "project": PROJECT,
+                "dataset": dataset,
+                "api_endpoint": bigquery_emulator,
+                "write_api_endpoint": emulator_grpc(),
+            },
         },
     )
     daemon = Collector(config, port, "--mode=live")
