@@ -91,6 +91,7 @@ def write_collector_config(
                 "timeframes": ["1m"],
                 "ccxt": ccxt_options(base_url),
                 "rate_limit": {"requests_per_second": rps, "safety": safety},
+                "archive": {"enabled": False},  # the REST path (bench/archive.py: the archive)
             }
         ],
         "history_page_limit": 1000,

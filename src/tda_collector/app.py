@@ -178,7 +178,7 @@ async def _close_all(
     indicators: IndicatorStage | None,
 ) -> None:
     await asyncio.gather(
-        *(rt.source.close() for rt in runtimes),
+        *(rt.close() for rt in runtimes),
         store.close(),
         state.close(),
         *([indicators.close()] if indicators is not None else []),

@@ -23,6 +23,7 @@ from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
 from ..store import CandleStore
+from .archive_backfill import ArchiveBackfill
 from .backfill import HistoryBackfill
 from .durable_writer import DurableWriter
 from .history_pool import ExchangeHistory, JobResult
@@ -129,8 +130,27 @@ async def run_history(
         writer = DurableWriter(
             store, policy, exchange_events, metrics=metrics, indicators=indicators
         )
+        archive = None
+        if rt.archive is not None:
+            archive = ArchiveBackfill(
+                rt.archive,
+                writer,
+                state,
+                registry,
+                exchange_events,
+                metrics,
+                rt.source.capabilities,
+                rt.source.now_ms,
+            )
         backfill = HistoryBackfill(
-            rt.fetcher, writer, state, exchange_events, settings.page_limit, metrics, registry
+            rt.fetcher,
+            writer,
+            state,
+            exchange_events,
+            settings.page_limit,
+            metrics,
+            registry,
+            archive,
         )
         pool = ExchangeHistory(
             backfill,

@@ -185,6 +185,15 @@ class Metrics:
             ["exchange", "timeframe"],
             registry=r,
         )
+        self._archive_files = Counter(
+            "tda_archive_files",
+            "Archive files asked for, by outcome (ok, missing, corrupt, failed).",
+            ["exchange", "outcome"],
+            registry=r,
+        )
+        self._archive_bytes = Counter(
+            "tda_archive_bytes", "Bytes downloaded from archive hosts.", ["exchange"], registry=r
+        )
         self._jobs = Gauge("tda_jobs", "Jobs by state.", ["state"], registry=r)
         self._loki_dropped = Counter(
             "tda_loki_dropped_entries", "Log entries that never reached Loki.", registry=r
@@ -273,6 +282,10 @@ class Metrics:
 
     def history_candles(self, exchange: str, timeframe: str, count: int) -> None:
         self._history_candles.labels(exchange, timeframe).inc(count)
+
+    def archive_file(self, exchange: str, outcome: str, size: int) -> None:
+        self._archive_files.labels(exchange, outcome).inc()
+        self._archive_bytes.labels(exchange).inc(size)
 
     def set_jobs(self, by_state: Mapping[str, int]) -> None:
         """Replace the job counts; a state absent from `by_state` now counts 0."""
