@@ -37,6 +37,7 @@ START = "2024-12-01"
 MISSING_DAY = "BTCUSDT-1m-2025-02-05.zip"  # 404
 DROPPED_HOUR = (JAN_2025 + 9 * DAY_MS + 3 * HOUR_MS, JAN_2025 + 9 * DAY_MS + 4 * HOUR_MS)
 BAD_CHECKSUM = "ETHUSDT-1m-2025-02-10.zip"
+OHLCV = ("timestamp_ms", "open", "high", "low", "close", "volume")
 PLAIN = ("timestamp", "open", "high", "low", "close", "volume", "is_closed")
 INDICATORS = ("rsi_6", "rsi_14", "rsi_24", "ema_12", "ema_26", "macd", "macd_signal", "macd_hist")
 HOLES = {
@@ -75,11 +76,7 @@ def assert_exact(db: Path) -> None:
     for spec in SPECS:
         for timeframe in TIMEFRAMES:
             rows = read_duckdb_rows(str(db), JobKey("binance", spec.symbol, timeframe))
-            got = [
-                (int(r["timestamp"].timestamp() * 1000), r["open"], r["high"], r["low"])
-                + (r["close"], r["volume"])
-                for r in rows
-            ]
+            got = [tuple(r[k] for k in OHLCV) for r in rows]
             start = DEC_2024
             assert got == expected_candles(spec, timeframe, start, NOW_MS, NOW_MS)
             assert all(r["is_closed"] for r in rows)
