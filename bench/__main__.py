@@ -5,13 +5,14 @@ live: close-to-stored latency for many symbols at one budget, against its bound.
 progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
 floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
+archive: deep history from the public archive against REST on one range, and a scale point.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import floors, live_latency, memory, progress
+from . import archive, floors, live_latency, memory, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -61,13 +62,19 @@ def peak_memory(args: argparse.Namespace) -> None:
     memory.main(args.small_rows, args.large_rows, args.symbol_rows, args.many_symbols, settings)
 
 
+def archive_history(args: argparse.Namespace) -> None:
+    archive.run(
+        args.compare_symbols, args.scale_symbols, args.scale_days, args.budget, args.latency_ms
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory"],
+        choices=["throughput", "live", "progress", "floors", "memory", "archive"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -82,6 +89,9 @@ def main() -> None:
     parser.add_argument("--symbol-rows", type=int, default=720_000, help="memory: either count")
     parser.add_argument("--many-symbols", type=int, default=1_000, help="memory")
     parser.add_argument("--duckdb-memory-limit", help="memory: storage.duckdb.memory_limit")
+    parser.add_argument("--compare-symbols", type=int, default=10, help="archive: vs REST")
+    parser.add_argument("--scale-symbols", type=int, default=100, help="archive: scale point")
+    parser.add_argument("--scale-days", type=int, default=91, help="archive: 1m days, scale")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -89,6 +99,7 @@ def main() -> None:
         "progress": progress_latency,
         "floors": cpu_floors,
         "memory": peak_memory,
+        "archive": archive_history,
     }[args.what](args)
 
 

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from collector_support import ccxt_options  # noqa: E402
+from fake_archive import FakeArchive as FakeArchive  # noqa: E402  (for bench/archive.py)
+from fake_exchange import make_symbols as make_symbols  # noqa: E402
 from fake_exchange_process import FakeExchangeProcess  # noqa: E402
 
 # 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.

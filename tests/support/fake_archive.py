@@ -27,6 +27,7 @@ import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from aiohttp import web
@@ -82,6 +83,7 @@ class FakeArchive(FakeExchange):
         missing: Sequence[str] = (),
         drop: Mapping[str, tuple[int, int]] | None = None,
         bad_checksum: Sequence[str] = (),
+        cache_dir: Path | None = None,
         **server: object,
     ) -> None:
         super().__init__(symbols, **server)  # type: ignore[arg-type]
@@ -91,6 +93,7 @@ class FakeArchive(FakeExchange):
         self.missing, self.drop = set(missing), dict(drop or {})
         self.bad_checksum = set(bad_checksum)
         self._zips: dict[str, bytes | None] = {}
+        self.cache_dir = cache_dir  # rendered zips kept on disk (benchmarks), else in memory
 
     def _make_app(self) -> web.Application:
         app = web.Application()
@@ -132,6 +135,13 @@ class FakeArchive(FakeExchange):
         return (header + "".join(row[1:-1].replace('"', "") + "\n" for row in rows)).encode()
 
     def zip_file(self, name: str) -> bytes | None:
+        """File `name` as served (rendered once), None when not published."""
+        if self.cache_dir is not None:
+            path = self.cache_dir / name
+            if not path.exists():
+                text = self.csv_of(name)
+                path.write_bytes(b"" if text is None else zip_of(name, text))
+            return path.read_bytes() or None
         if name not in self._zips:
             text = self.csv_of(name)
             self._zips[name] = None if text is None else zip_of(name, text)
