@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -90,6 +92,20 @@ def test_files_that_are_not_kline_zips_are_refused_loudly():
     with pytest.raises(ArchiveFormatError, match="mix"):
         klines_of_csv(mixed)
     assert klines_of_csv(b"").shape == (0, 6)
+    row = b"1704067200000,1.5,2,1,1.25,10,1704067259999,0,1,0,0,0\n"
+    good = zip_of("x.zip", row * 2000)
+    damaged = good[:60] + bytes(b ^ 0xFF for b in good[60:90]) + good[90:]
+    with pytest.raises(ArchiveFormatError):
+        klines_of_zip(damaged)
+
+
+def test_a_stored_zip_member_reads_as_well_as_a_deflated_one():
+    row = b"1704067200000,1.5,2,1,1.25,10,1704067259999,0,1,0,0,0\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("x.csv", row)
+    assert klines_of_zip(buffer.getvalue()).tolist() == [[1704067200000, 1.5, 2, 1, 1.25, 10]]
+    assert klines_of_zip(zip_of("x.zip", row)).tolist() == [[1704067200000, 1.5, 2, 1, 1.25, 10]]
 
 
 def test_checksum_files_name_their_digest():
