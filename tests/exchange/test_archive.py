@@ -12,9 +12,13 @@ from collector_support import free_port
 from fake_archive import SPOT_MICROSECONDS_FROM_MS, FakeArchive, zip_of
 from fake_exchange import SymbolSpec, expected_candles
 
+from tda_collector.config import ExchangeConfig
+from tda_collector.errors import UsageError
 from tda_collector.exchange.archive import ArchiveClient, ArchiveUnavailable, expected_sha256
 from tda_collector.exchange.archive_csv import ArchiveFormatError, klines_of_csv, klines_of_zip
 from tda_collector.exchange.archive_layout import ARCHIVE_LAYOUTS, plan_files
+from tda_collector.exchange.runtime import archive_tools
+from tda_collector.exchange.source import MarketInfo
 from tda_collector.timeframes import DAY_MS, grid_of
 
 SPOT, UM = ARCHIVE_LAYOUTS["binance"], ARCHIVE_LAYOUTS["binanceusdm"]
@@ -151,3 +155,22 @@ def test_a_host_that_cannot_be_reached_is_unavailable_at_once():
     archive = FakeArchive([BTC])
     with pytest.raises(ArchiveUnavailable):
         fetch(archive, file, base_url=f"http://127.0.0.1:{free_port()}")
+
+
+class _Markets:
+    def markets(self):
+        return [MarketInfo("BTC/USDT", "USDT", "spot", True, id="BTCUSDT")]
+
+
+def test_archives_are_on_by_default_where_one_is_known_and_asking_elsewhere_names_the_field():
+    tools = archive_tools(ExchangeConfig(id="binance", symbols=["BTC/USDT"]), _Markets(), "x")
+    assert tools is not None and tools.base_url == "https://data.binance.vision"
+    assert tools.layout.market_path == "data/spot" and tools.market_ids == {"BTC/USDT": "BTCUSDT"}
+    local = ExchangeConfig(id="binanceusdm", symbols=["X"], archive={"base_url": "http://h:1"})
+    assert archive_tools(local, _Markets(), "x").base_url == "http://h:1"
+    off = ExchangeConfig(id="binance", symbols=["BTC/USDT"], archive={"enabled": False})
+    assert archive_tools(off, _Markets(), "x") is None
+    assert archive_tools(ExchangeConfig(id="okx", symbols=["BTC/USDT"]), _Markets(), "x") is None
+    asked = ExchangeConfig(id="okx", symbols=["BTC/USDT"], archive={"enabled": True})
+    with pytest.raises(UsageError, match=r"^exchanges\[0\]\.archive\.enabled: no known archive"):
+        archive_tools(asked, _Markets(), "exchanges[0].archive")

@@ -18,6 +18,8 @@ from collector_support import (
     write_config,
 )
 from fake_archive import SPOT_MICROSECONDS_FROM_MS, FakeArchive
+from fake_binanceusdm import FakeBinanceUsdm
+from fake_binanceusdm import ccxt_options as usdm_options
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
@@ -209,3 +211,45 @@ def test_an_archive_host_that_cannot_be_reached_costs_one_event_and_rest_does_it
             str(tmp_path / "ohlcv.duckdb"), JobKey("binance", spec.symbol, "1h")
         )
         assert len(rows) == len(expected_candles(spec, "1h", DEC_2024, NOW_MS, NOW_MS))
+
+
+def test_usdm_futures_files_with_and_without_a_header_store_exactly_the_rest_candles(
+    tmp_path, capsys
+):
+    may, june = 1_714_521_600_000, 1_717_200_000_000  # 2024-05-01, 2024-06-01
+    april = may - 30 * DAY_MS
+    btc = SymbolSpec("BTC/USDT")
+    clock = {"clock": lambda: (june + 30_000) / 1000}
+    with (
+        FakeBinanceUsdm([btc], **clock) as fapi,
+        FakeArchive(
+            [btc],
+            market_path="data/futures/um",
+            microseconds_from_ms=None,
+            header_from_ms=may,
+            **clock,
+        ) as archive,
+    ):
+        config = write_config(
+            tmp_path,
+            fapi.base_url,
+            ["BTC/USDT:USDT"],
+            ["1m", "1h"],
+            exchange_id="binanceusdm",
+            ccxt=usdm_options(fapi.base_url),
+            archive={"base_url": archive.base_url},
+        )
+        code, events = run_in_process(
+            capsys, config, "--mode=history", "--start=2024-04-01", "--end=2024-06-01"
+        )
+        assert code == 0, events[-1]
+        files = [e["file"] for e in events_named(events, "archive_file_done")]
+        # April as monthly files (no header), May as daily files (with one).
+        assert "BTCUSDT-1m-2024-04.zip" in files and "BTCUSDT-1h-2024-05-31.zip" in files
+        assert events_named(events, "history_complete")[0]["requests"] == 0
+    for timeframe in ("1m", "1h"):
+        rows = read_duckdb_rows(
+            str(tmp_path / "ohlcv.duckdb"), JobKey("binanceusdm", "BTC/USDT:USDT", timeframe)
+        )
+        got = [tuple(r[k] for k in OHLCV) for r in rows]
+        assert got == expected_candles(btc, timeframe, april, june, june + 30_000)
