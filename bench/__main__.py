@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--duckdb-memory-limit", help="memory: storage.duckdb.memory_limit")
     parser.add_argument("--compare-symbols", type=int, default=10, help="archive: vs REST")
     parser.add_argument("--scale-symbols", type=int, default=100, help="archive: scale point")
-    parser.add_argument("--scale-days", type=int, default=91, help="archive: 1m days, scale")
+    parser.add_argument("--scale-days", type=int, default=92, help="archive: 1m days, scale")
     args = parser.parse_args()
     {
         "throughput": throughput,

@@ -3,7 +3,8 @@
 One run: (1) the same range (`--compare-symbols` × January 2024 of 1m) stored over REST (a fake
 exchange process with budget B and latency, as `throughput`) and from the fake archive host
 (monthly zips with CHECKSUM files); (2) the scale point, `--scale-symbols` × `--scale-days` of
-1m from the archive (the months before March 2024 as monthly files, February as daily files).
+1m up to the end of January 2024 from the archive (monthly files), with the store's default
+group commit and with `storage.duckdb.batch_rows` 262,144 (several files a transaction).
 CPU is the collector's whole process (user + system from `wait4`, start-up included), peak RSS
 from the same rusage. The archive host runs in this process (its CPU is not the collector's)
 and serves zips rendered before the run, from disk.
@@ -36,6 +37,9 @@ from .throughput import history_argv
 DAY_MS = 86_400_000
 END_MS = int(FAKE_NOW_S * 1000)  # 2024-03-01T00:00Z
 JANUARY_2024 = (END_MS - 60 * DAY_MS, END_MS - 29 * DAY_MS)
+# A commit carries up to this many rows: several archive files in one DuckDB transaction
+# (the default, 16,000, commits each month's file, 44,640 rows, alone).
+LARGE_GROUP = {"batch_rows": 262_144}
 
 
 @dataclass
@@ -105,16 +109,22 @@ def prerender(symbols: int, window: tuple[int, int], cache: Path) -> int:
 
 
 def _run(
-    name: str, symbols: int, window: tuple[int, int], rest_url: str, archive: FakeArchive | None
+    name: str,
+    symbols: int,
+    window: tuple[int, int],
+    rest_url: str,
+    archive: FakeArchive | None,
+    duckdb: dict[str, object] | None = None,
 ) -> Row:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config = write_collector_config(workdir, rest_url, synthetic_symbols(symbols), 50, 0.9, 16)
+        loaded = yaml.safe_load(config.read_text())
+        loaded["storage"]["duckdb"].update(duckdb or {})
         if archive is not None:
-            loaded = yaml.safe_load(config.read_text())
             loaded["exchanges"][0]["archive"] = {"base_url": archive.base_url}
-            config.write_text(yaml.safe_dump(loaded))
             archive.reset_log()
+        config.write_text(yaml.safe_dump(loaded))
         measured = run_measured(history_argv(config, *window))
     events = [json.loads(line) for line in measured.stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in events if e["event"] == "history_complete")
@@ -162,6 +172,17 @@ def run(
             rows.append(_run("archive", compare_symbols, JANUARY_2024, rest.base_url, archive))
             print(render(rows[-1:]), flush=True)
             rows.append(_run("archive, scale", scale_symbols, scale_window, rest.base_url, archive))
+            print(render(rows[-1:]), flush=True)
+            rows.append(
+                _run(
+                    "archive, scale, batch_rows 262,144",
+                    scale_symbols,
+                    scale_window,
+                    rest.base_url,
+                    archive,
+                    LARGE_GROUP,
+                )
+            )
     print("\n" + render(rows))
     by_rest, by_archive = rows[0], rows[1]
     speed = (by_archive.candles / by_archive.wall_s) / (by_rest.candles / by_rest.wall_s)
