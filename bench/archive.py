@@ -147,7 +147,10 @@ def _run(
 def run(
     compare_symbols: int, scale_symbols: int, scale_days: int, budget: int, latency_ms: float
 ) -> None:
-    scale_window = (END_MS - scale_days * DAY_MS, END_MS)
+    """The table of the module's docstring. The scale window ends with January 2024, so it is
+    made of monthly files, as deep history is (February's is not published by 1 March)."""
+    scale_end = JANUARY_2024[1]
+    scale_window = (scale_end - scale_days * DAY_MS, scale_end)
     symbols = max(compare_symbols, scale_symbols)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as cache_dir:
