@@ -55,6 +55,11 @@ def test_a_month_ended_a_few_days_ago_comes_as_daily_files():
     assert files[0].path == "data/futures/um/daily/klines/BTCUSDT/1h/BTCUSDT-1h-2025-01-01.zip"
 
 
+def test_a_month_of_1s_candles_comes_as_daily_files_which_hold_a_bounded_number():
+    files = plan_files(SPOT, "BTCUSDT", grid_of("1s"), (DEC_2024, JAN_2025), NOW_MS)
+    assert len(files) == 31 and files[0].name == "BTCUSDT-1s-2024-12-01.zip"
+
+
 def test_weekly_and_monthly_candles_have_only_monthly_files_named_as_the_archive_names_them():
     weeks = plan_files(SPOT, "BTCUSDT", grid_of("1w"), (DEC_2024 - 6 * DAY_MS, NOW_MS), NOW_MS)
     # The weeks opening in December 2024 (Mondays 2, 9, 16, 23, 30), then January 2025's.

@@ -45,6 +45,9 @@ class ArchiveLayout:
     # Monthly files appear around the first Monday of the next month: at most 7 days, plus one
     # for the upload. Until then the month's days come as daily files.
     monthly_delay_ms: int = 8 * DAY_MS
+    # A file is held in memory whole while it is read and stored (one per job in flight): a
+    # month of 1s candles (2.7 M rows) comes as daily files (86,400 rows) instead.
+    max_monthly_candles: int = 100_000
 
     def interval(self, timeframe: str) -> str | None:
         """The archive's name of `timeframe`, or None if it publishes none."""
@@ -95,8 +98,9 @@ def plan_files(
     layout: ArchiveLayout, market_id: str, grid: Grid, gap: Interval, now_ms: int
 ) -> list[ArchiveFile]:
     """The files that hold only candles of `gap` (open times, on `grid`), oldest first: the
-    monthly file of every whole month of the gap published by `now_ms`, daily files for the
-    other whole days (where the timeframe has them). The rest of the gap is REST's."""
+    monthly file of every whole month of the gap published by `now_ms` (unless a month of the
+    timeframe is too big to hold: 1s), daily files for the other whole days (where the
+    timeframe has them). The rest of the gap is REST's."""
     interval = layout.interval(grid.timeframe)
     if interval is None or gap[0] >= gap[1]:
         return []
@@ -106,7 +110,9 @@ def plan_files(
     while month < gap[1]:
         month_end = _MONTHS.next_open(month)
         span = (grid.ceil(month), grid.ceil(month_end))
-        if _inside(span, gap) and month_end + layout.monthly_delay_ms <= now_ms:
+        published = month_end + layout.monthly_delay_ms <= now_ms
+        small = grid.count(*span) <= layout.max_monthly_candles
+        if _inside(span, gap) and published and (small or not daily):
             files.append(
                 ArchiveFile(file_path(layout, market_id, interval, month, True), span, True)
             )
