@@ -19,6 +19,7 @@ from tda_collector.exchange.archive_csv import ArchiveFormatError, klines_of_csv
 from tda_collector.exchange.archive_layout import ARCHIVE_LAYOUTS, plan_files
 from tda_collector.exchange.runtime import archive_tools
 from tda_collector.exchange.source import MarketInfo
+from tda_collector.retry import RetryPolicy
 from tda_collector.timeframes import DAY_MS, grid_of
 
 SPOT, UM = ARCHIVE_LAYOUTS["binance"], ARCHIVE_LAYOUTS["binanceusdm"]
@@ -125,7 +126,7 @@ def test_checksum_files_name_their_digest():
 
 def fetch(archive: FakeArchive, file, base_url: str | None = None):
     async def go():
-        client = ArchiveClient(base_url or archive.base_url, concurrency=2, backoff_s=0.01)
+        client = ArchiveClient(base_url or archive.base_url, 2, RetryPolicy(0.01, 2, 0.02, 3))
         try:
             return await client.fetch(file)
         finally:
@@ -153,6 +154,16 @@ def test_the_client_verifies_refetches_once_and_reports_404s():
         corrupt = fetch(archive, bad)
         assert corrupt.outcome == "corrupt" and "sha256" in corrupt.error
         assert len([r for r in archive.archive_requests() if r.path.endswith(bad.name)]) == 2
+
+
+def test_server_errors_are_retried_then_the_file_is_reported_failed():
+    file = plan_files(SPOT, "BTCUSDT", grid_of("1m"), (JAN_2025, JAN_2025 + DAY_MS), NOW_MS)[0]
+    with FakeArchive([BTC], clock=lambda: NOW_MS / 1000) as archive:
+        archive.fail_next = 2
+        assert fetch(archive, file).outcome == "ok"
+        archive.fail_next = 3  # the policy's three attempts
+        failed = fetch(archive, file)
+        assert failed.outcome == "failed" and "503" in failed.error
 
 
 def test_a_host_that_cannot_be_reached_is_unavailable_at_once():

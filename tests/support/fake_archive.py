@@ -16,6 +16,7 @@ kline columns. Knobs, each as on the real host:
   names in `missing` are 404.
 - `drop`: file name -> [start, end) of open times left out of it (a file missing an hour).
 - `bad_checksum`: file names whose CHECKSUM names another digest.
+- `fail_next`: that many of the next requests answer 503 (a server error, retried).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class FakeArchive(FakeExchange):
         self.bad_checksum = set(bad_checksum)
         self._zips: dict[str, bytes | None] = {}
         self.cache_dir = cache_dir  # rendered zips kept on disk (benchmarks), else in memory
+        self.fail_next = 0
 
     def _make_app(self) -> web.Application:
         app = web.Application()
@@ -162,6 +164,11 @@ class FakeArchive(FakeExchange):
         return f"{digest}  {name.removesuffix('.CHECKSUM')}\n".encode()
 
     async def _file(self, request: web.Request) -> web.Response:
+        with self._lock:
+            failing, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
+        if failing:
+            self._record(RequestRecord(time.monotonic(), request.path, {}, 503))
+            return web.Response(status=503, text="Service Unavailable")
         body = self._body(request.match_info["path"])
         status = 404 if body is None else 200
         self._record(RequestRecord(time.monotonic(), request.path, {}, status))

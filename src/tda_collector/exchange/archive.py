@@ -20,12 +20,14 @@ from typing import Literal, Protocol
 
 import aiohttp
 
+from ..retry import RetryPolicy, retry_async
 from .archive_layout import ArchiveFile, ArchiveLayout
 
 Outcome = Literal["ok", "missing", "corrupt", "failed"]
 _SHA256 = re.compile(rb"^\s*([0-9a-fA-F]{64})\b")
 _CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 60.0
+RETRY = RetryPolicy(base_s=0.5, factor=2.0, cap_s=4.0, attempts=3)
 
 
 class ArchiveUnavailable(Exception):
@@ -77,15 +79,13 @@ def _sha256(data: bytes) -> str:
 
 
 class ArchiveClient:
-    """An aiohttp session to one archive host (`base_url` is the root the paths hang below)."""
+    """An aiohttp session to one archive host (`base_url` is the root the paths hang below).
+    Server errors and broken transfers are retried as `policy` says (the one retry helper)."""
 
-    def __init__(
-        self, base_url: str, concurrency: int, attempts: int = 3, backoff_s: float = 0.5
-    ) -> None:
+    def __init__(self, base_url: str, concurrency: int, policy: RetryPolicy = RETRY) -> None:
         self.base_url = base_url.rstrip("/")
         self._slots = asyncio.Semaphore(concurrency)
-        self._attempts = attempts
-        self._backoff_s = backoff_s
+        self._policy = policy
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -108,23 +108,21 @@ class ArchiveClient:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ArchiveUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
 
+    async def _pair(self, file: ArchiveFile) -> tuple[bytes, bytes]:
+        checksum = await self._get(file.checksum_path)
+        return await self._get(file.path), checksum
+
     async def _download(self, file: ArchiveFile) -> tuple[bytes, bytes]:
-        """(zip, checksum file), retrying server errors and broken transfers."""
-        for attempt in range(1, self._attempts + 1):
-            try:
-                checksum = await self._get(file.checksum_path)
-                return await self._get(file.path), checksum
-            except (aiohttp.ClientError, TimeoutError):
-                if attempt == self._attempts:
-                    raise
-                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+        """(zip, checksum file); a 404 or an unreachable host is not retried."""
+        return await retry_async(
+            lambda: self._pair(file), self._policy, transient=(aiohttp.ClientError, TimeoutError)
+        )
 
     async def fetch(self, file: ArchiveFile) -> ArchiveFetch:
         """Download and verify one file (see the module's docstring for the outcomes)."""
-        size = 0
+        size, matches, expected, actual = 0, False, None, ""
         async with self._slots:
-            for tries_left in (1, 0):  # a file failing its checksum is fetched once more
+            for _ in range(2):  # a file failing its checksum is fetched once more
                 try:
                     data, checksum = await self._download(file)
                 except _Missing:
@@ -135,12 +133,13 @@ class ArchiveClient:
                 size += len(data) + len(checksum)
                 expected = expected_sha256(checksum)
                 actual = await asyncio.to_thread(_sha256, data)
-                if expected == actual:
-                    return ArchiveFetch(file, "ok", data=data, size=size)
-                if not tries_left:
-                    error = f"sha256 {actual} but {file.checksum_path} says {expected}"
-                    return ArchiveFetch(file, "corrupt", size=size, error=error)
-        raise AssertionError("unreachable")  # pragma: no cover
+                matches = expected == actual
+                if matches:
+                    break
+        if matches:
+            return ArchiveFetch(file, "ok", data=data, size=size)
+        error = f"sha256 {actual} but {file.checksum_path} says {expected}"
+        return ArchiveFetch(file, "corrupt", size=size, error=error)
 
     async def close(self) -> None:
         if self._session is not None:
