@@ -7,10 +7,11 @@ daily files for the other whole days) and takes them one at a time: download and
 `normalize.normalize_page`, rejection reports, `DurableWriter` (indicators, store) and ledger
 step as a REST page, so an archived candle is stored exactly as a REST one. The file is the
 unit of durability: its rows are written in one batch, then the ledger records only the
-candles the file held (`held_spans`); a file missing an hour leaves that hour a hole. Whatever
-no file proved (the unpublished tail, a 404, a corrupt file, the holes) is then fetched by the
-job's REST pass (`backfill.HistoryBackfill`). One file per job is in flight, so a crash costs
-at most that file.
+candles the file held (`held_spans`); a file missing an hour leaves that hour a hole. What a
+file did not prove (a 404, a corrupt file, missing rows) is paged over REST right after it, so
+the series is stored oldest first; what no file covers (the unpublished tail, the partial
+days at the edges) is left to the job's REST pass (`backfill.HistoryBackfill`). One file per
+job is in flight, so a crash costs at most that file.
 
 An archive host that cannot be reached gives one `archive_unavailable` warning and turns the
 archive off for the rest of the run: everything goes over REST.
@@ -38,7 +39,7 @@ from ..normalize import NormalizedPage, Window, normalize_page
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..timeframes import Grid
-from .backfill import HistoryOutcome
+from .backfill import GapFill, HistoryOutcome
 from .durable_writer import DurableWriter
 from .pipeline import ProvenWrites, ShieldedWrites, report_rejections
 
@@ -83,10 +84,12 @@ class ArchiveBackfill:
         self._writes = ShieldedWrites()
         self.unavailable = False
 
-    async def run(self, job: Job, result: HistoryOutcome) -> None:
+    async def run(self, job: Job, result: HistoryOutcome, fill: GapFill) -> None:
         """Store what the archive holds of the job's uncovered window, file by file, counting
-        into `result`; raises what the REST pass raises (JobPaused, StoreFault,
-        CalendarMismatch), so the caller handles both alike."""
+        into `result`; after each file, `fill` (REST) pages what the file did not prove (a 404,
+        a corrupt file, missing rows), so the series is stored oldest first. Raises what the
+        REST pass raises (JobPaused, ExchangeFault, StoreFault, CalendarMismatch), so the
+        caller handles both alike."""
         market_id = self._tools.market_ids.get(job.key.symbol)
         start, end = job.record.start_ms, job.record.end_ms
         if self.unavailable or not market_id or start is None or end is None:
@@ -96,26 +99,32 @@ class ArchiveBackfill:
         for gap in subtract((start, end), await self._state.coverage(job.key)):
             for file in plan_files(self._tools.layout, market_id, grid, gap, now_ms):
                 job.check()  # paused: let go of the worker between files
-                if not await self._one(job, grid, file, result):
+                held = await self._one(job, grid, file, result)
+                if held is None:  # the host is unreachable: the REST pass takes the rest
                     return
+                for hole in subtract(file.span, held):
+                    await fill(job, hole, result)
 
-    async def _one(self, job: Job, grid: Grid, file: ArchiveFile, result: HistoryOutcome) -> bool:
-        """Fetch, read and store one file; False when the host turned out unreachable."""
+    async def _one(
+        self, job: Job, grid: Grid, file: ArchiveFile, result: HistoryOutcome
+    ) -> list[Interval] | None:
+        """Fetch, read and store one file; what it held (nothing, for a file that proved
+        nothing), or None when the host turned out unreachable."""
         started = time.monotonic()
         try:
             fetched = await self._tools.source.fetch(file)
         except ArchiveUnavailable as exc:
             self._give_up(exc)
-            return False
+            return None
         self._metrics.archive_file(job.key.exchange, fetched.outcome, fetched.size)
         if fetched.outcome != "ok":
             self._report(job.key, fetched)
-            return True
+            return []
         try:
             page = await asyncio.to_thread(read_file, fetched.data, job.key, grid, file)
         except ArchiveFormatError as exc:
             self._report(job.key, ArchiveFetch(file, "corrupt", size=fetched.size, error=str(exc)))
-            return True
+            return []
         if page.rejected:
             report_rejections(self._events, self._metrics, job.key, page.rejected)
             result.rejected.update(page.rejected)
@@ -125,7 +134,7 @@ class ArchiveBackfill:
         writing = self._store(job, file, page.batch, held, fetched.size, started)
         result.rows += await self._writes.start(writing)
         result.pages += 1
-        return True
+        return held
 
     async def _store(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,11 +51,15 @@ class HistoryOutcome:
     unavailable_before_ms: int | None = None  # the exchange serves nothing older than this
 
 
+GapFill = Callable[[Job, Interval, HistoryOutcome], Awaitable[None]]
+
+
 class BulkPass(Protocol):
     """A pass that stores what it can of a job's uncovered window before the REST pages (the
-    exchange's archive), recording in the ledger only what it proved."""
+    exchange's archive), recording in the ledger only what it proved; `fill` pages a span it
+    could not prove over REST at once, so the series is stored in time order."""
 
-    async def run(self, job: Job, result: HistoryOutcome) -> None: ...
+    async def run(self, job: Job, result: HistoryOutcome, fill: GapFill) -> None: ...
 
     async def drain(self, timeout_s: float | None = None) -> None: ...
 
@@ -172,7 +176,7 @@ class HistoryBackfill:
         assert start is not None and end is not None
         try:
             if self._bulk is not None:
-                await self._bulk.run(job, result)
+                await self._bulk.run(job, result, self._fill)
             for gap in subtract((start, end), await self._state.coverage(job.key)):
                 await self._fill(job, gap, result)
             if result.unavailable_before_ms is not None:
