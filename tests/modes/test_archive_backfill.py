@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,44 @@ def test_usdm_futures_files_with_and_without_a_header_store_exactly_the_rest_can
         )
         got = [tuple(r[k] for k in OHLCV) for r in rows]
         assert got == expected_candles(btc, timeframe, april, june, june + 30_000)
+
+
+def post(port: int, path: str) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status
+
+
+def test_a_job_paused_during_the_archive_pass_stops_between_files_and_resumes_exactly(
+    tmp_path, rest
+):
+    port = free_port()
+    job = "/jobs/binance:BTC-USDT:1m:history"
+    with archive_host(latency_s=0.05) as archive:
+        config = write_config(
+            tmp_path,
+            rest.base_url,
+            SYMBOLS,
+            TIMEFRAMES,
+            archive={"base_url": archive.base_url},
+            admin={"port": port},
+        )
+        proc = start_subprocess(config, "--mode=history", f"--start={START}")
+        try:
+            while True:
+                event, _ = wait_for_event(proc, "archive_file_done", timeout_s=60)
+                if (event["symbol"], event["timeframe"]) == ("BTC/USDT", "1m"):
+                    break
+            assert post(port, job + "/pause") == 200
+            btc_1m = [r for r in archive.archive_requests() if "/BTCUSDT/1m/" in r.path]
+            time.sleep(1.0)
+            later = [r for r in archive.archive_requests() if "/BTCUSDT/1m/" in r.path]
+            assert len(later) <= len(btc_1m) + 1  # at most the file in flight when paused
+            assert post(port, job + "/resume") == 200
+            wait_for_event(proc, "history_complete", timeout_s=120)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+    assert_exact(tmp_path / "ohlcv.duckdb")
