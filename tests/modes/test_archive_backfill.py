@@ -112,7 +112,10 @@ def test_a_backfill_crossing_2025_takes_files_and_asks_rest_only_for_the_tail_an
                 assert any(a <= since and until < b for a, b in allowed), (market, since)
         # A 1m day is two pages, an hour one, today one; one 1h page of today per symbol.
         assert len(rest.klines_requests()) == (1 + 2 + 1) + (1 + 2) + 2
-        assert events_named(events, "history_complete")[0]["requests"] == 9
+        summary = events_named(events, "history_complete")[0]
+        assert summary["requests"] == 9
+        assert summary["archive_files"] == len(events_named(events, "archive_file_done"))
+        assert summary["archive_bytes"] > 0
 
         done = events_named(events, "archive_file_done")
         assert {e["source"] for e in done} == {"archive"}
@@ -130,7 +133,8 @@ def test_a_backfill_crossing_2025_takes_files_and_asks_rest_only_for_the_tail_an
         code, events = history(capsys, config)
         assert code == 0
         assert rest.klines_requests() == [] and archive.archive_requests() == []
-        assert events_named(events, "history_complete")[0]["requests"] == 0
+        rerun = events_named(events, "history_complete")[0]
+        assert (rerun["requests"], rerun["archive_files"], rerun["archive_bytes"]) == (0, 0, 0)
 
 
 def test_archived_candles_are_stored_exactly_as_rest_candles_indicators_and_all(

@@ -83,6 +83,8 @@ class ArchiveBackfill:
         self._now_ms = now_ms
         self._writes = ShieldedWrites()
         self.unavailable = False
+        self.files = 0  # files stored in this run
+        self.bytes = 0  # bytes downloaded in this run, every outcome
 
     async def run(self, job: Job, result: HistoryOutcome, fill: GapFill) -> None:
         """Store what the archive holds of the job's uncovered window, file by file, counting
@@ -117,6 +119,7 @@ class ArchiveBackfill:
             self._give_up(exc)
             return None
         self._metrics.archive_file(job.key.exchange, fetched.outcome, fetched.size)
+        self.bytes += fetched.size
         if fetched.outcome != "ok":
             self._report(job.key, fetched)
             return []
@@ -134,6 +137,7 @@ class ArchiveBackfill:
         writing = self._store(job, file, page.batch, held, fetched.size, started)
         result.rows += await self._writes.start(writing)
         result.pages += 1
+        self.files += 1
         return held
 
     async def _store(

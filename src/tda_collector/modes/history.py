@@ -40,7 +40,11 @@ class HistorySettings:
 
 
 def _summarise(
-    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
+    events: EventLog,
+    results: list[JobResult],
+    runtimes: list[ExchangeRuntime],
+    started: float,
+    archives: list[ArchiveBackfill],
 ) -> int:
     duration = time.monotonic() - started
     failed = [r for r in results if r.status == FAILED]
@@ -72,6 +76,8 @@ def _summarise(
         rows=rows,
         rejected=rejected,
         requests=requests,
+        archive_files=sum(a.files for a in archives) if archives else None,
+        archive_bytes=sum(a.bytes for a in archives) if archives else None,
         duration_ms=round(duration * 1000),
         candles_per_s=round(rows / duration, 1) if duration > 0 else None,
         requests_per_s=round(requests / duration, 2) if duration > 0 else None,
@@ -125,6 +131,7 @@ async def run_history(
     origins = {rt.config.id: rt.source.capabilities.week_origin_ms for rt in runtimes}
     jobs = await register_history_jobs(registry, state, exchanges, *window, origins)
     per_exchange = []
+    archives: list[ArchiveBackfill] = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)
         writer = DurableWriter(
@@ -142,6 +149,7 @@ async def run_history(
                 rt.source.capabilities,
                 rt.source.now_ms,
             )
+            archives.append(archive)
         backfill = HistoryBackfill(
             rt.fetcher,
             writer,
@@ -165,4 +173,4 @@ async def run_history(
     if indicators is not None:
         await indicators.repair(DurableWriter(store, policy, events).write_as_is)
     await finish_history_run(registry, state)
-    return _summarise(events, results, runtimes, started)
+    return _summarise(events, results, runtimes, started, archives)
