@@ -25,6 +25,7 @@ from fake_binanceusdm import ccxt_options as usdm_options
 from fake_exchange import FakeExchange, SymbolSpec, expected_candles
 from store_support import read_duckdb_rows
 
+from tda_collector.cli import main
 from tda_collector.models import JobKey
 
 DAY_MS, HOUR_MS = 86_400_000, 3_600_000
@@ -300,3 +301,17 @@ def test_a_job_paused_during_the_archive_pass_stops_between_files_and_resumes_ex
                 proc.kill()
             proc.communicate(timeout=10)
     assert_exact(tmp_path / "ohlcv.duckdb")
+
+
+def test_asking_for_an_archive_an_exchange_does_not_publish_is_a_usage_error(
+    tmp_path, capsys, rest
+):
+    config = write_config(
+        tmp_path, rest.base_url, SYMBOLS, ["1h"], exchange_id="binanceus", archive={"enabled": True}
+    )
+    capsys.readouterr()
+    assert main(["--config", str(config), "--mode=history", f"--start={START}"], environ={}) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tda-collector: error: exchanges[0].archive.enabled: no known archive for binanceus "
+        "(known: binance, binancecoinm, binanceusdm)"
+    )
