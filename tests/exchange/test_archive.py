@@ -28,6 +28,7 @@ DEC_2024 = JAN_2025 - 31 * DAY_MS
 FEB_2025 = JAN_2025 + 31 * DAY_MS
 NOW_MS = FEB_2025 + 19 * DAY_MS + DAY_MS // 2  # 2025-02-20T12:00Z
 BTC = SymbolSpec("BTC/USDT")
+POLICY = RetryPolicy(base_s=0.01, cap_s=0.02, attempts=3)
 
 
 def names(files):
@@ -126,7 +127,7 @@ def test_checksum_files_name_their_digest():
 
 def fetch(archive: FakeArchive, file, base_url: str | None = None):
     async def go():
-        client = ArchiveClient(base_url or archive.base_url, 2, RetryPolicy(0.01, 2, 0.02, 3))
+        client = ArchiveClient(base_url or archive.base_url, 2, POLICY)
         try:
             return await client.fetch(file)
         finally:
@@ -161,7 +162,7 @@ def test_server_errors_are_retried_then_the_file_is_reported_failed():
     with FakeArchive([BTC], clock=lambda: NOW_MS / 1000) as archive:
         archive.fail_next = 2
         assert fetch(archive, file).outcome == "ok"
-        archive.fail_next = 3  # the policy's three attempts
+        archive.fail_next = 3  # POLICY's three attempts
         failed = fetch(archive, file)
         assert failed.outcome == "failed" and "503" in failed.error
 
@@ -179,14 +180,16 @@ class _Markets:
 
 
 def test_archives_are_on_by_default_where_one_is_known_and_asking_elsewhere_names_the_field():
-    tools = archive_tools(ExchangeConfig(id="binance", symbols=["BTC/USDT"]), _Markets(), "x")
+    spot = ExchangeConfig(id="binance", symbols=["BTC/USDT"])
+    tools = archive_tools(spot, _Markets(), "x", POLICY)
     assert tools is not None and tools.base_url == "https://data.binance.vision"
     assert tools.layout.market_path == "data/spot" and tools.market_ids == {"BTC/USDT": "BTCUSDT"}
     local = ExchangeConfig(id="binanceusdm", symbols=["X"], archive={"base_url": "http://h:1"})
-    assert archive_tools(local, _Markets(), "x").base_url == "http://h:1"
+    assert archive_tools(local, _Markets(), "x", POLICY).base_url == "http://h:1"
     off = ExchangeConfig(id="binance", symbols=["BTC/USDT"], archive={"enabled": False})
-    assert archive_tools(off, _Markets(), "x") is None
-    assert archive_tools(ExchangeConfig(id="okx", symbols=["BTC/USDT"]), _Markets(), "x") is None
+    assert archive_tools(off, _Markets(), "x", POLICY) is None
+    okx = ExchangeConfig(id="okx", symbols=["BTC/USDT"])
+    assert archive_tools(okx, _Markets(), "x", POLICY) is None
     asked = ExchangeConfig(id="okx", symbols=["BTC/USDT"], archive={"enabled": True})
     with pytest.raises(UsageError, match=r"^exchanges\[0\]\.archive\.enabled: no known archive"):
-        archive_tools(asked, _Markets(), "exchanges[0].archive")
+        archive_tools(asked, _Markets(), "exchanges[0].archive", POLICY)

@@ -27,7 +27,6 @@ Outcome = Literal["ok", "missing", "corrupt", "failed"]
 _SHA256 = re.compile(rb"^\s*([0-9a-fA-F]{64})\b")
 _CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 60.0
-RETRY = RetryPolicy(base_s=0.5, factor=2.0, cap_s=4.0, attempts=3)
 
 
 class ArchiveUnavailable(Exception):
@@ -80,9 +79,9 @@ def _sha256(data: bytes) -> str:
 
 class ArchiveClient:
     """An aiohttp session to one archive host (`base_url` is the root the paths hang below).
-    Server errors and broken transfers are retried as `policy` says (the one retry helper)."""
+    Server errors and broken transfers are retried as `policy` (the run's one policy) says."""
 
-    def __init__(self, base_url: str, concurrency: int, policy: RetryPolicy = RETRY) -> None:
+    def __init__(self, base_url: str, concurrency: int, policy: RetryPolicy) -> None:
         self.base_url = base_url.rstrip("/")
         self._slots = asyncio.Semaphore(concurrency)
         self._policy = policy

@@ -88,10 +88,12 @@ def used_weight_rule(
     return UsedWeightRule(header, limit, window_s)
 
 
-def archive_tools(cfg: ExchangeConfig, source: CandleSource, field: str) -> ArchiveTools | None:
-    """The exchange's archive for a history run: on by default where its layout is known
-    (`archive_layout.ARCHIVE_LAYOUTS`); asked for (at `field`) where none is known, a
-    UsageError."""
+def archive_tools(
+    cfg: ExchangeConfig, source: CandleSource, field: str, policy: RetryPolicy
+) -> ArchiveTools | None:
+    """The exchange's archive for a history run, its downloads retried as `policy` says: on by
+    default where its layout is known (`archive_layout.ARCHIVE_LAYOUTS`); asked for (at
+    `field`) where none is known, a UsageError."""
     layout, wanted = ARCHIVE_LAYOUTS.get(cfg.id), cfg.archive.enabled
     if wanted is False or (wanted is None and layout is None):
         return None
@@ -100,7 +102,7 @@ def archive_tools(cfg: ExchangeConfig, source: CandleSource, field: str) -> Arch
         raise UsageError(f"{field}.enabled: no known archive for {cfg.id} (known: {known})")
     base_url = cfg.archive.base_url or layout.base_url
     market_ids = {m.symbol: m.id for m in source.markets() if m.id}
-    client = ArchiveClient(base_url, cfg.archive.concurrency)
+    client = ArchiveClient(base_url, cfg.archive.concurrency, policy)
     return ArchiveTools(client, layout, market_ids, base_url)
 
 
@@ -193,7 +195,8 @@ async def open_exchange(
         await fetcher.open(forever=request.mode == "live")
         runtime.keys = await _job_keys(cfg, fetcher, request, f"exchanges[{position}].markets")
         if request.mode == "history":
-            runtime.archive = archive_tools(cfg, source, f"exchanges[{position}].archive")
+            field = f"exchanges[{position}].archive"
+            runtime.archive = archive_tools(cfg, source, field, policy)
     except BaseException:
         await source.close()
         raise

@@ -5,7 +5,8 @@ archive files (`exchange.archive_layout.plan_files`: monthly files for whole pub
 daily files for the other whole days) and takes them one at a time: download and verify
 (`exchange.archive.ArchiveClient`), zip → CSV → matrix (`exchange.archive_csv`), then the same
 `normalize.normalize_page`, rejection reports, `DurableWriter` (indicators, store) and ledger
-step as a REST page, so an archived candle is stored exactly as a REST one. The file is the
+step as a REST page, so an archived candle is stored as a REST one (prices, volume, time and
+`is_closed` bit for bit; indicators from the one indicator stage). The file is the
 unit of durability: its rows are written in one batch, then the ledger records only the
 candles the file held (`held_spans`); a file missing an hour leaves that hour a hole. What a
 file did not prove (a 404, a corrupt file, missing rows) is paged over REST right after it, so
