@@ -1,4 +1,5 @@
-"""`python -m bench [throughput|live|progress|floors|memory|bigquery_write|read|priority]`:
+"""`python -m bench [throughput|live|progress|floors|memory|bigquery_write|read|priority|
+archive]`:
 measurements as tables, with ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
@@ -10,13 +11,14 @@ bigquery_write: the BigQuery store's Storage Write API paths against insertAll a
 read: GET /ohlcv of a year of 1m as JSON and Parquet; one-day read p99 beside a backfill.
 priority: a live request's wait for its slot while a backfill saturates the budget, background
 slots against call order.
+archive: deep history from the public archive against REST on one range, and a scale point.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import bigquery_write, floors, live_latency, memory, priority, progress
+from . import archive, bigquery_write, floors, live_latency, memory, priority, progress
 from . import read as reads
 from .throughput import render, run_baseline, run_collector
 
@@ -79,6 +81,12 @@ def live_priority(args: argparse.Namespace) -> None:
     priority.run(args.budget, args.safety, args.workers, args.seconds, 1.0)
 
 
+def archive_history(args: argparse.Namespace) -> None:
+    archive.run(
+        args.compare_symbols, args.scale_symbols, args.scale_days, args.budget, args.latency_ms
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
@@ -94,6 +102,7 @@ def main() -> None:
             "bigquery_write",
             "read",
             "priority",
+            "archive",
         ],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
@@ -117,6 +126,9 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=200, help="read: one-day reads per phase")
     parser.add_argument("--workers", type=int, default=16, help="priority: backfill tasks")
     parser.add_argument("--seconds", type=float, default=15.0, help="priority: per run")
+    parser.add_argument("--compare-symbols", type=int, default=10, help="archive: vs REST")
+    parser.add_argument("--scale-symbols", type=int, default=100, help="archive: scale point")
+    parser.add_argument("--scale-days", type=int, default=92, help="archive: 1m days, scale")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -127,6 +139,7 @@ def main() -> None:
         "bigquery_write": bigquery_writes,
         "read": read_api,
         "priority": live_priority,
+        "archive": archive_history,
     }[args.what](args)
 
 

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from collector_support import ccxt_options  # noqa: E402
+from fake_archive import FakeArchive as FakeArchive  # noqa: E402  (for bench/archive.py)
+from fake_exchange import make_symbols as make_symbols  # noqa: E402
 from fake_exchange_process import FakeExchangeProcess  # noqa: E402
 
 # 2024-03-01T00:00:00Z: the fake exchange's clock for every benchmark run.
@@ -91,6 +93,7 @@ def write_collector_config(
                 "timeframes": ["1m"],
                 "ccxt": ccxt_options(base_url),
                 "rate_limit": {"requests_per_second": rps, "safety": safety},
+                "archive": {"enabled": False},  # the REST path (bench/archive.py: the archive)
             }
         ],
         "history_page_limit": 1000,

@@ -311,7 +311,7 @@ async def _close_all(
     service: LiveService,
 ) -> None:
     await asyncio.gather(
-        *(rt.source.close() for rt in runtimes),
+        *(rt.close() for rt in runtimes),
         service.close(),
         store.close(),
         state.close(),

@@ -53,6 +53,32 @@ class RateLimitConfig(_Section):
     used_weight: UsedWeightConfig = Field(default_factory=UsedWeightConfig)
 
 
+class ArchiveConfig(_Section):
+    """Bulk archives for deep history (history mode), where the exchange publishes them."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Fetch history from the exchange's public archives, REST only for the tail "
+        "and the holes; default on where the exchange is known to publish them (binance spot, "
+        "binanceusdm, binancecoinm).",
+    )
+    base_url: str | None = Field(
+        None,
+        description="The archive host's root (paths /data/spot/... hang below it); default the "
+        "exchange's public archive host.",
+    )
+    concurrency: int = Field(
+        32, ge=1, description="Archive files in flight per exchange (no REST weight is spent)."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and value.partition("://")[0] not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class ExchangeConfig(_Section):
     id: str = Field(description="A ccxt exchange id, e.g. binance.")
     symbols: list[str] = Field(default_factory=list, description="ccxt unified symbols.")
@@ -62,6 +88,7 @@ class ExchangeConfig(_Section):
         default_factory=dict, description="Passed verbatim to the ccxt constructor."
     )
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     credentials_env: dict[str, str] = Field(
         default_factory=dict,
         description="ccxt credential field -> environment variable holding it (or VAR_FILE "

@@ -78,6 +78,16 @@ def _to_matrix(raw: RawCandles) -> tuple[np.ndarray, int]:
     return rows, malformed
 
 
+def _unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique` of int64 times by a sort, which is cheap on the ordered pages exchanges and
+    archive files send: numpy's hash-based unique was two thirds of normalising (0.2 of
+    0.3 µs a candle of a month's archive file)."""
+    ordered = np.sort(values, kind="stable")
+    keep = np.ones(len(ordered), dtype=bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    return ordered[keep]
+
+
 def calendar_mismatch(open_ms: np.ndarray, grid: Grid) -> str:
     """Why a series whose candles open at `open_ms` (none on `grid`) cannot be stored."""
     shown = ", ".join(iso_utc(int(t) / 1000) for t in np.unique(open_ms)[:3])
@@ -122,8 +132,10 @@ def normalize_page(raw: RawCandles, key: JobKey, grid: Grid, window: Window) -> 
         valid &= ~bad
     aligned = ~checks[0][1]
     mismatch = calendar_mismatch(ts, grid) if len(ts) and not aligned.any() else None
-    seen = np.unique(ts[aligned])
-    rejected_ms = np.setdiff1d(np.unique(ts[aligned & ~valid]), ts[valid])
+    seen = _unique(ts[aligned])
+    rejected_ms = _unique(ts[aligned & ~valid])
+    if len(rejected_ms):  # a time also sent valid is not rejected
+        rejected_ms = rejected_ms[~np.isin(rejected_ms, ts[valid])]
     matrix, ts = matrix[valid], ts[valid]
 
     # Sort by time; for repeated timestamps keep the last version the exchange sent.

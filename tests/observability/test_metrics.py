@@ -108,6 +108,17 @@ def test_gaps_history_progress_and_loki_drops() -> None:
     assert value(m, "tda_loki_dropped_entries_total") == 5
 
 
+def test_archive_files_by_outcome_and_bytes() -> None:
+    m = Metrics()
+    m.archive_file("binance", "ok", 2_000_000)
+    m.archive_file("binance", "missing", 0)
+    m.archive_file("binance", "corrupt", 4_000_100)
+
+    assert value(m, "tda_archive_files_total", exchange="binance", outcome="ok") == 1
+    assert value(m, "tda_archive_files_total", exchange="binance", outcome="corrupt") == 1
+    assert value(m, "tda_archive_bytes_total", exchange="binance") == 6_000_100
+
+
 def test_each_instance_has_its_own_registry() -> None:
     first, second = Metrics(), Metrics()
     first.rows_written("duckdb", 10)

@@ -46,10 +46,13 @@ def write_config(
     timeout_ms: int = 10_000,
     exchange_id: str = "binance",
     ccxt: dict[str, Any] | None = None,
+    archive: dict[str, Any] | None = None,
     **top_level: Any,
 ) -> Path:
     """A config for one exchange served at `base_url` (a fake on loopback); `ccxt` replaces
-    the ccxt options that point it there, for exchanges whose URLs are shaped otherwise."""
+    the ccxt options that point it there, for exchanges whose URLs are shaped otherwise.
+    `archive` is the exchange's archive block; by default off (tests never touch the public
+    archive host)."""
     rate_limit: dict[str, Any] = {"requests_per_second": rps, "safety": safety}
     if used_weight is not None:
         rate_limit["used_weight"] = used_weight
@@ -63,6 +66,7 @@ def write_config(
                 "timeframes": timeframes,
                 "ccxt": ccxt if ccxt is not None else ccxt_options(base_url, timeout_ms),
                 "rate_limit": rate_limit,
+                "archive": archive if archive is not None else {"enabled": False},
             }
         ],
         "history_page_limit": page_limit,

@@ -316,6 +316,7 @@ class CcxtExchange:
                 quote=m.get("quote") or "",
                 type=m.get("type") or "",
                 active=m.get("active") is not False,
+                id=str(m.get("id") or ""),
             )
             for m in (self._client.markets or {}).values()
         ]

@@ -16,6 +16,8 @@ from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
+from .archive import ArchiveClient, ArchiveTools
+from .archive_layout import ARCHIVE_LAYOUTS
 from .ccxt_source import CcxtExchange
 from .fetcher import Fetcher, Gate
 from .ratelimit import RateLimiter, burst_for
@@ -47,6 +49,12 @@ class ExchangeRuntime:
     limiter: RateLimiter
     fetcher: Fetcher
     keys: list[JobKey] = field(default_factory=list)
+    archive: ArchiveTools | None = None  # history mode, where the exchange publishes archives
+
+    async def close(self) -> None:
+        await self.source.close()
+        if self.archive is not None:
+            await self.archive.source.close()
 
 
 SourceFactory = Callable[[ExchangeConfig], CandleSource]
@@ -78,6 +86,24 @@ def used_weight_rule(
         raise UsageError(f"{field}.{missing}: required, as {cfg.id}'s own is not known")
     window_s = given.window_seconds or (known.window_s if known else 60.0)
     return UsedWeightRule(header, limit, window_s)
+
+
+def archive_tools(
+    cfg: ExchangeConfig, source: CandleSource, field: str, policy: RetryPolicy
+) -> ArchiveTools | None:
+    """The exchange's archive for a history run, its downloads retried as `policy` says: on by
+    default where its layout is known (`archive_layout.ARCHIVE_LAYOUTS`); asked for (at
+    `field`) where none is known, a UsageError."""
+    layout, wanted = ARCHIVE_LAYOUTS.get(cfg.id), cfg.archive.enabled
+    if wanted is False or (wanted is None and layout is None):
+        return None
+    if layout is None:
+        known = ", ".join(sorted(ARCHIVE_LAYOUTS))
+        raise UsageError(f"{field}.enabled: no known archive for {cfg.id} (known: {known})")
+    base_url = cfg.archive.base_url or layout.base_url
+    market_ids = {m.symbol: m.id for m in source.markets() if m.id}
+    client = ArchiveClient(base_url, cfg.archive.concurrency, policy)
+    return ArchiveTools(client, layout, market_ids, base_url)
 
 
 def retry_policy(config: RetryConfig) -> RetryPolicy:
@@ -170,6 +196,9 @@ async def open_exchange(
         runtime = ExchangeRuntime(cfg, source, budget, limiter, fetcher)
         await fetcher.open(forever=request.mode == "live" if patient is None else patient)
         runtime.keys = await _job_keys(cfg, fetcher, request, f"exchanges[{position}].markets")
+        if request.mode == "history":
+            field = f"exchanges[{position}].archive"
+            runtime.archive = archive_tools(cfg, source, field, policy)
     except BaseException:
         await source.close()
         raise

@@ -98,6 +98,7 @@ class MarketInfo:
     quote: str
     type: str
     active: bool
+    id: str = ""  # the exchange's own market id (BTCUSDT), which archive paths use
 
 
 class CandleSource(Protocol):

@@ -12,10 +12,12 @@ resuming runs it again from the ledger, which is exactly where it stopped. The p
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import ExchangeFault, StoreFault
 from ..exchange.fetcher import Fetcher
@@ -31,7 +33,14 @@ from ..observability.metrics import Metrics
 from ..retry import is_permanent
 from ..timeframes import Grid, iso_utc
 from .durable_writer import DurableWriter
-from .pipeline import PageStep, ShieldedWrites, forget, proven_span, unpublished_from
+from .pipeline import (
+    PageStep,
+    ProvenWrites,
+    ShieldedWrites,
+    forget,
+    proven_span,
+    unpublished_from,
+)
 
 
 @dataclass
@@ -47,6 +56,19 @@ class HistoryOutcome:
     error: str | None = None
     retryable: bool = False
     unavailable_before_ms: int | None = None  # the exchange serves nothing older than this
+
+
+GapFill = Callable[[Job, Interval, HistoryOutcome], Awaitable[None]]
+
+
+class BulkPass(Protocol):
+    """A pass that stores what it can of a job's uncovered window before the REST pages (the
+    exchange's archive), recording in the ledger only what it proved; `fill` pages a span it
+    could not prove over REST at once, so the series is stored in time order."""
+
+    async def run(self, job: Job, result: HistoryOutcome, fill: GapFill) -> None: ...
+
+    async def drain(self, timeout_s: float | None = None) -> None: ...
 
 
 def earliest_served(caps: Capabilities, now_ms: int, grid: Grid) -> int | None:
@@ -67,12 +89,12 @@ class HistoryBackfill:
         page_limit: int,
         metrics: Metrics,
         registry: JobRegistry,
+        bulk: BulkPass | None = None,
     ) -> None:
+        self._bulk = bulk
+        self._proven = ProvenWrites(writer, state, registry, metrics)
         self._step = PageStep(fetcher, events, metrics)
-        self._registry = registry
         self._writes = ShieldedWrites()
-        self._metrics = metrics
-        self._writer = writer
         self._state = state
         self._events = events
         self._source = fetcher.source
@@ -152,16 +174,14 @@ class HistoryBackfill:
     ) -> int:
         """Write the page, then count it and add what it proved to the ledger, in one
         transaction."""
-        written = await self._writer.write(batch)
-        self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
-        record = self._registry.record_page(job, stored, written)
-        await self._state.add_coverage(job.key, stored, record)
+        written = await self._proven.store(job, batch, stored)
         self._events.info(
             "history_page_done",
             f"stored {len(batch)} candles",
             symbol=job.key.symbol,
             timeframe=job.key.timeframe,
             rows=len(batch),
+            source="rest",
             since=stored[0][0] if stored else None,
             until=stored[-1][1] if stored else None,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
@@ -170,7 +190,8 @@ class HistoryBackfill:
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait for pages still being stored (at most `timeout_s`)."""
-        await self._writes.drain(timeout_s)
+        bulk = [self._bulk.drain(timeout_s)] if self._bulk is not None else []
+        await asyncio.gather(self._writes.drain(timeout_s), *bulk)
 
     async def run_job(self, job: Job, result: HistoryOutcome) -> HistoryOutcome:
         """Backfill the job's window from the ledger on, counting into `result` (a fresh one per
@@ -179,6 +200,8 @@ class HistoryBackfill:
         start, end = job.record.start_ms, job.record.end_ms
         assert start is not None and end is not None
         try:
+            if self._bulk is not None:
+                await self._bulk.run(job, result, self._fill)
             for gap in subtract((start, end), await self._state.coverage(job.key)):
                 await self._fill(job, gap, result)
             if result.unavailable_before_ms is not None:

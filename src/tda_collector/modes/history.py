@@ -23,6 +23,7 @@ from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
 from ..store import CandleStore
+from .archive_backfill import ArchiveBackfill
 from .backfill import HistoryBackfill
 from .durable_writer import DurableWriter
 from .history_pool import ExchangeHistory, JobResult
@@ -39,7 +40,11 @@ class HistorySettings:
 
 
 def _summarise(
-    events: EventLog, results: list[JobResult], runtimes: list[ExchangeRuntime], started: float
+    events: EventLog,
+    results: list[JobResult],
+    runtimes: list[ExchangeRuntime],
+    started: float,
+    archives: list[ArchiveBackfill],
 ) -> int:
     duration = time.monotonic() - started
     failed = [r for r in results if r.status == FAILED]
@@ -71,6 +76,8 @@ def _summarise(
         rows=rows,
         rejected=rejected,
         requests=requests,
+        archive_files=sum(a.files for a in archives) if archives else None,
+        archive_bytes=sum(a.bytes for a in archives) if archives else None,
         duration_ms=round(duration * 1000),
         candles_per_s=round(rows / duration, 1) if duration > 0 else None,
         requests_per_s=round(requests / duration, 2) if duration > 0 else None,
@@ -124,13 +131,34 @@ async def run_history(
     origins = {rt.config.id: rt.source.capabilities.week_origin_ms for rt in runtimes}
     jobs = await register_history_jobs(registry, state, exchanges, *window, origins)
     per_exchange = []
+    archives: list[ArchiveBackfill] = []
     for rt in runtimes:
         exchange_events = events.bind(exchange=rt.config.id)
         writer = DurableWriter(
             store, policy, exchange_events, metrics=metrics, indicators=indicators
         )
+        archive = None
+        if rt.archive is not None:
+            archive = ArchiveBackfill(
+                rt.archive,
+                writer,
+                state,
+                registry,
+                exchange_events,
+                metrics,
+                rt.source.capabilities,
+                rt.source.now_ms,
+            )
+            archives.append(archive)
         backfill = HistoryBackfill(
-            rt.fetcher, writer, state, exchange_events, settings.page_limit, metrics, registry
+            rt.fetcher,
+            writer,
+            state,
+            exchange_events,
+            settings.page_limit,
+            metrics,
+            registry,
+            archive,
         )
         pool = ExchangeHistory(
             backfill,
@@ -145,4 +173,4 @@ async def run_history(
     if indicators is not None:
         await indicators.repair(DurableWriter(store, policy, events).write_as_is)
     await finish_history_run(registry, state)
-    return _summarise(events, results, runtimes, started)
+    return _summarise(events, results, runtimes, started, archives)

@@ -19,11 +19,15 @@ from typing import Any, TypeVar
 from ..errors import CalendarMismatch
 from ..exchange.fetcher import Fetcher
 from ..intervals import Interval, merge, subtract
-from ..models import JobKey
+from ..jobs.ledger import StateStore
+from ..jobs.model import Job
+from ..jobs.registry import JobRegistry
+from ..models import CandleBatch, JobKey
 from ..normalize import NormalizedPage, Window, normalize_page
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..timeframes import Grid
+from .durable_writer import DurableWriter
 
 # SIGTERM must end the process within 1 s (the interface's exit-code contract); writes already
 # under way get this much of it, the rest is closing the exchange, the store and the state.
@@ -80,6 +84,28 @@ class PageStep:
     def grid(self, timeframe: str) -> Grid:
         """Where `timeframe`'s candles open on this step's exchange (its week origin)."""
         return self.fetcher.source.capabilities.grid(timeframe)
+
+
+class ProvenWrites:
+    """History's one way to store what a page (or an archive file) proved: write the rows
+    durably, then count them and add the proven intervals to the ledger, with the job row, in
+    one transaction."""
+
+    def __init__(
+        self, writer: DurableWriter, state: StateStore, registry: JobRegistry, metrics: Metrics
+    ) -> None:
+        self._writer = writer
+        self._state = state
+        self._registry = registry
+        self._metrics = metrics
+
+    async def store(self, job: Job, batch: CandleBatch, proven: list[Interval]) -> int:
+        """Rows written; raises the writer's StoreFault (nothing is recorded then)."""
+        written = await self._writer.write(batch)
+        self._metrics.history_candles(job.key.exchange, job.key.timeframe, written)
+        record = self._registry.record_page(job, proven, written)
+        await self._state.add_coverage(job.key, proven, record)
+        return written
 
 
 def proven_span(

@@ -185,6 +185,15 @@ class Metrics:
             ["exchange", "timeframe"],
             registry=r,
         )
+        self._archive_files = Counter(
+            "tda_archive_files",
+            "Archive files asked for, by outcome (ok, missing, corrupt, failed).",
+            ["exchange", "outcome"],
+            registry=r,
+        )
+        self._archive_bytes = Counter(
+            "tda_archive_bytes", "Bytes downloaded from archive hosts.", ["exchange"], registry=r
+        )
         self._jobs = Gauge("tda_jobs", "Jobs by state.", ["state"], registry=r)
         self._job_runs = Histogram(
             "tda_job_run_duration_seconds",
@@ -284,6 +293,10 @@ class Metrics:
 
     def job_run(self, exchange: str, mode: str, seconds: float) -> None:
         self._job_runs.labels(exchange, mode).observe(seconds)
+
+    def archive_file(self, exchange: str, outcome: str, size: int) -> None:
+        self._archive_files.labels(exchange, outcome).inc()
+        self._archive_bytes.labels(exchange).inc(size)
 
     def set_jobs(self, by_state: Mapping[str, int]) -> None:
         """Replace the job counts; a state absent from `by_state` now counts 0."""
