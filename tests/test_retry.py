@@ -1,5 +1,8 @@
 import asyncio
+import gc
 import random
+import weakref
+from collections.abc import Callable
 
 import pytest
 
@@ -164,3 +167,55 @@ def test_an_error_outside_the_transient_types_propagates_unreported():
     with pytest.raises(KeyError):
         script.run(POLICY, transient=(TransientFault,))
     assert script.calls == 1 and script.failures == []
+
+
+class Held:
+    """Stands for what a caller's callbacks reach (a writer's whole batch)."""
+
+
+def callbacks_reaching(
+    held: Held, kinds: list[str]
+) -> tuple[Callable[[Failure], None], Callable[[float], None]]:
+    def report(failure: Failure) -> None:
+        kinds.append(failure.kind)
+        assert held is not None
+
+    def pause(wait_s: float) -> None:
+        assert held is not None
+
+    return report, pause
+
+
+async def _callbacks_of_one_call(script: Script, kinds: list[str]) -> weakref.ref[Held]:
+    held = Held()
+    freed = weakref.ref(held)
+    report, pause = callbacks_reaching(held, kinds)
+    del held
+    await retry_async(script, POLICY, on_failure=report, pause=pause, sleep=script.sleep)
+    return freed
+
+
+@pytest.mark.parametrize(
+    "errors, kinds",
+    [
+        (tuple, []),
+        (
+            # made per run: a raised error's traceback holds the frames it passed through
+            lambda: (TransientFault("503"), RateLimited("429", status=429)),
+            ["transient", "rate_limited"],
+        ),
+    ],
+    ids=["at once", "retried"],
+)
+def test_the_callers_callbacks_are_let_go_when_the_call_returns(errors, kinds):
+    # tenacity's retrying object is a reference cycle; what the caller's callbacks reach must
+    # not live on in it until the cyclic GC's next full collection: the archive's memory grew
+    # with the rows written, each file's batch held by its write's retry loop.
+    reported: list[str] = []
+    gc.disable()
+    try:
+        freed = asyncio.run(_callbacks_of_one_call(Script(*errors()), reported))
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert reported == kinds

@@ -144,26 +144,56 @@ async def retry_async(
     a rate-limited wait instead of this call's own sleep: it holds every caller that shares it
     (the exchange's limiter), this one included."""
     judge = _Judge(policy, transient, forever, max_rate_limited_waits, rng or random.Random())
+    hooks = _Hooks(judge, on_failure, pause)
+    retrying = AsyncRetrying(
+        retry=hooks.retry, wait=hooks.wait, stop=stop_never, sleep=sleep, reraise=True
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await call()
+    finally:
+        # tenacity's state refers back to its retrying object: a reference cycle, freed only
+        # when the cyclic GC next runs a full collection, which comes rarer as the heap grows.
+        # The caller's callbacks (and all they reach: a writer's whole batch) must not wait
+        # for that, or memory grows with the rows written (the archive's 44,640-row files).
+        hooks.release()
+    raise AssertionError("unreachable: tenacity returns or re-raises")
 
-    def retry(state: RetryCallState) -> bool:
+
+class _Hooks:
+    """tenacity's `retry` and `wait` for one `retry_async` call; `release` lets go of the
+    caller's callbacks once the call is over."""
+
+    def __init__(
+        self,
+        judge: _Judge,
+        on_failure: Callable[[Failure], None] | None,
+        pause: Callable[[float], None] | None,
+    ) -> None:
+        self._judge: _Judge | None = judge
+        self._on_failure, self._pause = on_failure, pause
+
+    def release(self) -> None:
+        if self._judge is not None:
+            self._judge.last = None  # its error's traceback holds the frames of the call
+        self._judge = self._on_failure = self._pause = None
+
+    def retry(self, state: RetryCallState) -> bool:
+        judge = self._judge
+        assert judge is not None  # tenacity asks only during the call
         exc = state.outcome.exception() if state.outcome else None
         judge.last = judge.judge(exc) if exc is not None else None
         if judge.last is None:
             return False
-        if on_failure is not None:
-            on_failure(judge.last)
+        if self._on_failure is not None:
+            self._on_failure(judge.last)
         return not judge.last.gives_up
 
-    def wait(state: RetryCallState) -> float:
-        failure = judge.last
+    def wait(self, state: RetryCallState) -> float:
+        failure = self._judge.last if self._judge is not None else None
         assert failure is not None  # tenacity waits only after `retry` said yes
-        if failure.kind == "rate_limited" and pause is not None:
-            pause(failure.wait_s)
+        if failure.kind == "rate_limited" and self._pause is not None:
+            self._pause(failure.wait_s)
             return 0.0
         return failure.wait_s
-
-    retrying = AsyncRetrying(retry=retry, wait=wait, stop=stop_never, sleep=sleep, reraise=True)
-    async for attempt in retrying:
-        with attempt:
-            return await call()
-    raise AssertionError("unreachable: tenacity returns or re-raises")
