@@ -132,3 +132,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(UsageError, match="file not found"):
         load_config(tmp_path / "absent.yaml", {})
     assert "not valid YAML at line" in error_line(tmp_path, "exchanges: [\n")
+
+
+def test_state_url_is_a_secret_and_instance_id_defaults_to_none(tmp_path):
+    url = "postgresql://tda:hunter2-pw@db:5432/tda"
+    text = MINIMAL + "storage: {backend: bigquery}\n"
+    config = load_config(write(tmp_path, text), {"TDA__STATE_URL": url})
+    assert config.state_url is not None and config.state_url.get_secret_value() == url
+    assert "hunter2" not in repr(config) and "hunter2" not in config.model_dump_json()
+    assert config.instance_id is None
+
+
+def test_state_url_with_duckdb_names_the_field_without_echoing_it(tmp_path):
+    text = MINIMAL + "state_url: postgresql://tda:hunter2-pw@db/tda\n"
+    message = error_line(tmp_path, text)
+    assert message.startswith("state_url: needs storage.backend bigquery")
+    assert "hunter2" not in message
+
+
+def test_state_url_must_be_a_postgres_url(tmp_path):
+    text = MINIMAL + "storage: {backend: bigquery}\nstate_url: mysql://u:hunter2@db/x\n"
+    message = error_line(tmp_path, text)
+    assert message == "state_url: must be a postgresql:// URL"

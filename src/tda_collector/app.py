@@ -28,10 +28,10 @@ from .exchange.runtime import (
 )
 from .exchange.throttle import Pauses
 from .jobs.control import JobMonitor
-from .jobs.ledger import StateStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .jobs.state import StateStore, build_state
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings, run_live
@@ -103,8 +103,9 @@ async def _run_mode(
         config.storage, events, request.mode, indicator_columns(spec) if spec else (), environ
     )
     policy = retry_policy(config.retry)
-    indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
-    state = StateStore(config.state_path)
+    url = config.state_url.get_secret_value() if config.state_url is not None else None
+    state = build_state(config.state_path, url, events)
+    indicators = IndicatorStage(spec, state, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
     progress = Progress(registry)
     admin = build_admin_server(
@@ -167,7 +168,7 @@ async def _run_mode(
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        await asyncio.shield(_close_all(runtimes, store, state, admin, indicators))
+        await asyncio.shield(_close_all(runtimes, store, state, admin))
 
 
 async def _close_all(
@@ -175,13 +176,11 @@ async def _close_all(
     store: CandleStore,
     state: StateStore,
     admin: AdminServer | None,
-    indicators: IndicatorStage | None,
 ) -> None:
     await asyncio.gather(
         *(rt.source.close() for rt in runtimes),
         store.close(),
         state.close(),
-        *([indicators.close()] if indicators is not None else []),
         *([admin.stop()] if admin is not None else []),
         return_exceptions=True,
     )

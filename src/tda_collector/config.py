@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UsageError
 from .indicators import IndicatorSpec
@@ -265,11 +274,44 @@ class Config(_Section):
         16, ge=1, description="Jobs in flight per exchange; enough to fill the budget at latency."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    state_path: str = "data/state.sqlite"
+    state_path: str = Field(
+        "data/state.sqlite",
+        description="The embedded state (SQLite): jobs, cursors, coverage ledger, indicator "
+        "state. Unused when state_url is set.",
+    )
+    state_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:pass@host:5432/db: state shared by several instances "
+        "(secret: never logged; set it with TDA__STATE_URL, or leave the password out and let "
+        "libpq read PGPASSWORD or PGPASSFILE). Needs storage.backend bigquery.",
+    )
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Names this instance in leases, events and /instances; default hostname-pid.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     indicators: IndicatorsConfig = Field(default_factory=IndicatorsConfig)
+
+    @field_validator("state_url")
+    @classmethod
+    def _shared_state(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A Postgres URL, and a store that several writers can share. The URL itself is never
+        echoed in the message: it may hold the password."""
+        if value is None:
+            return None
+        scheme = value.get_secret_value().partition("://")[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        storage = info.data.get("storage")
+        if isinstance(storage, StorageConfig) and storage.backend == "duckdb":
+            raise ValueError(
+                "needs storage.backend bigquery: a DuckDB file cannot be shared by instances"
+            )
+        return value
 
     @field_validator("exchanges")
     @classmethod

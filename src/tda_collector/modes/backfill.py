@@ -21,9 +21,9 @@ from ..errors import ExchangeFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..exchange.source import Capabilities
 from ..intervals import Interval, subtract
-from ..jobs.ledger import StateStore
 from ..jobs.model import COMPLETED, FAILED, PAUSED, Job, JobPaused
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import CandleBatch
 from ..normalize import Window
 from ..observability.events import EventLog

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from ..errors import EXIT_JOBS_FAILED, EXIT_OK
 from ..exchange.runtime import ExchangeRuntime
 from ..jobs.control import finish_history_run, register_history_jobs
-from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, FAILED
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics

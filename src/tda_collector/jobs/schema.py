@@ -1,0 +1,113 @@
+"""The state's one schema, as numbered migrations that both backends (SQLite, Postgres) apply.
+
+The SQL is the subset both dialects share (`TEXT`, `BIGINT`, `INSERT ... ON CONFLICT ... DO
+UPDATE`, `?` placeholders; the Postgres backend turns `?` into `%s`), so a table is declared
+once. `schema_migrations` records each applied version; opening a state applies the missing
+ones in order, each in one transaction with its row, so a crash mid-way leaves the previous
+version whole. Migration 1 uses `IF NOT EXISTS` because state files written before versioning
+already hold its tables: they are adopted as version 1.
+
+To add a table (e.g. connectors, job definitions): append a `Migration` with the next number;
+never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..intervals import Interval
+from ..models import JobKey
+from .model import JobRecord
+from .state import SeriesState
+
+# A record field's annotation -> its column type (BIGINT: epoch ms overflow Postgres' INTEGER).
+_SQL_TYPES = {
+    "str": "TEXT NOT NULL",
+    "str | None": "TEXT",
+    "int": "BIGINT NOT NULL",
+    "int | None": "BIGINT",
+}
+JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
+JOB_KEY = ("exchange", "symbol", "timeframe", "mode")  # a job's identity (see `job_id`)
+JOB_COLUMNS = ", ".join(JOB_FIELDS)
+
+
+def upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    """`INSERT ... ON CONFLICT (key) DO UPDATE` of every other column, with `?` placeholders."""
+    updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c not in key)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+    )
+
+
+UPSERT_JOB = upsert("jobs", JOB_FIELDS, JOB_KEY)
+SERIES_COLUMNS = ("exchange", "symbol", "timeframe", "last_ms", "state", "dirty_from_ms")
+SELECT_SERIES = f"SELECT {', '.join(SERIES_COLUMNS)} FROM indicator_series"
+UPSERT_SERIES = upsert("indicator_series", SERIES_COLUMNS, SERIES_COLUMNS[:3])
+UPSERT_RUN = upsert("runs", ("mode", "start_ms", "end_ms", "started_ms", "finished_ms"), ("mode",))
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+_JOBS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS jobs (\n    {columns},\n    PRIMARY KEY ({key})\n)".format(
+        columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
+        key=", ".join(JOB_KEY),
+    )
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "coverage ledger, jobs, runs, indicator series",
+        (
+            """CREATE TABLE IF NOT EXISTS coverage (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, start_ms)
+)""",
+            _JOBS_TABLE,
+            """CREATE TABLE IF NOT EXISTS runs (
+    mode TEXT PRIMARY KEY, start_ms BIGINT, end_ms BIGINT,
+    started_ms BIGINT NOT NULL, finished_ms BIGINT
+)""",
+            """CREATE TABLE IF NOT EXISTS indicator_series (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    last_ms BIGINT, state TEXT, dirty_from_ms BIGINT,
+    PRIMARY KEY (exchange, symbol, timeframe)
+)""",
+        ),
+    ),
+)
+
+VERSIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_ms BIGINT NOT NULL
+)"""
+RECORD_VERSION = "INSERT INTO schema_migrations (version, description, applied_ms) VALUES (?, ?, ?)"
+APPLIED_VERSIONS = "SELECT version FROM schema_migrations"
+
+
+def pending(applied: set[int]) -> list[Migration]:
+    """The migrations not applied yet, in order."""
+    return [m for m in MIGRATIONS if m.version not in applied]
+
+
+def series_by_key(rows: Iterable[tuple[Any, ...]]) -> dict[JobKey, SeriesState]:
+    """`SELECT_SERIES`'s rows by series."""
+    return {JobKey(e, s, tf): SeriesState(last, st, dirty) for e, s, tf, last, st, dirty in rows}
+
+
+def coverage_by_key(exchange: str, rows: Iterable[tuple[Any, ...]]) -> dict[JobKey, list[Interval]]:
+    """(symbol, timeframe, start_ms, end_ms) rows of one exchange, ordered, by series."""
+    found: dict[JobKey, list[Interval]] = {}
+    for symbol, timeframe, start, end in rows:
+        found.setdefault(JobKey(exchange, symbol, timeframe), []).append((int(start), int(end)))
+    return found
