@@ -26,6 +26,7 @@ from .exchange.runtime import (
     open_all,
     retry_policy,
 )
+from .exchange.shared_budget import BudgetStore
 from .exchange.throttle import Pauses
 from .jobs.control import JobMonitor
 from .jobs.progress import Progress
@@ -120,12 +121,21 @@ async def _run_mode(
         if admin is not None:
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
+        await state.open()  # first: with state_url, the exchanges' budgets live there
+        shared = state if isinstance(state, BudgetStore) else None
         runtimes, failure = await open_all(
-            config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
+            config.exchanges,
+            request,
+            events,
+            factory,
+            metrics,
+            policy,
+            registry.check,
+            pauses,
+            shared,
         )
         if failure is not None:
             raise failure
-        await state.open()
         await store.ensure()
         keys = [k for rt in runtimes for k in rt.keys]
         live = request.mode == "live"

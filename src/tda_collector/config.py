@@ -60,6 +60,13 @@ class RateLimitConfig(_Section):
     )
     safety: float = Field(0.9, gt=0, le=1, description="Fraction of the budget the collector uses.")
     used_weight: UsedWeightConfig = Field(default_factory=UsedWeightConfig)
+    budget_group: str | None = Field(
+        None,
+        min_length=1,
+        description="With state_url: instances naming the same group share one budget (kept "
+        "in the state database); default the exchange id. Instances behind different IPs get "
+        "a budget each by naming different groups, e.g. binance-ip1.",
+    )
 
 
 class ExchangeConfig(_Section):

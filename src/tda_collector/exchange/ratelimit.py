@@ -19,6 +19,23 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    """What talks to an exchange asks before each request: `RateLimiter` here (one process),
+    `shared_budget.SharedBudget` when instances share a budget."""
+
+    rate_per_s: float
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` requests' weight."""
+
+    def pause_until(self, until: float) -> None:
+        """No request may start before `until` (monotonic seconds)."""
+
+    @property
+    def paused_until(self) -> float: ...
 
 
 def burst_for(budget_per_s: float, safety: float) -> int:

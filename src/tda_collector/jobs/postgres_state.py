@@ -92,7 +92,7 @@ async def migrate_postgres(conn: Conn) -> None:
         cur = await conn.execute(APPLIED_VERSIONS)
         applied = {int(v) for (v,) in await cur.fetchall()}
         for migration in pending(applied):
-            for statement in migration.statements:
+            for statement in (*migration.statements, *migration.postgres_only):
                 await conn.execute(statement)
             row = (migration.version, migration.description, round(time.time() * 1000))
             await conn.execute(pg(RECORD_VERSION), row)
@@ -280,3 +280,17 @@ class PostgresState:
             await conn.execute(pg(UPSERT_SERIES), (*_series(key), *astuple(series)))
 
         await self._write(work)
+
+    async def acquire_budget(
+        self, group: str, cost: float, interval_s: float, tolerance_s: float
+    ) -> float:
+        """Reserve the next slot of `cost` in the shared budget `group` (GCRA, one statement);
+        seconds to wait before the request may start."""
+        rows = await self._rows(
+            "SELECT tda_acquire_budget(%s, %s, %s, %s)", (group, cost, interval_s, tolerance_s)
+        )
+        return float(rows[0][0])
+
+    async def pause_budget(self, group: str, wait_s: float) -> None:
+        """Nobody, in any instance, starts a request of `group` for `wait_s` seconds."""
+        await self._rows("SELECT tda_pause_budget(%s, %s)", (group, wait_s))

@@ -52,9 +52,49 @@ UPSERT_RUN = upsert("runs", ("mode", "start_ms", "end_ms", "started_ms", "finish
 
 @dataclass(frozen=True)
 class Migration:
+    """One version of the schema: `statements` both backends run, then `postgres_only` ones
+    (server-side functions) that only Postgres has, or needs."""
+
     version: int
     description: str
     statements: tuple[str, ...]
+    postgres_only: tuple[str, ...] = ()
+
+
+# The shared request budget (see `exchange/shared_budget.py`): GCRA, one row per budget group,
+# times in epoch seconds of the server's clock, so the instances' clocks never matter. One call
+# reserves the next slot of `cost` and answers how long to wait for it: one round trip per
+# request, atomic under any number of callers (the row lock orders them).
+_ACQUIRE_BUDGET = """
+CREATE OR REPLACE FUNCTION tda_acquire_budget(
+    grp TEXT, cost DOUBLE PRECISION, interval_s DOUBLE PRECISION, tolerance_s DOUBLE PRECISION
+) RETURNS DOUBLE PRECISION LANGUAGE plpgsql AS $$
+DECLARE
+    now_s DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+    held DOUBLE PRECISION;
+    paused DOUBLE PRECISION;
+BEGIN
+    SELECT tat, paused_until INTO held, paused FROM budgets WHERE budget_group = grp FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO budgets (budget_group, tat, paused_until, acquired)
+        VALUES (grp, now_s, 0, 0) ON CONFLICT (budget_group) DO NOTHING;
+        SELECT tat, paused_until INTO held, paused FROM budgets
+        WHERE budget_group = grp FOR UPDATE;
+    END IF;
+    held := greatest(held, paused);
+    UPDATE budgets SET tat = greatest(held, now_s) + cost * interval_s,
+        acquired = acquired + cost WHERE budget_group = grp;
+    RETURN greatest(0, paused - now_s, held - tolerance_s - now_s);
+END $$"""
+
+_PAUSE_BUDGET = """
+CREATE OR REPLACE FUNCTION tda_pause_budget(grp TEXT, wait_s DOUBLE PRECISION)
+RETURNS VOID LANGUAGE sql AS $$
+    INSERT INTO budgets (budget_group, tat, paused_until, acquired)
+    VALUES (grp, 0, extract(epoch FROM clock_timestamp()) + wait_s, 0)
+    ON CONFLICT (budget_group) DO UPDATE SET paused_until =
+        greatest(budgets.paused_until, excluded.paused_until)
+$$"""
 
 
 _JOBS_TABLE = (
@@ -85,6 +125,17 @@ MIGRATIONS: tuple[Migration, ...] = (
     PRIMARY KEY (exchange, symbol, timeframe)
 )""",
         ),
+    ),
+    Migration(
+        2,
+        "request budgets shared by instances",
+        (
+            """CREATE TABLE budgets (
+    budget_group TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL,
+    paused_until DOUBLE PRECISION NOT NULL, acquired DOUBLE PRECISION NOT NULL
+)""",
+        ),
+        (_ACQUIRE_BUDGET, _PAUSE_BUDGET),
     ),
 )
 
