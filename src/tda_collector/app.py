@@ -8,7 +8,10 @@ The config is read here and nowhere below: the modes get their settings objects
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 
@@ -18,7 +21,7 @@ from .admin.jobs_api import jobs_routes
 from .admin.server import AdminServer, build_admin_server
 from .config import Config
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
-from .exchange.fetcher import Fetcher
+from .exchange.fetcher import Fetcher, Gate
 from .exchange.runtime import (
     ExchangeRuntime,
     RunRequest,
@@ -29,10 +32,12 @@ from .exchange.runtime import (
 from .exchange.shared_budget import BudgetStore
 from .exchange.throttle import Pauses
 from .jobs.control import JobMonitor
+from .jobs.leases import LeaseKeeper, LeaseStore
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
 from .jobs.state import StateStore, build_state
+from .models import JobKey
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings, run_live
@@ -46,7 +51,36 @@ def history_settings(config: Config) -> HistorySettings:
         page_limit=config.history_page_limit,
         concurrency=config.history_concurrency,
         failure_limit=config.retry.exchange_failure_limit,
+        chunk_pages=config.lease_chunk_pages,
     )
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def lease_keeper(
+    config: Config, state: StateStore, mode: str, events: EventLog
+) -> LeaseKeeper | None:
+    """With shared state, this instance's leases (the state holds them); else None."""
+    if config.state_url is None or not isinstance(state, LeaseStore):
+        return None
+    owner = config.instance_id or default_instance_id()
+    return LeaseKeeper(state, owner, mode, config.lease_seconds, events)
+
+
+def fetch_gate(registry: JobRegistry, keeper: LeaseKeeper | None, mode: str) -> Gate:
+    """What a candle request asks first: the job is not paused, and in history mode with
+    shared state, its lease is surely still this instance's."""
+    if keeper is None or mode != "history":
+        return registry.check
+    held = keeper
+
+    def gate(key: JobKey) -> None:
+        registry.check(key)
+        held.check(key)
+
+    return gate
 
 
 def live_settings(config: Config) -> LiveSettings:
@@ -108,6 +142,8 @@ async def _run_mode(
     state = build_state(config.state_path, url, events)
     indicators = IndicatorStage(spec, state, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
+    keeper = lease_keeper(config, state, request.mode, events)
+    heartbeat: asyncio.Task[None] | None = None
     progress = Progress(registry)
     admin = build_admin_server(
         config.admin,
@@ -123,6 +159,9 @@ async def _run_mode(
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
         await state.open()  # first: with state_url, the exchanges' budgets live there
         shared = state if isinstance(state, BudgetStore) else None
+        if keeper is not None:
+            heartbeat = asyncio.create_task(keeper.heartbeat())
+            events.info("instance_started", f"instance {keeper.owner}", instance=keeper.owner)
         runtimes, failure = await open_all(
             config.exchanges,
             request,
@@ -130,7 +169,7 @@ async def _run_mode(
             factory,
             metrics,
             policy,
-            registry.check,
+            fetch_gate(registry, keeper, request.mode),
             pauses,
             shared,
         )
@@ -161,6 +200,7 @@ async def _run_mode(
                     policy,
                     indicators,
                     registry,
+                    keeper,
                 )
             return await run_live(
                 live_settings(config),
@@ -178,6 +218,10 @@ async def _run_mode(
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
         await asyncio.shield(_close_all(runtimes, store, state, admin))
 
 

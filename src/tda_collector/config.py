@@ -298,6 +298,18 @@ class Config(_Section):
         max_length=200,
         description="Names this instance in leases, events and /instances; default hostname-pid.",
     )
+    lease_seconds: float = Field(
+        15.0,
+        ge=1,
+        description="With state_url: a job's lease lasts this long unless its instance renews "
+        "it (every third of it); a dead instance's jobs are taken over after it.",
+    )
+    lease_chunk_pages: int = Field(
+        10,
+        ge=1,
+        description="With state_url, history mode: pages of a job worked per claim, after "
+        "which it is let go for any instance to take on.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)

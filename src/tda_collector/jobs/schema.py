@@ -137,6 +137,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         (_ACQUIRE_BUDGET, _PAUSE_BUDGET),
     ),
+    Migration(
+        3,
+        "job leases and the instances' heartbeats",
+        (
+            """CREATE TABLE job_leases (
+    run_id TEXT NOT NULL, job_id TEXT NOT NULL, owner TEXT,
+    locked_until DOUBLE PRECISION NOT NULL, claims BIGINT NOT NULL,
+    status TEXT, error TEXT,
+    PRIMARY KEY (run_id, job_id)
+)""",
+            """CREATE TABLE instances (
+    instance_id TEXT PRIMARY KEY, mode TEXT NOT NULL,
+    started_ms BIGINT NOT NULL, heartbeat_ms BIGINT NOT NULL
+)""",
+        ),
+    ),
 )
 
 VERSIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
