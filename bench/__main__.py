@@ -1,17 +1,18 @@
-"""`python -m bench [throughput|live|progress|floors|memory]`: measurements as tables, with ratios.
+"""`python -m bench [throughput|live|progress|floors|memory|instances]`: measurements as tables.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
 live: close-to-stored latency for many symbols at one budget, against its bound.
 progress: `GET /progress` latency with 2,500 jobs (--jobs) while pages are recorded.
 floors: what start-up, the request path and DuckDB's writes cost alone, per candle.
 memory: peak RSS of DuckDB backfills, 7,200 against 2.6 M rows and 10 against 1,000 symbols.
+instances: one budget shared by 1, 2, 4 processes in Postgres, against a group each.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import floors, live_latency, memory, progress
+from . import floors, instances, live_latency, memory, progress
 from .throughput import render, run_baseline, run_collector
 
 
@@ -61,13 +62,17 @@ def peak_memory(args: argparse.Namespace) -> None:
     memory.main(args.small_rows, args.large_rows, args.symbol_rows, args.many_symbols, settings)
 
 
+def shared_budget(args: argparse.Namespace) -> None:
+    instances.run(args.budget, args.safety, args.seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "what",
         nargs="?",
         default="throughput",
-        choices=["throughput", "live", "progress", "floors", "memory"],
+        choices=["throughput", "live", "progress", "floors", "memory", "instances"],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
     parser.add_argument("--safety", type=float, default=0.9)
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--symbol-rows", type=int, default=720_000, help="memory: either count")
     parser.add_argument("--many-symbols", type=int, default=1_000, help="memory")
     parser.add_argument("--duckdb-memory-limit", help="memory: storage.duckdb.memory_limit")
+    parser.add_argument("--seconds", type=float, default=5.0, help="instances: per run")
     args = parser.parse_args()
     {
         "throughput": throughput,
@@ -89,6 +95,7 @@ def main() -> None:
         "progress": progress_latency,
         "floors": cpu_floors,
         "memory": peak_memory,
+        "instances": shared_budget,
     }[args.what](args)
 
 

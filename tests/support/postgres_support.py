@@ -173,3 +173,27 @@ def postgres_server_fixture():
 def state_url_fixture(postgres_server: PostgresServer) -> str:
     """A fresh database's URL, for one test."""
     return fresh_database()
+
+
+def server_cpu_s() -> float:
+    """CPU seconds the session's server has used so far: the postmaster, its children that
+    exited (reaped: counted in its cutime/cstime) and those still running (the backends)."""
+    assert SERVER._workdir is not None
+    pid = int((SERVER._workdir / "data" / "postmaster.pid").read_text().split()[0])
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(p: int) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+
+    own = stat(pid)
+    total = sum(int(own[i]) for i in (11, 12, 13, 14))
+    for child in Path("/proc").iterdir():
+        if child.name.isdigit():
+            try:
+                fields = stat(int(child.name))
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
