@@ -69,10 +69,10 @@ def lease_keeper(
     return LeaseKeeper(state, owner, mode, config.lease_seconds, events)
 
 
-def fetch_gate(registry: JobRegistry, keeper: LeaseKeeper | None, mode: str) -> Gate:
-    """What a candle request asks first: the job is not paused, and in history mode with
-    shared state, its lease is surely still this instance's."""
-    if keeper is None or mode != "history":
+def fetch_gate(registry: JobRegistry, keeper: LeaseKeeper | None) -> Gate:
+    """What a candle request asks first: the job is not paused, and with shared state, its
+    lease is surely still this instance's."""
+    if keeper is None:
         return registry.check
     held = keeper
 
@@ -169,7 +169,7 @@ async def _run_mode(
             factory,
             metrics,
             policy,
-            fetch_gate(registry, keeper, request.mode),
+            fetch_gate(registry, keeper),
             pauses,
             shared,
         )
@@ -213,6 +213,7 @@ async def _run_mode(
                 indicators,
                 registry,
                 cursors=newest_closed,
+                keeper=keeper,
             )
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"

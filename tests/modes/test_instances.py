@@ -78,11 +78,15 @@ def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n
 class Fleet:
     """Instances as subprocesses, their stdout read in threads (events, by instance)."""
 
-    def __init__(self, configs: list[Path]) -> None:
-        self.procs = [start_subprocess(c, *ARGS) for c in configs]
+    def __init__(self, configs: list[Path], args: tuple[str, ...] = ARGS) -> None:
+        self.procs = [start_subprocess(c, *args) for c in configs]
         self.lines: list[list[str]] = [[] for _ in self.procs]
+        self.errors: list[list[str]] = [[] for _ in self.procs]  # stderr: read, or it blocks
         self._readers = [
             threading.Thread(target=self._read, args=(i,), daemon=True)
+            for i in range(len(self.procs))
+        ] + [
+            threading.Thread(target=self._read_errors, args=(i,), daemon=True)
             for i in range(len(self.procs))
         ]
         for reader in self._readers:
@@ -93,6 +97,12 @@ class Fleet:
         assert stdout is not None
         for line in stdout:
             self.lines[i].append(line)
+
+    def _read_errors(self, i: int) -> None:
+        stderr = self.procs[i].stderr
+        assert stderr is not None
+        for line in stderr:
+            self.errors[i].append(line)
 
     def events(self, i: int) -> list[dict]:
         return parse_events("".join(self.lines[i]))

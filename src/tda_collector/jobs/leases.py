@@ -71,6 +71,9 @@ class LeaseStore(Protocol):
 
     async def instances(self) -> list[InstanceInfo]: ...
 
+    async def active_instances(self, mode: str, within_s: float) -> int:
+        """Instances of `mode` with a heartbeat in the last `within_s` seconds."""
+
 
 class LeaseKeeper:
     """This instance's leases: which jobs it holds and until when it may work on them."""
@@ -98,6 +101,9 @@ class LeaseKeeper:
     def held(self, job: str, since: float) -> None:
         """Claimed at monotonic `since` (taken before the claim was sent)."""
         self._deadlines[job] = since + self.lease_s - self.margin_s
+
+    def holds(self, job: str) -> bool:
+        return job in self._deadlines
 
     def dropped(self, job: str) -> None:
         self._deadlines.pop(job, None)

@@ -384,3 +384,11 @@ class PostgresState:
             (),
         )
         return [InstanceInfo(*row) for row in rows]
+
+    async def active_instances(self, mode: str, within_s: float) -> int:
+        rows = await self._rows(
+            "SELECT count(*) FROM instances WHERE mode = %s"
+            " AND heartbeat_ms >= ((" + _NOW + " - %s) * 1000)::BIGINT",
+            (mode, within_s),
+        )
+        return int(rows[0][0])

@@ -23,6 +23,7 @@ from ..errors import ExchangeFault, PermanentFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..intervals import Interval
 from ..jobs.control import register_live_jobs, run_cancellable
+from ..jobs.leases import LeaseKeeper
 from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
 from ..jobs.registry import JobRegistry
 from ..jobs.state import StateStore
@@ -63,6 +64,7 @@ class LiveJob:
     # closed candles are a hole the exchange has, which is then not asked for again.
     proven_to_ms: int | None = None
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
+    released: bool = False  # stopped because another instance goes on with it
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
@@ -279,30 +281,41 @@ class LiveExchange:
                     next_due_ms(self.now_ms(), job.grid, settings.refresh_ms, settings.settle_ms),
                 )
         except asyncio.CancelledError:
-            if handle.status == CANCELLED and in_cycle:
+            if (handle.status == CANCELLED or job.released) and in_cycle:
                 self._finish(job, job.next_due_ms, 0, False, ran=False)
                 self.registry.note(handle, next_run_ms=None)
             raise
 
-    async def run(self, jobs: list[LiveJob]) -> None:
-        """Start every job with a catch-up sync now (one cycle), then keep them live."""
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
+    def prepare(self, jobs: list[LiveJob]) -> None:
+        """Register every job (as the registry shows it); none runs yet."""
+        self._slots = self._slots or asyncio.Semaphore(self.settings.concurrency)
         for job in jobs:
-            handle = self.registry.find(job.key) or self.registry.add(
+            job.handle = self.registry.find(job.key) or self.registry.add(
                 Job(JobRecord.of(job.key, "live", cursor_ms=job.cursor_ms))
             )
-            if handle.status == PENDING:
-                self.registry.apply(handle, "start")
-            handle.active = True
-            job.handle = handle
+
+    def start_job(self, job: LiveJob, due_ms: int) -> asyncio.Future[bool]:
+        """Run a prepared job from `due_ms` on (a catch-up sync first), until cancelled."""
+        handle = self._handle(job)
+        if handle.status == PENDING:
+            self.registry.apply(handle, "start")
+        handle.active = True
+        job.released = False
+        self._register(job, due_ms)
+        return asyncio.ensure_future(run_cancellable(handle, self.run_job(job)))
+
+    async def drain(self) -> None:
+        """Let pages already fetched finish their write (the stop budget is 1 s)."""
+        await self._writes.drain(DRAIN_ON_STOP_S)
+
+    async def run(self, jobs: list[LiveJob]) -> None:
+        """Start every job with a catch-up sync now (one cycle), then keep them live."""
+        self.prepare(jobs)
         start = self.now_ms()
-        for job in jobs:
-            self._register(job, start)
         try:
-            await asyncio.gather(*(run_cancellable(self._handle(j), self.run_job(j)) for j in jobs))
+            await asyncio.gather(*(self.start_job(job, start) for job in jobs))
         except asyncio.CancelledError:
-            # Stopping: let pages already fetched finish their write (the stop budget is 1 s).
-            await self._writes.drain(DRAIN_ON_STOP_S)
+            await self.drain()
             raise
 
 
@@ -318,9 +331,11 @@ async def run_live(
     registry: JobRegistry | None = None,
     *,
     cursors: Mapping[JobKey, int],
+    keeper: LeaseKeeper | None = None,
 ) -> int:
     """Run every configured job live until cancelled (SIGTERM/SIGINT), each from its cursor:
-    the newest stored closed candle, as the store reported it at start."""
+    the newest stored closed candle, as the store reported it at start. With `keeper` (shared
+    state), this instance runs its share of the jobs, under leases (`LeasedLive`)."""
     keys = [k for rt in runtimes for k in rt.keys]
     registry = registry or JobRegistry("live", state, metrics, events)
     await register_live_jobs(registry, state, keys, cursors)
@@ -349,7 +364,12 @@ async def run_live(
             registry=registry,
         )
         jobs = [LiveJob(k, grids[k], cursors.get(k)) for k in rt.keys]
-        exchanges.append(live.run(jobs))
+        if keeper is not None:
+            from .leased_live import LeasedLive  # it builds on this module
+
+            exchanges.append(LeasedLive(live, jobs, keeper, state).run())
+        else:
+            exchanges.append(live.run(jobs))
     events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
     await asyncio.gather(*exchanges)
     return 0
