@@ -43,6 +43,7 @@ async def _worker(url: str | None, group: str, rate: float, seconds: float) -> d
 
     from tda_collector.exchange.ratelimit import RateLimiter
     from tda_collector.exchange.shared_budget import SharedBudget
+    from tda_collector.jobs.postgres_fleet import PostgresFleet
     from tda_collector.jobs.postgres_state import PostgresState
 
     state = None
@@ -51,7 +52,7 @@ async def _worker(url: str | None, group: str, rate: float, seconds: float) -> d
     else:
         state = PostgresState(url, recording_events()[0])
         await state.open()
-        limiter = SharedBudget(state, group, rate)
+        limiter = SharedBudget(PostgresFleet(state), group, rate)
     cpu_before = _cpu()
     count, first, last = await _take(limiter, seconds)
     cpu = _cpu() - cpu_before

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
-from .admin.jobs_api import jobs_routes
+from .admin.jobs_api import Fleet, jobs_routes
 from .admin.server import AdminServer, build_admin_server
 from .config import Config
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
@@ -29,10 +29,9 @@ from .exchange.runtime import (
     open_all,
     retry_policy,
 )
-from .exchange.shared_budget import BudgetStore
 from .exchange.throttle import Pauses
 from .jobs.control import JobMonitor
-from .jobs.leases import LeaseKeeper, LeaseStore
+from .jobs.leases import LeaseKeeper, LeaseStore, run_id_of
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
@@ -60,13 +59,21 @@ def default_instance_id() -> str:
 
 
 def lease_keeper(
-    config: Config, state: StateStore, mode: str, events: EventLog
+    config: Config, leases: LeaseStore | None, mode: str, events: EventLog
 ) -> LeaseKeeper | None:
-    """With shared state, this instance's leases (the state holds them); else None."""
-    if config.state_url is None or not isinstance(state, LeaseStore):
+    """With shared state, this instance's leases; else None."""
+    if leases is None:
         return None
     owner = config.instance_id or default_instance_id()
-    return LeaseKeeper(state, owner, mode, config.lease_seconds, events)
+    return LeaseKeeper(leases, owner, mode, config.lease_seconds, events)
+
+
+def fleet_of(keeper: LeaseKeeper | None, request: RunRequest) -> Fleet | None:
+    """What the admin API shows of the other instances (with shared state)."""
+    if keeper is None:
+        return None
+    run_id = run_id_of(request.mode, request.start_ms, request.end_ms)
+    return Fleet(keeper.store, run_id, request.mode, keeper.lease_s)
 
 
 def fetch_gate(registry: JobRegistry, keeper: LeaseKeeper | None) -> Gate:
@@ -139,10 +146,10 @@ async def _run_mode(
     )
     policy = retry_policy(config.retry)
     url = config.state_url.get_secret_value() if config.state_url is not None else None
-    state = build_state(config.state_path, url, events)
+    state, fleet = build_state(config.state_path, url, events)
     indicators = IndicatorStage(spec, state, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
-    keeper = lease_keeper(config, state, request.mode, events)
+    keeper = lease_keeper(config, fleet, request.mode, events)
     heartbeat: asyncio.Task[None] | None = None
     progress = Progress(registry)
     admin = build_admin_server(
@@ -150,7 +157,13 @@ async def _run_mode(
         metrics,
         readiness,
         jobs_routes(
-            registry, progress, config.admin.host, admin_token, config.admin.token_env, pauses
+            registry,
+            progress,
+            config.admin.host,
+            admin_token,
+            config.admin.token_env,
+            pauses,
+            fleet_of(keeper, request),
         ),
     )
     try:
@@ -158,7 +171,6 @@ async def _run_mode(
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
         await state.open()  # first: with state_url, the exchanges' budgets live there
-        shared = state if isinstance(state, BudgetStore) else None
         if keeper is not None:
             heartbeat = asyncio.create_task(keeper.heartbeat())
             events.info("instance_started", f"instance {keeper.owner}", instance=keeper.owner)
@@ -171,7 +183,7 @@ async def _run_mode(
             policy,
             fetch_gate(registry, keeper),
             pauses,
-            shared,
+            fleet,
         )
         if failure is not None:
             raise failure

@@ -16,6 +16,7 @@ from postgres_support import (
 )
 
 from tda_collector.exchange.shared_budget import SharedBudget
+from tda_collector.jobs.postgres_fleet import PostgresFleet
 from tda_collector.jobs.postgres_state import PostgresState
 
 SUPPORT = Path(__file__).parents[1] / "support"
@@ -61,7 +62,8 @@ async def test_groups_are_separate_budgets(postgres_server):
     events, _ = recording_events()
     state = PostgresState(url, events)
     await state.open()
-    a, b = SharedBudget(state, "binance-ip1", 20.0), SharedBudget(state, "binance-ip2", 20.0)
+    fleet = PostgresFleet(state)
+    a, b = SharedBudget(fleet, "binance-ip1", 20.0), SharedBudget(fleet, "binance-ip2", 20.0)
     started = time.monotonic()
     await asyncio.gather(*(limiter.acquire() for limiter in (a, b) for _ in range(20)))
     elapsed = time.monotonic() - started
@@ -76,7 +78,8 @@ async def test_a_pause_recorded_by_one_instance_holds_every_instance(postgres_se
     first, second = PostgresState(url, events), PostgresState(url, events)
     await first.open()
     await second.open()
-    one, other = SharedBudget(first, "binance", 100.0), SharedBudget(second, "binance", 100.0)
+    one = SharedBudget(PostgresFleet(first), "binance", 100.0)
+    other = SharedBudget(PostgresFleet(second), "binance", 100.0)
     await other.acquire()
     one.pause_until(time.monotonic() + 1.0)  # a 429 with Retry-After: 1 seen by `one`
     await asyncio.sleep(0.1)  # recorded in the shared state

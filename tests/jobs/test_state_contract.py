@@ -20,6 +20,7 @@ from postgres_support import (
 from tda_collector.errors import PermanentStoreError
 from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.model import COMPLETED, JobRecord
+from tda_collector.jobs.postgres_fleet import PostgresFleet
 from tda_collector.jobs.postgres_state import PostgresState
 from tda_collector.jobs.schema import MIGRATIONS
 from tda_collector.jobs.state import RunRecord, SeriesState, StateStore, build_state
@@ -209,6 +210,7 @@ async def test_a_wrong_password_is_a_permanent_error_naming_no_secret(postgres_s
 
 def test_build_state_picks_the_backend(tmp_path):
     events, _ = recording_events()
-    assert isinstance(build_state(str(tmp_path / "s.sqlite"), None, events), SqliteState)
-    postgres = build_state("unused", "postgresql://u@127.0.0.1:1/db", events)
-    assert isinstance(postgres, PostgresState)
+    sqlite, none = build_state(str(tmp_path / "s.sqlite"), None, events)
+    assert isinstance(sqlite, SqliteState) and none is None
+    postgres, fleet = build_state("unused", "postgresql://u@127.0.0.1:1/db", events)
+    assert isinstance(postgres, PostgresState) and isinstance(fleet, PostgresFleet)

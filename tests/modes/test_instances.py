@@ -17,6 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+import requests
 from bigquery_support import (
     PROJECT,
     bigquery_emulator_fixture,  # noqa: F401 (registers the fixture)
@@ -24,7 +25,7 @@ from bigquery_support import (
     read_latest,
     unique_dataset,
 )
-from collector_support import DAY_MS, FROZEN_NOW_S, parse_events, start_subprocess
+from collector_support import DAY_MS, FROZEN_NOW_S, free_port, parse_events, start_subprocess
 from fake_exchange import SymbolSpec, expected_candles
 from postgres_support import (
     PASSWORD,
@@ -44,7 +45,8 @@ PAGE = 500  # candles per request: 9 pages per job
 SPECS = [SymbolSpec(f"S{i:02d}/USDT") for i in range(16)]
 
 
-def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n: int):
+def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n: int, port=0):
+    """Instance i's config; instance 0 serves its admin API on `port` (0: none)."""
     paths = []
     for i in range(n):
         workdir = tmp_path / f"instance{i}"
@@ -59,6 +61,7 @@ def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n
                 instance_id=f"instance-{i}",
                 lease_seconds=3,
                 lease_chunk_pages=3,
+                admin={"port": port if i == 0 else 0},
                 history_concurrency=8,
                 indicators={"enabled": False},
                 storage={
@@ -117,6 +120,26 @@ class Fleet:
         return codes
 
 
+def _watch_admin(url: str, fleet: Fleet) -> dict:
+    """While instance 0 runs: the instances its API lists, the owners its /jobs shows, and
+    the run's job count in its /progress."""
+    seen: dict = {"instances": set(), "owners": set(), "fleet_jobs": None}
+    while fleet.procs[0].poll() is None:
+        try:
+            instances = requests.get(url + "/instances", timeout=2).json()["instances"]
+            jobs = requests.get(url + "/jobs", timeout=2).json()["jobs"]
+            progress = requests.get(url + "/progress", timeout=2).json()
+        except requests.RequestException:
+            time.sleep(0.2)  # not listening yet, or gone
+            continue
+        seen["instances"] |= {i["instance_id"] for i in instances}
+        seen["owners"] |= {j["owner"] for j in jobs if j["owner"]}
+        if progress["fleet"]:
+            seen["fleet_jobs"] = progress["fleet"]["jobs"]
+        time.sleep(0.2)
+    return seen
+
+
 def _assert_exact(emulator: str, dataset: str) -> None:
     client = emulator_client(emulator)
     try:
@@ -133,9 +156,9 @@ def _assert_no_series_asked_twice_at_once(klines) -> None:
     by_series: dict[tuple[str, str], list] = {}
     for r in klines:
         by_series.setdefault((r.params["symbol"], r.params["interval"]), []).append(r)
-    for series, requests in by_series.items():
-        requests.sort(key=lambda r: r.time)
-        for before, after in pairwise(requests):
+    for series, asked in by_series.items():
+        asked.sort(key=lambda r: r.time)
+        for before, after in pairwise(asked):
             assert after.time >= before.answered, f"{series}: two requests at once"
 
 
@@ -149,16 +172,22 @@ def fleet_rig(exchange_rig, bigquery_emulator, postgres_server, tmp_path):
     rig = exchange_rig(SPECS, requests_per_second=BUDGET, ban_after=1)
     state_url, dataset = fresh_database(), unique_dataset()
 
-    def configs(n: int) -> list[Path]:
-        return _configs(rig, tmp_path, state_url, dataset, bigquery_emulator, n)
+    def configs(n: int, port: int = 0) -> list[Path]:
+        return _configs(rig, tmp_path, state_url, dataset, bigquery_emulator, n, port)
 
     return rig, configs, dataset
 
 
 def test_three_instances_share_one_budget_and_split_the_jobs(fleet_rig, bigquery_emulator):
     rig, configs, dataset = fleet_rig
-    fleet = Fleet(configs(3))
+    port = free_port()
+    fleet = Fleet(configs(3, port))
+    seen = _watch_admin(f"http://127.0.0.1:{port}", fleet)
     assert fleet.wait() == [0, 0, 0], [fleet.events(i)[-3:] for i in range(3)]
+    # Any instance's API shows the fleet: every instance, jobs held by the others too.
+    assert seen["instances"] == {"instance-0", "instance-1", "instance-2"}, seen
+    assert len(seen["owners"]) >= 2, seen
+    assert seen["fleet_jobs"] == len(SPECS), seen
     counters = rig.fake.counters
     assert counters["429"] == counters["418"] == 0
     log = rig.fake.request_log()
@@ -183,12 +212,15 @@ def test_a_killed_instance_s_jobs_finish_on_the_others_refetching_at_most_a_page
     rig, configs, dataset = fleet_rig
     fleet = Fleet(configs(3))
     deadline = time.monotonic() + 120
-    while fleet.pages_done(0) < 10:
-        assert time.monotonic() < deadline, "instance-0 stored nothing"
+    busy = None
+    while busy is None:  # the first instance to have stored 10 pages dies
+        assert time.monotonic() < deadline, [fleet.lines[i][-2:] for i in range(3)]
+        busy = next((i for i in range(3) if fleet.pages_done(i) >= 10), None)
         time.sleep(0.05)
-    os.kill(fleet.procs[0].pid, signal.SIGKILL)
+    os.kill(fleet.procs[busy].pid, signal.SIGKILL)
     codes = fleet.wait()
-    assert codes[0] == -signal.SIGKILL and codes[1:] == [0, 0]
+    assert codes[busy] == -signal.SIGKILL
+    assert [c for i, c in enumerate(codes) if i != busy] == [0, 0]
     klines = [r for r in rig.fake.request_log() if r.path.endswith("/klines")]
     refetched = _refetched_pages(klines)
     assert all(n <= 1 for n in refetched.values()), refetched

@@ -12,13 +12,14 @@ import time
 from event_support import recording_events
 
 from tda_collector.exchange.shared_budget import SharedBudget
+from tda_collector.jobs.postgres_fleet import PostgresFleet
 from tda_collector.jobs.postgres_state import PostgresState
 
 
 async def main(url: str, group: str, rate: float, n: int) -> None:
     state = PostgresState(url, recording_events()[0])
     await state.open()
-    budget = SharedBudget(state, group, rate)
+    budget = SharedBudget(PostgresFleet(state), group, rate)
     grants = []
 
     async def one() -> None:

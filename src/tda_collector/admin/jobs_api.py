@@ -7,7 +7,14 @@
     GET  /jobs/{id}             one job (404 if unknown)
     GET  /progress              the run's totals, rates, ETA and each exchange's budget use;
                                 "paused": [{"exchange", "status", "resume_at"}] for exchanges
-                                that asked to be left alone past retry.retry_after_max_seconds
+                                that asked to be left alone past retry.retry_after_max_seconds;
+                                "fleet": the run's jobs over every instance (state_url), or null
+    GET  /instances             {"instances": [{"instance_id", "mode", "started_at",
+                                "heartbeat_at", "heartbeat_ms"}]}: every instance sharing the
+                                state (empty without state_url)
+
+A job's JSON holds `owner`: the instance holding its lease now (null without state_url, or
+while nobody holds it).
     POST /jobs/{id}/pause|resume|cancel   the job after the move; 409 {"error"} when refused
     POST /pause, POST /resume   every job that can move; {"changed": n}
 
@@ -28,7 +35,16 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..exchange.throttle import Pauses
-from ..jobs.model import PAUSED, PENDING, RUNNING, STATUSES, USER_ACTIONS, TransitionRefused
+from ..jobs.leases import LeaseStore
+from ..jobs.model import (
+    PAUSED,
+    PENDING,
+    RUNNING,
+    STATUSES,
+    USER_ACTIONS,
+    Job,
+    TransitionRefused,
+)
 from ..jobs.progress import Progress
 from ..jobs.registry import JobRegistry
 from .status_page import STATUS_PAGE
@@ -70,6 +86,20 @@ class AdminAccess:
         return None
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """The instances sharing the state, as this one's API shows them: `run_id` names this
+    instance's run in the leases."""
+
+    store: LeaseStore
+    run_id: str
+    mode: str
+    lease_s: float  # an instance without a heartbeat for longer is not counted as running
+
+    async def owners(self) -> dict[str, str]:
+        return await self.store.owners(self.run_id)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -81,11 +111,13 @@ class JobsApi:
         progress: Progress,
         access: AdminAccess,
         pauses: Pauses | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._registry = registry
         self._progress = progress
         self._access = access
         self._pauses = pauses if pauses is not None else Pauses()
+        self._fleet = fleet
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -93,6 +125,7 @@ class JobsApi:
             web.get("/jobs", self.list_jobs),
             web.get("/jobs/{id}", self.get_job),
             web.get("/progress", self.progress),
+            web.get("/instances", self.instances),
             web.post("/jobs/{id}/{action}", self._guarded(self.command)),
             web.post("/pause", self._guarded(self.pause_all)),
             web.post("/resume", self._guarded(self.resume_all)),
@@ -110,7 +143,24 @@ class JobsApi:
 
     async def progress(self, request: web.Request) -> web.Response:
         paused = [p.to_json() for p in self._pauses.active()]
-        return web.json_response({**self._progress.summary().to_json(), "paused": paused})
+        fleet = None
+        if self._fleet is not None:
+            fleet = await self._fleet.store.run_totals(self._fleet.run_id)
+            fleet["instances"] = await self._fleet.store.active_instances(
+                self._fleet.mode, self._fleet.lease_s
+            )
+        body = {**self._progress.summary().to_json(), "paused": paused, "fleet": fleet}
+        return web.json_response(body)
+
+    async def instances(self, request: web.Request) -> web.Response:
+        found = await self._fleet.store.instances() if self._fleet is not None else []
+        return web.json_response({"instances": [i.to_json() for i in found]})
+
+    async def _owners(self) -> dict[str, str]:
+        return await self._fleet.owners() if self._fleet is not None else {}
+
+    def _job_json(self, job: Job, owners: dict[str, str]) -> dict[str, object]:
+        return {**job.record.to_json(), "owner": owners.get(job.id)}
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         query = request.query
@@ -128,15 +178,15 @@ class JobsApi:
         if statuses:
             jobs = [job for job in jobs if job.status in statuses]
         chosen = jobs[offset : None if limit is None else offset + limit]
-        return web.json_response(
-            {"total": len(jobs), "offset": offset, "jobs": [job.record.to_json() for job in chosen]}
-        )
+        owners = await self._owners()
+        listed = [self._job_json(job, owners) for job in chosen]
+        return web.json_response({"total": len(jobs), "offset": offset, "jobs": listed})
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
         if job is None:
             return _error(404, f"no job {request.match_info['id']}")
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job, await self._owners()))
 
     async def command(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
@@ -148,7 +198,7 @@ class JobsApi:
         except TransitionRefused as exc:
             return _error(409, str(exc))
         await self._registry.flush()
-        return web.json_response(job.record.to_json())
+        return web.json_response(self._job_json(job, await self._owners()))
 
     async def pause_all(self, request: web.Request) -> web.Response:
         changed = self._registry.command_all("pause", (PENDING, RUNNING))
@@ -168,6 +218,7 @@ def jobs_routes(
     token: str | None,
     token_env: str,
     pauses: Pauses | None = None,
+    fleet: Fleet | None = None,
 ) -> list[web.RouteDef]:
     access = AdminAccess(is_loopback(host), token, token_env)
-    return JobsApi(registry, progress, access, pauses).routes()
+    return JobsApi(registry, progress, access, pauses, fleet).routes()

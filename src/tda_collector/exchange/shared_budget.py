@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 
-@runtime_checkable
 class BudgetStore(Protocol):
     async def acquire_budget(
         self, group: str, cost: float, interval_s: float, tolerance_s: float

@@ -21,10 +21,11 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from ..models import JobKey
 from ..observability.events import EventLog
+from ..timeframes import iso_utc
 from .model import JobPaused, job_id
 
 
@@ -41,8 +42,16 @@ class InstanceInfo:
     started_ms: int
     heartbeat_ms: int
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "instance_id": self.instance_id,
+            "mode": self.mode,
+            "started_at": iso_utc(self.started_ms / 1000),
+            "heartbeat_at": iso_utc(self.heartbeat_ms / 1000),
+            "heartbeat_ms": self.heartbeat_ms,
+        }
 
-@runtime_checkable
+
 class LeaseStore(Protocol):
     async def offer_jobs(self, run_id: str, job_ids: list[str], done: list[str]) -> None:
         """Make the run's jobs claimable (those in `done` as COMPLETED); rows that exist stay."""
@@ -73,6 +82,19 @@ class LeaseStore(Protocol):
 
     async def active_instances(self, mode: str, within_s: float) -> int:
         """Instances of `mode` with a heartbeat in the last `within_s` seconds."""
+
+    async def owners(self, run_id: str) -> dict[str, str]:
+        """Job id -> the instance holding its lease now (expired leases left out)."""
+
+    async def run_totals(self, run_id: str) -> dict[str, int]:
+        """The run's jobs over every instance: jobs, completed, failed, running (held now),
+        waiting (nobody holds them)."""
+
+
+def run_id_of(mode: str, start_ms: int | None, end_ms: int | None) -> str:
+    """The leases' run: history runs are shared by the instances started for the same window;
+    live jobs have one run that never ends."""
+    return "live" if mode == "live" else f"history:{start_ms}:{end_ms}"
 
 
 class LeaseKeeper:

@@ -33,7 +33,6 @@ from ..intervals import Interval, merge
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..retry import Failure, RetryPolicy, retry_async
-from .leases import InstanceInfo
 from .model import JobRecord
 from .schema import (
     APPLIED_VERSIONS,
@@ -66,22 +65,6 @@ _PERMANENT_PHRASES = (
 )
 _MIGRATION_LOCK = 0x7DA_0001  # one instance migrates at a time
 _WHERE_SERIES = "exchange=%s AND symbol=%s AND timeframe=%s"
-
-
-_NOW = "extract(epoch FROM clock_timestamp())"
-# One statement: the next job of the list that is not over and that nobody holds (or whose
-# holder's lease ran out), least recently let go first; locked rows are skipped, not waited on.
-_CLAIM = f"""
-WITH next AS (
-    SELECT run_id, job_id FROM job_leases
-    WHERE run_id = %s AND job_id = ANY(%s) AND status IS NULL
-      AND (owner IS NULL OR locked_until < {_NOW})
-    ORDER BY locked_until, job_id
-    LIMIT 1 FOR UPDATE SKIP LOCKED
-)
-UPDATE job_leases AS l SET owner = %s, locked_until = {_NOW} + %s, claims = l.claims + 1
-FROM next WHERE l.run_id = next.run_id AND l.job_id = next.job_id
-RETURNING l.job_id"""
 
 
 def pg(sql: str) -> str:
@@ -193,7 +176,9 @@ class PostgresState:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self._pool.close()
 
-    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows `sql` answers, retried as every call."""
+
         async def read(conn: Conn) -> list[tuple[Any, ...]]:
             cur = await conn.execute(sql, params)
             return await cur.fetchall()
@@ -213,14 +198,14 @@ class PostgresState:
         return task
 
     async def coverage(self, key: JobKey) -> list[Interval]:
-        rows = await self._rows(
+        rows = await self.rows(
             f"SELECT start_ms, end_ms FROM coverage WHERE {_WHERE_SERIES} ORDER BY start_ms",
             _series(key),
         )
         return [(int(a), int(b)) for a, b in rows]
 
     async def coverage_of_exchange(self, exchange: str) -> dict[JobKey, list[Interval]]:
-        rows = await self._rows(
+        rows = await self.rows(
             "SELECT symbol, timeframe, start_ms, end_ms FROM coverage WHERE exchange=%s"
             " ORDER BY symbol, timeframe, start_ms",
             (exchange,),
@@ -273,11 +258,11 @@ class PostgresState:
             await self._write(work)
 
     async def load_jobs(self, mode: str) -> list[JobRecord]:
-        rows = await self._rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE mode=%s", (mode,))
+        rows = await self.rows(f"SELECT {JOB_COLUMNS} FROM jobs WHERE mode=%s", (mode,))
         return [JobRecord(*row) for row in rows]
 
     async def last_run(self, mode: str) -> RunRecord | None:
-        rows = await self._rows(
+        rows = await self.rows(
             "SELECT mode, start_ms, end_ms, started_ms, finished_ms FROM runs WHERE mode=%s",
             (mode,),
         )
@@ -290,105 +275,10 @@ class PostgresState:
         await self._write(work)
 
     async def load_indicator_series(self) -> dict[JobKey, SeriesState]:
-        return series_by_key(await self._rows(SELECT_SERIES, ()))
+        return series_by_key(await self.rows(SELECT_SERIES, ()))
 
     async def save_indicator_series(self, key: JobKey, series: SeriesState) -> None:
         async def work(conn: Conn) -> None:
             await conn.execute(pg(UPSERT_SERIES), (*_series(key), *astuple(series)))
 
         await self._write(work)
-
-    async def acquire_budget(
-        self, group: str, cost: float, interval_s: float, tolerance_s: float
-    ) -> float:
-        """Reserve the next slot of `cost` in the shared budget `group` (GCRA, one statement);
-        seconds to wait before the request may start."""
-        rows = await self._rows(
-            "SELECT tda_acquire_budget(%s, %s, %s, %s)", (group, cost, interval_s, tolerance_s)
-        )
-        return float(rows[0][0])
-
-    async def pause_budget(self, group: str, wait_s: float) -> None:
-        """Nobody, in any instance, starts a request of `group` for `wait_s` seconds."""
-        await self._rows("SELECT tda_pause_budget(%s, %s)", (group, wait_s))
-
-    # Leases (see `leases.py`). `locked_until` is in epoch seconds of the server's clock.
-
-    async def offer_jobs(self, run_id: str, job_ids: list[str], done: list[str]) -> None:
-        async def work(conn: Conn) -> None:
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO job_leases (run_id, job_id, locked_until, claims, status)"
-                    " VALUES (%s, %s, 0, 0, %s) ON CONFLICT (run_id, job_id) DO NOTHING",
-                    [(run_id, j, "COMPLETED" if j in done else None) for j in job_ids],
-                )
-
-        await self.call(work)
-
-    async def claim_job(
-        self, run_id: str, owner: str, lease_s: float, job_ids: list[str]
-    ) -> str | None:
-        rows = await self._rows(_CLAIM, (run_id, job_ids, owner, lease_s))
-        return str(rows[0][0]) if rows else None
-
-    async def release_job(self, run_id: str, job: str, owner: str) -> None:
-        # locked_until: now, so that jobs nobody has had yet come first at the next claim
-        await self._rows(
-            "UPDATE job_leases SET owner = NULL, locked_until = "
-            + _NOW
-            + " WHERE run_id = %s AND job_id = %s AND owner = %s RETURNING 1",
-            (run_id, job, owner),
-        )
-
-    async def finish_job(
-        self, run_id: str, job: str, owner: str, status: str, error: str | None
-    ) -> None:
-        await self._rows(
-            "UPDATE job_leases SET owner = NULL, status = %s, error = %s"
-            " WHERE run_id = %s AND job_id = %s RETURNING 1",
-            (status, error, run_id, job),
-        )
-
-    async def job_outcomes(
-        self, run_id: str, job_ids: list[str]
-    ) -> dict[str, tuple[str, str | None]]:
-        rows = await self._rows(
-            "SELECT job_id, status, error FROM job_leases"
-            " WHERE run_id = %s AND job_id = ANY(%s) AND status IS NOT NULL",
-            (run_id, job_ids),
-        )
-        return {str(j): (str(s), e) for j, s, e in rows}
-
-    async def renew(self, owner: str, mode: str, started_ms: int, lease_s: float) -> set[str]:
-        async def work(conn: Conn) -> set[str]:
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO instances VALUES (%s, %s, %s, (" + _NOW + " * 1000)::BIGINT)"
-                    " ON CONFLICT (instance_id) DO UPDATE SET mode = excluded.mode,"
-                    " heartbeat_ms = excluded.heartbeat_ms",
-                    (owner, mode, started_ms),
-                )
-                cur = await conn.execute(
-                    "UPDATE job_leases SET locked_until = " + _NOW + " + %s"
-                    " WHERE owner = %s AND status IS NULL RETURNING job_id",
-                    (lease_s, owner),
-                )
-                return {str(j) for (j,) in await cur.fetchall()}
-
-        return await self.call(work)
-
-    async def instances(self) -> list[InstanceInfo]:
-        rows = await self._rows(
-            "SELECT instance_id, mode, started_ms, heartbeat_ms FROM instances"
-            " ORDER BY instance_id",
-            (),
-        )
-        return [InstanceInfo(*row) for row in rows]
-
-    async def active_instances(self, mode: str, within_s: float) -> int:
-        rows = await self._rows(
-            "SELECT count(*) FROM instances WHERE mode = %s"
-            " AND heartbeat_ms >= ((" + _NOW + " - %s) * 1000)::BIGINT",
-            (mode, within_s),
-        )
-        return int(rows[0][0])

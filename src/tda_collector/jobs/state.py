@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..intervals import Interval
 from ..models import JobKey
 from ..observability.events import EventLog
 from .model import JobRecord
+
+if TYPE_CHECKING:
+    from .postgres_fleet import PostgresFleet
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,19 @@ class StateStore(Protocol):
     async def save_indicator_series(self, key: JobKey, series: SeriesState) -> None: ...
 
 
-def build_state(state_path: str, state_url: str | None, events: EventLog) -> StateStore:
-    """Postgres when `state_url` is set, else the SQLite file at `state_path`."""
+def build_state(
+    state_path: str, state_url: str | None, events: EventLog
+) -> tuple[StateStore, PostgresFleet | None]:
+    """Postgres when `state_url` is set, with what the instances share beside it (budgets,
+    leases); else the SQLite file at `state_path`, alone."""
     # Imported here: psycopg is loaded only by deployments that use it, and the backends
     # import this module for its value types.
     if state_url is not None:
+        from .postgres_fleet import PostgresFleet
         from .postgres_state import PostgresState
 
-        return PostgresState(state_url, events)
+        state = PostgresState(state_url, events)
+        return state, PostgresFleet(state)
     from .ledger import SqliteState
 
-    return SqliteState(state_path)
+    return SqliteState(state_path), None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import EXIT_JOBS_FAILED, EXIT_OK
 from ..exchange.runtime import ExchangeRuntime
 from ..jobs.control import finish_history_run, register_history_jobs
-from ..jobs.leases import LeaseKeeper
+from ..jobs.leases import LeaseKeeper, run_id_of
 from ..jobs.model import CANCELLED, FAILED
 from ..jobs.registry import JobRegistry
 from ..jobs.state import StateStore
@@ -149,7 +149,7 @@ async def run_history(
         mine = [job for job in jobs if job.key.exchange == rt.config.id]
         pool: ExchangeHistory | LeasedHistory
         if keeper is not None:
-            leases = LeaseSettings(f"history:{window[0]}:{window[1]}", settings.chunk_pages)
+            leases = LeaseSettings(run_id_of("history", *window), settings.chunk_pages)
             pool = LeasedHistory(
                 backfill, registry, mine, settings.concurrency, keeper, leases, exchange_events
             )

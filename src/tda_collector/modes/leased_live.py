@@ -15,12 +15,12 @@ import asyncio
 import math
 import time
 
-from ..jobs.leases import LeaseKeeper
+from ..jobs.leases import LeaseKeeper, run_id_of
 from ..jobs.model import RUNNING, job_id
 from ..jobs.state import StateStore
 from .live import LiveExchange, LiveJob
 
-LIVE_RUN = "live"  # live jobs' leases never end: one run id for them all
+LIVE_RUN = run_id_of("live", None, None)  # live jobs' leases never end: one run for all
 
 
 class LeasedLive:
