@@ -56,3 +56,13 @@ def bigquery_fault(exc: BaseException, doing: str) -> StoreFault | None:
     if isinstance(exc, _PERMANENT):
         return fault(PermanentStoreError, doing, exc)
     return None
+
+
+def lost_creation_race(exc: BaseException) -> bool:
+    """Another writer created the same dataset, table or view at the same moment: BigQuery
+    answers 409 Conflict (where `exists_ok` does not cover it, e.g. a view replaced twice); the
+    emulator 400 with a failed transaction commit. Asking again finds the object made."""
+    if isinstance(exc, api_errors.Conflict):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, api_errors.BadRequest) and "failed to commit" in text

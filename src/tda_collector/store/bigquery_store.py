@@ -31,7 +31,7 @@ from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from ..retry import Failure, RetryPolicy, retry_async
 from .bigquery_client import connect
-from .bigquery_errors import bigquery_fault
+from .bigquery_errors import bigquery_fault, lost_creation_race
 from .bigquery_load import MAX_PARTITIONS_PER_JOB, parquet_bytes
 from .bigquery_schema import (
     RowErrors,
@@ -59,6 +59,9 @@ _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
 T = TypeVar("T")
 
+
+# Tries of the ensure step while other instances create the same dataset, table and view.
+ENSURE_ATTEMPTS = 8
 
 # Load mode: pages of one history job that may wait for the same load job, so that jobs keep
 # fetching while a batch loads. Memory: concurrency x this x page size.
@@ -183,17 +186,27 @@ class BigQueryStore:
         client.query(latest_view_sql(self._names)).result()
         return [f.name for f in added], layout_differences(table, self._partitioning, CLUSTERING)
 
+    async def _ensure_racing(self) -> tuple[list[str], list[str]]:
+        """`_ensure`, again after losing a creation race to another instance (a short random
+        wait apart, so racers fall out of step), up to ENSURE_ATTEMPTS times."""
+        for attempt in range(1, ENSURE_ATTEMPTS + 1):
+            try:
+                return await self._run(self._ensure)
+            except Exception as exc:
+                if attempt < ENSURE_ATTEMPTS and lost_creation_race(exc):
+                    await asyncio.sleep(self._rng.uniform(0.05, 0.3 * attempt))
+                    continue
+                failed = bigquery_fault(exc, f"ensuring BigQuery table {self._names.table_id}")
+                if failed is None:
+                    raise
+                raise failed from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def ensure(self) -> None:
         """Create the dataset, table and view if missing; add missing NULLABLE columns to an
         existing table and leave everything else as it is (differences are reported). A table
         that cannot be reached or made raises a one-line StoreFault (see `bigquery_fault`)."""
-        try:
-            added, differences = await self._run(self._ensure)
-        except Exception as exc:
-            failed = bigquery_fault(exc, f"ensuring BigQuery table {self._names.table_id}")
-            if failed is None:
-                raise
-            raise failed from exc
+        added, differences = await self._ensure_racing()
         if differences:
             self._events.warning(
                 "store_ensure_table",
