@@ -16,6 +16,7 @@ from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from bigquery_support import (
@@ -34,6 +35,8 @@ from postgres_support import (
     postgres_server_fixture,  # noqa: F401 (registers the fixture)
 )
 
+from tda_collector.config import IndicatorsConfig
+from tda_collector.indicators import compute, initial_state
 from tda_collector.models import JobKey
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -63,7 +66,6 @@ def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n
                 lease_chunk_pages=3,
                 admin={"port": port if i == 0 else 0},
                 history_concurrency=8,
-                indicators={"enabled": False},
                 storage={
                     "backend": "bigquery",
                     "bigquery": {
@@ -141,6 +143,9 @@ def _watch_admin(url: str, fleet: Fleet) -> dict:
 
 
 def _assert_exact(emulator: str, dataset: str) -> None:
+    """Every candle as the exchange has it, and its indicators as one computation over the
+    series in time order gives them, whichever instances stored its pages."""
+    indicators = IndicatorsConfig().spec()
     client = emulator_client(emulator)
     try:
         for spec in SPECS:
@@ -148,6 +153,16 @@ def _assert_exact(emulator: str, dataset: str) -> None:
             got = [(r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"]) for r in rows]
             want = [c[:5] for c in expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)]
             assert got == want, spec.symbol
+            closes = np.array([r["close"] for r in rows])
+            reference, _ = compute(closes, initial_state(indicators), indicators)
+            for name, values in reference.items():
+                stored = np.array([np.nan if r[name] is None else r[name] for r in rows])
+                assert np.array_equal(np.isnan(stored), np.isnan(values)), (spec.symbol, name)
+                ok = ~np.isnan(values)
+                assert np.allclose(stored[ok], values[ok], rtol=1e-9, atol=1e-9), (
+                    spec.symbol,
+                    name,
+                )
     finally:
         client.close()
 
@@ -183,7 +198,9 @@ def test_three_instances_share_one_budget_and_split_the_jobs(fleet_rig, bigquery
     port = free_port()
     fleet = Fleet(configs(3, port))
     seen = _watch_admin(f"http://127.0.0.1:{port}", fleet)
-    assert fleet.wait() == [0, 0, 0], [fleet.events(i)[-3:] for i in range(3)]
+    assert fleet.wait() == [0, 0, 0], [
+        [e for e in fleet.events(i) if e["level"] == "ERROR"][-3:] for i in range(3)
+    ]
     # Any instance's API shows the fleet: every instance, jobs held by the others too.
     assert seen["instances"] == {"instance-0", "instance-1", "instance-2"}, seen
     assert len(seen["owners"]) >= 2, seen

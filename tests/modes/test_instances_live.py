@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from itertools import pairwise
 
+import numpy as np
 import psycopg
 from bigquery_support import (
     PROJECT,
@@ -24,6 +25,8 @@ from postgres_support import (
 )
 from test_instances import Fleet
 
+from tda_collector.config import IndicatorsConfig
+from tda_collector.indicators import compute, initial_state
 from tda_collector.models import JobKey
 
 MIN = 60_000
@@ -39,6 +42,18 @@ def _owners(state_url: str) -> dict[str, str | None]:
         except psycopg.errors.UndefinedTable:  # no instance has migrated the schema yet
             return {}
     return dict(rows)
+
+
+def _assert_indicators_exact(closed: list[dict], symbol: str) -> None:
+    """The closed candles' indicators as one computation over the series in time order gives
+    them, although two instances computed its parts."""
+    spec = IndicatorsConfig().spec()
+    reference, _ = compute(np.array([r["close"] for r in closed]), initial_state(spec), spec)
+    for name, values in reference.items():
+        stored = np.array([np.nan if r[name] is None else r[name] for r in closed])
+        assert np.array_equal(np.isnan(stored), np.isnan(values)), (symbol, name)
+        ok = ~np.isnan(values)
+        assert np.allclose(stored[ok], values[ok], rtol=1e-9, atol=1e-9), (symbol, name)
 
 
 def _wait_until(condition, timeout_s: float, what) -> None:
@@ -67,7 +82,6 @@ def test_live_jobs_are_leased_one_instance_each_and_a_dead_one_s_resume_elsewher
                 state_url=state_url,
                 instance_id=f"live-{i}",
                 lease_seconds=3,
-                indicators={"enabled": False},
                 storage={
                     "backend": "bigquery",
                     "bigquery": {
@@ -119,6 +133,7 @@ def test_live_jobs_are_leased_one_instance_each_and_a_dead_one_s_resume_elsewher
             for r in closed:
                 got = (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
                 assert got == candle(symbol, "1m", r["timestamp_ms"])
+            _assert_indicators_exact(closed, symbol)
     finally:
         client.close()
     klines = [r for r in rig.fake.request_log() if r.path.endswith("/klines")]

@@ -37,8 +37,8 @@ class TrackedState:
     async def coverage(self, *args):
         return await self._vt.track(self._inner.coverage(*args))
 
-    async def load_indicator_series(self):
-        return await self._vt.track(self._inner.load_indicator_series())
+    async def load_indicator_series(self, key=None):
+        return await self._vt.track(self._inner.load_indicator_series(key))
 
     async def save_indicator_series(self, *args):
         return await self._vt.track(self._inner.save_indicator_series(*args))

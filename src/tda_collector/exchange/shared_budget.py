@@ -23,6 +23,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+# A request may start this fraction of the slots' spacing after its slot, no later.
+LATE_FRACTION = 0.25
+
 
 class BudgetStore(Protocol):
     async def acquire_budget(
@@ -59,6 +62,7 @@ class SharedBudget:
         self._paused_until = 0.0
         self._pausing: set[asyncio.Task[None]] = set()
         self.round_trips = 0
+        self.late_slots = 0  # slots let go because the task woke too late for them
 
     def pause_until(self, until: float) -> None:
         """No request of the group, in this instance or any other, starts before `until`

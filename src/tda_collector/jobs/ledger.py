@@ -31,6 +31,7 @@ from .schema import (
     APPLIED_VERSIONS,
     JOB_COLUMNS,
     RECORD_VERSION,
+    SELECT_ONE_SERIES,
     SELECT_SERIES,
     UPSERT_JOB,
     UPSERT_RUN,
@@ -188,11 +189,14 @@ class SqliteState:
     async def save_run(self, run: RunRecord) -> None:
         await self._run(self._save_run, run)
 
-    def _load_series(self) -> dict[JobKey, SeriesState]:
-        return series_by_key(self._conn.execute(SELECT_SERIES).fetchall())
+    def _load_series(self, key: JobKey | None) -> dict[JobKey, SeriesState]:
+        if key is None:
+            return series_by_key(self._conn.execute(SELECT_SERIES).fetchall())
+        where = (key.exchange, key.symbol, key.timeframe)
+        return series_by_key(self._conn.execute(SELECT_ONE_SERIES, where).fetchall())
 
-    async def load_indicator_series(self) -> dict[JobKey, SeriesState]:
-        return await self._run(self._load_series)
+    async def load_indicator_series(self, key: JobKey | None = None) -> dict[JobKey, SeriesState]:
+        return await self._run(self._load_series, key)
 
     def _save_series(self, key: JobKey, series: SeriesState) -> None:
         self._conn.execute(

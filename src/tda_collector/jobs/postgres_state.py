@@ -38,6 +38,7 @@ from .schema import (
     APPLIED_VERSIONS,
     JOB_COLUMNS,
     RECORD_VERSION,
+    SELECT_ONE_SERIES,
     SELECT_SERIES,
     UPSERT_JOB,
     UPSERT_RUN,
@@ -274,8 +275,10 @@ class PostgresState:
 
         await self._write(work)
 
-    async def load_indicator_series(self) -> dict[JobKey, SeriesState]:
-        return series_by_key(await self.rows(SELECT_SERIES, ()))
+    async def load_indicator_series(self, key: JobKey | None = None) -> dict[JobKey, SeriesState]:
+        if key is None:
+            return series_by_key(await self.rows(SELECT_SERIES, ()))
+        return series_by_key(await self.rows(pg(SELECT_ONE_SERIES), _series(key)))
 
     async def save_indicator_series(self, key: JobKey, series: SeriesState) -> None:
         async def work(conn: Conn) -> None:

@@ -46,6 +46,7 @@ def upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
 UPSERT_JOB = upsert("jobs", JOB_FIELDS, JOB_KEY)
 SERIES_COLUMNS = ("exchange", "symbol", "timeframe", "last_ms", "state", "dirty_from_ms")
 SELECT_SERIES = f"SELECT {', '.join(SERIES_COLUMNS)} FROM indicator_series"
+SELECT_ONE_SERIES = SELECT_SERIES + " WHERE exchange = ? AND symbol = ? AND timeframe = ?"
 UPSERT_SERIES = upsert("indicator_series", SERIES_COLUMNS, SERIES_COLUMNS[:3])
 UPSERT_RUN = upsert("runs", ("mode", "start_ms", "end_ms", "started_ms", "finished_ms"), ("mode",))
 

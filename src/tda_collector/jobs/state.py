@@ -83,8 +83,8 @@ class StateStore(Protocol):
 
     async def save_run(self, run: RunRecord) -> None: ...
 
-    async def load_indicator_series(self) -> dict[JobKey, SeriesState]:
-        """Every saved indicator state."""
+    async def load_indicator_series(self, key: JobKey | None = None) -> dict[JobKey, SeriesState]:
+        """Every saved indicator state, or only `key`'s."""
 
     async def save_indicator_series(self, key: JobKey, series: SeriesState) -> None: ...
 

@@ -151,7 +151,14 @@ async def run_history(
         if keeper is not None:
             leases = LeaseSettings(run_id_of("history", *window), settings.chunk_pages)
             pool = LeasedHistory(
-                backfill, registry, mine, settings.concurrency, keeper, leases, exchange_events
+                backfill,
+                registry,
+                mine,
+                settings.concurrency,
+                keeper,
+                leases,
+                exchange_events,
+                indicators,
             )
         else:
             pool = ExchangeHistory(

@@ -67,6 +67,31 @@ class IndicatorStage:
                 series.dirty_from_ms = last + 1  # rows were stored but their state not saved
             self._series[key] = series
 
+    async def reconcile(self, key: JobKey) -> bool:
+        """Before working on a series that other instances may have moved since this one last
+        did (a claimed lease): where the saved state is not the one held here, the state here is
+        stale, and the saved one may lag the rows of an instance that died. The series is then
+        marked dirty from the older of the two on, for `repair`. True when it is dirty."""
+        saved = (await self._state.load_indicator_series(key)).get(
+            key, SeriesState(None, None, None)
+        )
+        current = self._series.setdefault(key, _Series())
+        held = SeriesState(
+            current.last_ms,
+            current.state.to_json() if current.state else None,
+            current.dirty_from_ms,
+        )
+        if saved != held:
+            marks = [m for m in (saved.dirty_from_ms, current.dirty_from_ms) if m is not None]
+            if saved.last_ms is None or current.last_ms is None:
+                marks.append(0)
+            else:
+                marks.append(min(saved.last_ms, current.last_ms) + 1)
+            current.dirty_from_ms = min(marks)
+            current.has_stored_rows = True
+            await self._save(key, current)
+        return current.dirty_from_ms is not None
+
     async def _save(self, key: JobKey, series: _Series) -> None:
         text = series.state.to_json() if series.state else None
         await self._state.save_indicator_series(
@@ -126,12 +151,17 @@ class IndicatorStage:
     def dirty(self) -> list[JobKey]:
         return sorted(k for k, s in self._series.items() if s.dirty_from_ms is not None)
 
-    async def repair(self, write: Callable[[CandleBatch], Awaitable[int]]) -> int:
-        """Recompute every dirty series from its first stored candle; rewrite the changed tail.
+    async def repair(
+        self, write: Callable[[CandleBatch], Awaitable[int]], keys: list[JobKey] | None = None
+    ) -> int:
+        """Recompute every dirty series (of `keys`, default all) from its first stored candle;
+        rewrite the changed tail.
 
         `write` must make rows durable without passing them through `prepare` again."""
         rewritten = 0
         for key in self.dirty():
+            if keys is not None and key not in keys:
+                continue
             series = self._series[key]
             stored = await self._store.series(key)
             if not len(stored):

@@ -17,6 +17,7 @@ here again; another instance may still take it).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..jobs.registry import JobRegistry
 from ..observability.events import EventLog
 from .backfill import HistoryBackfill, HistoryOutcome
 from .history_pool import JobResult
+from .indicator_stage import IndicatorStage
 from .pipeline import DRAIN_ON_STOP_S
 
 IDLE_POLL_S = 0.5  # nothing to claim: look again this often (leases held elsewhere may end)
@@ -49,7 +51,10 @@ class LeasedHistory:
         keeper: LeaseKeeper,
         settings: LeaseSettings,
         events: EventLog,
+        indicators: IndicatorStage | None = None,
     ) -> None:
+        """`indicators`: reconciled with the shared state at each claim (another instance may
+        have moved the series); what it marks dirty the run repairs at its end."""
         self._backfill = backfill
         self._registry = registry
         self._jobs = {job.id: job for job in jobs}
@@ -57,8 +62,11 @@ class LeasedHistory:
         self._keeper = keeper
         self._settings = settings
         self._events = events
+        self._indicators = indicators
         self._rows: Counter[str] = Counter()
         self._transient: Counter[str] = Counter()  # transient failures per job, here
+        self._holding = 0  # jobs this instance works on now
+        self._share_of, self._share_at = concurrency, -1.0
         self._rejected: dict[str, Counter[str]] = {job.id: Counter() for job in jobs}
 
     async def run(self) -> list[JobResult]:
@@ -83,6 +91,18 @@ class LeasedHistory:
         error = job.record.last_error if job.status == FAILED else None
         return JobResult(job.key, job.status, self._rows[job.id], self._rejected[job.id], error)
 
+    async def _share(self) -> int:
+        """How many jobs this instance may hold at once: its fair part of the open jobs (over
+        the history instances with a recent heartbeat), so that the work spreads over every
+        instance rather than staying with the first that claimed it. Asked once a second."""
+        now = time.monotonic()
+        if now - self._share_at >= 1.0:
+            self._share_at = now
+            instances = await self._keeper.store.active_instances("history", self._keeper.lease_s)
+            open_jobs = sum(j.status in OPEN for j in self._jobs.values())
+            self._share_of = max(1, math.ceil(open_jobs / max(1, instances)))
+        return self._share_of
+
     async def _worker(self) -> None:
         store, run_id = self._keeper.store, self._settings.run_id
         while True:
@@ -90,7 +110,7 @@ class LeasedHistory:
             since = time.monotonic()
             claimed = (
                 await store.claim_job(run_id, self._keeper.owner, self._keeper.lease_s, claimable)
-                if claimable
+                if claimable and self._holding < await self._share()
                 else None
             )
             if claimed is None:
@@ -99,9 +119,11 @@ class LeasedHistory:
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
             self._keeper.held(claimed, since)
+            self._holding += 1
             try:
                 await self._work(self._jobs[claimed])
             finally:
+                self._holding -= 1
                 self._keeper.dropped(claimed)
 
     async def _open_elsewhere(self) -> bool:
@@ -118,6 +140,8 @@ class LeasedHistory:
         """One chunk of a claimed job, then let it go (or mark it over)."""
         store, run_id, owner = self._keeper.store, self._settings.run_id, self._keeper.owner
         outcome = HistoryOutcome()
+        if self._indicators is not None:
+            await self._indicators.reconcile(job.key)
         self._registry.apply(job, "start")
         job.active = True
         try:

@@ -18,6 +18,7 @@ import time
 from ..jobs.leases import LeaseKeeper, run_id_of
 from ..jobs.model import RUNNING, job_id
 from ..jobs.state import StateStore
+from .indicator_stage import IndicatorStage
 from .live import LiveExchange, LiveJob
 
 LIVE_RUN = run_id_of("live", None, None)  # live jobs' leases never end: one run for all
@@ -25,9 +26,17 @@ LIVE_RUN = run_id_of("live", None, None)  # live jobs' leases never end: one run
 
 class LeasedLive:
     def __init__(
-        self, live: LiveExchange, jobs: list[LiveJob], keeper: LeaseKeeper, state: StateStore
+        self,
+        live: LiveExchange,
+        jobs: list[LiveJob],
+        keeper: LeaseKeeper,
+        state: StateStore,
+        indicators: IndicatorStage | None = None,
     ) -> None:
+        """`indicators`: a series taken on is reconciled with the shared state and, where
+        another instance left it behind, recomputed before it runs here."""
         self._live, self._keeper, self._state = live, keeper, state
+        self._indicators = indicators
         self._jobs = {job_id(job.key, "live"): job for job in jobs}
         self._tasks: dict[str, asyncio.Future[bool]] = {}
         self._stopped: set[asyncio.Future[bool]] = set()  # cancelled, not yet over
@@ -75,6 +84,8 @@ class LeasedLive:
         covered = await self._state.coverage(job.key)
         if covered:  # where the ledger stands, whichever instance put it there
             job.proven_to_ms = max(job.proven_to_ms or covered[-1][1], covered[-1][1])
+        if self._indicators is not None and await self._indicators.reconcile(job.key):
+            await self._indicators.repair(self._live.writer.write_as_is, [job.key])
         self._tasks[held] = self._live.start_job(job, self._live.now_ms())
 
     def _stop(self, held: str) -> None:

@@ -367,7 +367,7 @@ async def run_live(
         if keeper is not None:
             from .leased_live import LeasedLive  # it builds on this module
 
-            exchanges.append(LeasedLive(live, jobs, keeper, state).run())
+            exchanges.append(LeasedLive(live, jobs, keeper, state, indicators).run())
         else:
             exchanges.append(live.run(jobs))
     events.info("live_started", f"{len(keys)} jobs going live", jobs=len(keys))
