@@ -44,6 +44,9 @@ from .observability.events import EventLog
 from .observability.metrics import Metrics
 from .store import CandleStore, build_store
 
+# A clean stop lets go of its leases within this (the whole stop has about a second).
+RELEASE_ON_STOP_S = 0.3
+
 
 def history_settings(config: Config) -> HistorySettings:
     return HistorySettings(
@@ -235,6 +238,8 @@ async def _run_mode(
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        if keeper is not None:
+            await asyncio.shield(keeper.release_all(RELEASE_ON_STOP_S))
         await asyncio.shield(_close_all(runtimes, store, state, admin))
 
 

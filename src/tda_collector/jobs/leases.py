@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import StoreFault
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..timeframes import iso_utc
@@ -77,6 +78,9 @@ class LeaseStore(Protocol):
 
     async def renew(self, owner: str, mode: str, started_ms: int, lease_s: float) -> set[str]:
         """Extend every lease `owner` holds, record its heartbeat; the job ids held."""
+
+    async def release_all(self, owner: str) -> None:
+        """Let go of every lease `owner` holds (a clean stop: others need not wait them out)."""
 
     async def instances(self) -> list[InstanceInfo]: ...
 
@@ -145,6 +149,17 @@ class LeaseKeeper:
                 self._deadlines[job] = started + self.lease_s - self.margin_s
             elif self._deadlines.pop(job, None) is not None:  # not let go meanwhile: lost
                 self._events.warning("lease_lost", f"{job}: lease lost; it stops here", job=job)
+
+    async def release_all(self, timeout_s: float) -> None:
+        """Let go of every lease at a clean stop, so other instances take the jobs over at
+        once; given up after `timeout_s` (the database away: the leases then run out)."""
+        self._deadlines.clear()
+        try:
+            await asyncio.wait_for(self.store.release_all(self.owner), timeout_s)
+        except (TimeoutError, StoreFault) as exc:
+            self._events.warning(
+                "lease_release_failed", f"leases left to run out: {exc}", error=str(exc)
+            )
 
     async def heartbeat(self) -> None:
         """Renew every third of a lease, until cancelled. A failure that the state's own

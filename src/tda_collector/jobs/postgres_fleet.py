@@ -156,3 +156,11 @@ class PostgresFleet:
             "running": running,
             "waiting": jobs - completed - failed - running,
         }
+
+    async def release_all(self, owner: str) -> None:
+        await self._state.rows(
+            "UPDATE job_leases SET owner = NULL, locked_until = "
+            + _NOW
+            + " WHERE owner = %s AND status IS NULL RETURNING 1",
+            (owner,),
+        )
