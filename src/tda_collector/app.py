@@ -199,7 +199,7 @@ async def _run_mode(
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
     url = config.state_url.get_secret_value() if config.state_url is not None else None
-    state, fleet = build_state(config.state_path, url, events)
+    state, fleet = build_state(config.state_path, url, events, instance_name(config))
     store = build_store(
         config.storage,
         events,

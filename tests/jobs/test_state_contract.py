@@ -149,6 +149,21 @@ async def test_write_api_positions_and_commit_intents_round_trip(make_state):
     await state.close()
 
 
+async def test_an_instance_settles_only_its_own_commit_intents(postgres_server):
+    """Another instance's pending stream may be committing right now: never settle it."""
+    url, events = fresh_database(), recording_events()[0]
+    mine, theirs = (PostgresState(url, events, instance=i) for i in ("a", "b"))
+    await asyncio.gather(mine.open(), theirs.open())
+    intent = CommitIntent("p-b", {KEY: [(0, MIN)]})
+    await theirs.save_commit_intent(intent)
+    assert await mine.commit_intents() == []
+    await mine.settle_commit("p-b", committed=False)  # a stray call leaves it alone too
+    assert await theirs.commit_intents() == [intent]
+    await theirs.settle_commit("p-b", committed=True)
+    assert await mine.coverage(KEY) == [(0, MIN)]
+    await asyncio.gather(mine.close(), theirs.close())
+
+
 def test_a_state_file_of_the_write_api_before_versioning_keeps_its_streams(tmp_path):
     """A file written by the unversioned schema with the Write API's two tables is adopted."""
     path = tmp_path / "state.sqlite"

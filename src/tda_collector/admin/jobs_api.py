@@ -15,8 +15,9 @@
                                 "heartbeat_at", "heartbeat_ms"}]}: every instance sharing the
                                 state (empty without state_url)
 
-A job's JSON holds `owner`: the instance holding its lease now (null without state_url, or
-while nobody holds it).
+A job's JSON holds `owner`: in a run under leases (history with state_url), the instance
+holding the job's lease now (null while nobody does); otherwise the instance serving the API
+(null where the API is built without one).
     POST /jobs/{id}/pause|resume|cancel   the job after the move; 409 {"error"} when refused
     POST /pause, POST /resume   every job that can move; {"changed": n}
 

@@ -227,14 +227,14 @@ class SqliteState:
     def _save_commit_intent(self, intent: CommitIntent) -> None:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany(INSERT_INTENT, intent_rows(intent))
+            self._conn.executemany(INSERT_INTENT, intent_rows(intent, ""))
 
     async def save_commit_intent(self, intent: CommitIntent) -> None:
         """Record, before its commit, which candles a pending stream holds."""
         await self._run(self._save_commit_intent, intent)
 
     def _commit_intents(self) -> list[CommitIntent]:
-        return intents_by_stream(self._conn.execute(SELECT_INTENTS).fetchall())
+        return intents_by_stream(self._conn.execute(SELECT_INTENTS, ("",)).fetchall())
 
     async def commit_intents(self) -> list[CommitIntent]:
         """Intents recorded and not settled: their process stopped around the commit."""

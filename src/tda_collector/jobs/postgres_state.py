@@ -132,8 +132,11 @@ class PostgresState:
         *,
         pool_size: int = 4,
         policy: RetryPolicy = STATE_RETRY,
+        instance: str = "",
     ) -> None:
+        """`instance` owns the commit intents this state records and settles (see schema)."""
         self._url = url
+        self._instance = instance
         self._pool = AsyncConnectionPool(
             url,
             min_size=1,
@@ -308,23 +311,26 @@ class PostgresState:
     async def save_commit_intent(self, intent: CommitIntent) -> None:
         async def work(conn: Conn) -> None:
             async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(pg(INSERT_INTENT), intent_rows(intent))
+                await cur.executemany(pg(INSERT_INTENT), intent_rows(intent, self._instance))
 
         await self._write(work)
 
     async def commit_intents(self) -> list[CommitIntent]:
-        return intents_by_stream(await self.rows(SELECT_INTENTS, ()))
+        return intents_by_stream(await self.rows(pg(SELECT_INTENTS), (self._instance,)))
 
     async def settle_commit(self, stream: str, committed: bool) -> None:
         async def work(conn: Conn) -> None:
             async with conn.transaction():
                 cur = await conn.execute(
-                    pg(SELECT_INTENTS.replace(" ORDER BY", " WHERE stream = ? ORDER BY")),
-                    (stream,),
+                    pg(SELECT_INTENTS.replace(" ORDER BY", " AND stream = ? ORDER BY")),
+                    (self._instance, stream),
                 )
                 for intent in intents_by_stream(await cur.fetchall()) if committed else []:
                     for key, spans in intent.spans.items():
                         await _merge_coverage(conn, key, spans)
-                await conn.execute("DELETE FROM commit_intents WHERE stream = %s", (stream,))
+                await conn.execute(
+                    "DELETE FROM commit_intents WHERE stream = %s AND owner = %s",
+                    (stream, self._instance),
+                )
 
         await self._write(work)

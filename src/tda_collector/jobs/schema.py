@@ -55,11 +55,13 @@ UPSERT_STREAM = upsert(
 )
 INTENT_COLUMNS = ("stream", "exchange", "symbol", "timeframe", "start_ms", "end_ms")
 SELECT_STREAM = "SELECT stream, next_offset, in_doubt_rows FROM write_streams WHERE owner = ?"
+# An intent's `owner` is the instance that recorded it ('' for the one process of a SQLite
+# file): an instance settles only its own, never another's commit in flight.
 INSERT_INTENT = (
-    f"INSERT INTO commit_intents ({', '.join(INTENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO commit_intents ({', '.join(INTENT_COLUMNS)}, owner) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_INTENTS = (
-    f"SELECT {', '.join(INTENT_COLUMNS)} FROM commit_intents"
+    f"SELECT {', '.join(INTENT_COLUMNS)} FROM commit_intents WHERE owner = ?"
     " ORDER BY stream, exchange, symbol, timeframe, start_ms"
 )
 
@@ -180,6 +182,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     stream TEXT NOT NULL, exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
     start_ms BIGINT NOT NULL, end_ms BIGINT NOT NULL
 )""",
+            "ALTER TABLE commit_intents ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
             "CREATE INDEX IF NOT EXISTS commit_intents_stream ON commit_intents (stream)",
         ),
     ),
@@ -211,10 +214,10 @@ def intents_by_stream(rows: Iterable[tuple[Any, ...]]) -> list[CommitIntent]:
     return [CommitIntent(stream, spans) for stream, spans in found.items()]
 
 
-def intent_rows(intent: CommitIntent) -> list[tuple[Any, ...]]:
-    """An intent as `commit_intents` rows (`INTENT_COLUMNS`)."""
+def intent_rows(intent: CommitIntent, owner: str) -> list[tuple[Any, ...]]:
+    """An intent as `commit_intents` rows (`INSERT_INTENT`'s columns)."""
     return [
-        (intent.stream, k.exchange, k.symbol, k.timeframe, a, b)
+        (intent.stream, k.exchange, k.symbol, k.timeframe, a, b, owner)
         for k, spans in intent.spans.items()
         for a, b in spans
     ]

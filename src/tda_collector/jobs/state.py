@@ -92,17 +92,17 @@ class StateStore(WriteStreamState, Protocol):
 
 
 def build_state(
-    state_path: str, state_url: str | None, events: EventLog
+    state_path: str, state_url: str | None, events: EventLog, instance: str = ""
 ) -> tuple[StateStore, PostgresFleet | None]:
     """Postgres when `state_url` is set, with what the instances share beside it (budgets,
-    leases); else the SQLite file at `state_path`, alone."""
+    leases), as `instance`; else the SQLite file at `state_path`, alone."""
     # Imported here: psycopg is loaded only by deployments that use it, and the backends
     # import this module for its value types.
     if state_url is not None:
         from .postgres_fleet import PostgresFleet
         from .postgres_state import PostgresState
 
-        state = PostgresState(state_url, events)
+        state = PostgresState(state_url, events, instance=instance)
         return state, PostgresFleet(state)
     from .ledger import SqliteState
 
