@@ -20,6 +20,7 @@ from bigquery_support import (
     client_fixture,  # noqa: F401 (registers the fixture)
     count_stored,
     emulator_client,
+    emulator_grpc,
     proxy_fixture,  # noqa: F401 (registers the fixture)
     unique_dataset,
 )
@@ -387,7 +388,12 @@ async def test_instances_ensuring_one_new_dataset_at_once_all_get_it(bigquery_em
     """Several instances start together on a dataset nobody made yet: each ensure succeeds
     (the emulator answers the losers of a creation race 400 "failed to commit", BigQuery 409)."""
     dataset = unique_dataset()
-    config = BigQueryConfig(project=PROJECT, dataset=dataset, api_endpoint=bigquery_emulator)
+    config = BigQueryConfig(
+        project=PROJECT,
+        dataset=dataset,
+        api_endpoint=bigquery_emulator,
+        write_api_endpoint=emulator_grpc(),
+    )
     stores = [BigQueryStore(config, events=recording_events()[0]) for _ in range(4)]
     try:
         await asyncio.gather(*(store.ensure() for store in stores))
