@@ -1,5 +1,5 @@
 """`python -m bench [throughput|live|progress|floors|memory|bigquery_write|read|priority|
-archive]`:
+archive|instances]`:
 measurements as tables, with ratios.
 
 throughput (default): history backfill against the naive baseline at 10/100/1000 symbols.
@@ -12,13 +12,14 @@ read: GET /ohlcv of a year of 1m as JSON and Parquet; one-day read p99 beside a 
 priority: a live request's wait for its slot while a backfill saturates the budget, background
 slots against call order.
 archive: deep history from the public archive against REST on one range, and a scale point.
+instances: one budget shared by 1, 2, 4 processes in Postgres, against a group each.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import archive, bigquery_write, floors, live_latency, memory, priority, progress
+from . import archive, bigquery_write, floors, instances, live_latency, memory, priority, progress
 from . import read as reads
 from .throughput import render, run_baseline, run_collector
 
@@ -87,6 +88,10 @@ def archive_history(args: argparse.Namespace) -> None:
     )
 
 
+def shared_budget(args: argparse.Namespace) -> None:
+    instances.run(args.budget, args.safety, args.seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
@@ -103,6 +108,7 @@ def main() -> None:
             "read",
             "priority",
             "archive",
+            "instances",
         ],
     )
     parser.add_argument("--budget", type=int, default=50, help="exchange budget B, requests/s")
@@ -125,7 +131,7 @@ def main() -> None:
     parser.add_argument("--read-symbols", type=int, default=20, help="read: series backfilled")
     parser.add_argument("--reads", type=int, default=200, help="read: one-day reads per phase")
     parser.add_argument("--workers", type=int, default=16, help="priority: backfill tasks")
-    parser.add_argument("--seconds", type=float, default=15.0, help="priority: per run")
+    parser.add_argument("--seconds", type=float, default=15.0, help="priority, instances: per run")
     parser.add_argument("--compare-symbols", type=int, default=10, help="archive: vs REST")
     parser.add_argument("--scale-symbols", type=int, default=100, help="archive: scale point")
     parser.add_argument("--scale-days", type=int, default=92, help="archive: 1m days, scale")
@@ -140,6 +146,7 @@ def main() -> None:
         "read": read_api,
         "priority": live_priority,
         "archive": archive_history,
+        "instances": shared_budget,
     }[args.what](args)
 
 

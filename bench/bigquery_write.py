@@ -111,7 +111,7 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
     from store_support import MIN, T0, batch, quiet_events
 
     from tda_collector.config import BigQueryConfig
-    from tda_collector.jobs.ledger import StateStore
+    from tda_collector.jobs.ledger import SqliteState
     from tda_collector.models import JobKey
     from tda_collector.store.bigquery_store import BigQueryStore
 
@@ -123,7 +123,7 @@ async def _child(mode: str, url: str, grpc: str, series: int, writes: int, rows:
     )
     # The state store the daemon uses: live offsets and commit intents cost their SQLite writes.
     state_dir = tempfile.mkdtemp(prefix="bench-bq-state-")
-    state = StateStore(str(Path(state_dir) / "state.sqlite"))
+    state = SqliteState(str(Path(state_dir) / "state.sqlite"))
     await state.open()
     store = BigQueryStore(
         config,

@@ -98,3 +98,13 @@ def test_unknown_exchange_id_exits_2(tmp_path):
     assert result.stderr.strip() == (
         "tda-collector: error: exchanges.id: unknown ccxt exchange id 'notanexchange'"
     )
+
+
+def test_state_url_with_duckdb_exits_2_naming_the_field(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "exchanges: [{id: binance, symbols: [BTC/USDT]}]\n"
+        "state_url: postgresql://tda:hunter2-pw@127.0.0.1:1/tda\n"
+    )
+    result = run_cli("--mode", "live", cwd=tmp_path)
+    assert_one_line_exit_2(result, "state_url: needs storage.backend bigquery")
+    assert "hunter2" not in result.stderr

@@ -143,3 +143,35 @@ def test_an_emulator_without_its_write_api_endpoint_is_an_error_naming_the_field
     assert message.startswith("storage.bigquery: write_api_endpoint: required with api_endpoint")
     legacy = {**env, "TDA__STORAGE__BIGQUERY__WRITE_PATH": "legacy"}
     assert load_config(write(tmp_path, MINIMAL), legacy).storage.bigquery.write_path == "legacy"
+
+
+def test_state_url_is_a_secret_and_instance_id_defaults_to_none(tmp_path):
+    url = "postgresql://tda:hunter2-pw@db:5432/tda"
+    text = MINIMAL + "storage: {backend: bigquery}\n"
+    config = load_config(write(tmp_path, text), {"TDA__STATE_URL": url})
+    assert config.state_url is not None and config.state_url.get_secret_value() == url
+    assert "hunter2" not in repr(config) and "hunter2" not in config.model_dump_json()
+    assert config.instance_id is None
+
+
+def test_live_instances_sharing_state_each_key_a_committed_stream_of_their_own(tmp_path):
+    """Two live instances on one Postgres must never append to one BigQuery stream."""
+    from tda_collector.app import live_stream_owner
+
+    assert live_stream_owner(load_config(write(tmp_path, MINIMAL), {})) == "live"
+    text = MINIMAL + "storage: {backend: bigquery}\ninstance_id: collector-2\n"
+    env = {"TDA__STATE_URL": "postgresql://tda@db/tda"}
+    assert live_stream_owner(load_config(write(tmp_path, text), env)) == "live:collector-2"
+
+
+def test_state_url_with_duckdb_names_the_field_without_echoing_it(tmp_path):
+    text = MINIMAL + "state_url: postgresql://tda:hunter2-pw@db/tda\n"
+    message = error_line(tmp_path, text)
+    assert message.startswith("state_url: needs storage.backend bigquery")
+    assert "hunter2" not in message
+
+
+def test_state_url_must_be_a_postgres_url(tmp_path):
+    text = MINIMAL + "storage: {backend: bigquery}\nstate_url: mysql://u:hunter2@db/x\n"
+    message = error_line(tmp_path, text)
+    assert message == "state_url: must be a postgresql:// URL"

@@ -233,7 +233,8 @@ def test_compose_runs_the_collector_with_loki_prometheus_and_grafana(
     compose: dict[str, Any],
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"collector", "loki", "prometheus", "grafana"}
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == {"collector", "loki", "prometheus", "grafana"}
     collector = services["collector"]
     assert collector["build"] == "." and collector["command"] == ["--mode=live"]
     named = set(compose["volumes"])
@@ -252,6 +253,26 @@ def test_compose_environment_is_a_valid_collector_config(compose: dict[str, Any]
     assert config.logging.loki.url == "http://loki:3100/loki/api/v1/push"
     assert load_yaml(ROOT / "deploy" / "loki" / "loki.yaml")["server"]["http_listen_port"] == 3100
     assert (config.admin.host, config.storage.duckdb.path) == ("0.0.0.0", "/data/ohlcv.duckdb")
+
+
+def test_the_fleet_profile_shares_postgres_state_and_keeps_the_password_out(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    fleet, postgres = services["fleet"], services["postgres"]
+    assert fleet["profiles"] == postgres["profiles"] == ["fleet"]
+    assert fleet["deploy"]["replicas"] >= 2
+    assert fleet["depends_on"]["postgres"]["condition"] == "service_healthy"
+    environ = {
+        **dockerfile_env(),
+        **fleet["environment"],
+        "TDA__STORAGE__BIGQUERY__PROJECT": "p",
+    }
+    config = load_config(ROOT / "config.yaml", environ)
+    assert config.storage.backend == "bigquery" and config.state_url is not None
+    url = config.state_url.get_secret_value()
+    assert url.startswith("postgresql://tda@postgres:5432/") and ":" not in url.split("@")[0][13:]
+    assert "ports" not in fleet  # replicas cannot share a host port
 
 
 def test_admin_port_agrees_across_image_compose_healthchecks_and_prometheus(

@@ -8,6 +8,7 @@ The config is read here and nowhere below: the modes get their settings objects
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -20,13 +21,13 @@ from collections.abc import Callable, Mapping
 import pyarrow as pa
 from aiohttp import web
 
-from .admin.jobs_api import describe_job, jobs_routes, no_guard, routes_access
+from .admin.jobs_api import Fleet, describe_job, jobs_routes, no_guard, routes_access
 from .admin.ohlcv_api import ohlcv_routes
 from .admin.server import AdminServer, build_admin_server
 from .admin.service_api import ServiceApi
-from .config import AdminConfig, Config, ExchangeConfig
+from .config import Config, ExchangeConfig
 from .errors import EXIT_JOBS_FAILED, EXIT_OK, ExchangeFault, StoreFault
-from .exchange.fetcher import Fetcher
+from .exchange.fetcher import Fetcher, Gate
 from .exchange.runtime import (
     ExchangeRuntime,
     RunRequest,
@@ -35,13 +36,15 @@ from .exchange.runtime import (
     open_exchange,
     retry_policy,
 )
+from .exchange.shared_budget import BudgetStore
 from .exchange.throttle import Pauses
 from .jobs.catalog import SqliteCatalog
 from .jobs.control import JobMonitor
-from .jobs.ledger import StateStore
+from .jobs.leases import LeaseKeeper, LeaseStore, run_id_of
 from .jobs.progress import Progress
 from .jobs.progress_bar import terminal_bar
 from .jobs.registry import JobRegistry
+from .jobs.state import StateStore, build_state
 from .models import JobKey
 from .modes.daemon_backfill import ServiceParts
 from .modes.handover import hand_over
@@ -54,13 +57,49 @@ from .observability.metrics import Metrics
 from .store import CandleStore, build_store
 from .store.duckdb_errors import held_by_another_process
 
+# A clean stop lets go of its leases within this (the whole stop has about a second).
+RELEASE_ON_STOP_S = 0.3
+
 
 def history_settings(config: Config) -> HistorySettings:
     return HistorySettings(
         page_limit=config.history_page_limit,
         concurrency=config.history_concurrency,
         failure_limit=config.retry.exchange_failure_limit,
+        chunk_pages=config.lease_chunk_pages,
     )
+
+
+def lease_keeper(
+    config: Config, leases: LeaseStore | None, mode: str, events: EventLog
+) -> LeaseKeeper | None:
+    """With shared state, this instance's leases; else None."""
+    if leases is None:
+        return None
+    owner = instance_name(config)
+    return LeaseKeeper(leases, owner, mode, config.lease_seconds, events)
+
+
+def fleet_of(keeper: LeaseKeeper | None, request: RunRequest) -> Fleet | None:
+    """What the admin API shows of the other instances (with shared state)."""
+    if keeper is None:
+        return None
+    run_id = run_id_of(request.mode, request.start_ms, request.end_ms)
+    return Fleet(keeper.store, run_id, request.mode, keeper.lease_s)
+
+
+def fetch_gate(registry: JobRegistry, keeper: LeaseKeeper | None) -> Gate:
+    """What a candle request asks first: the job is not paused, and with shared state, its
+    lease is surely still this instance's."""
+    if keeper is None:
+        return registry.check
+    held = keeper
+
+    def gate(key: JobKey) -> None:
+        registry.check(key)
+        held.check(key)
+
+    return gate
 
 
 def live_settings(config: Config) -> LiveSettings:
@@ -101,9 +140,9 @@ def _requests_of(fetcher: Fetcher) -> Callable[[], int]:
     return lambda: fetcher.requests
 
 
-def instance_name() -> str:
-    """This instance in the jobs API's `owner`: hostname-pid."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+def instance_name(config: Config) -> str:
+    """This instance: `instance_id`, by default hostname-pid (the jobs API's `owner`)."""
+    return config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _opener(
@@ -115,11 +154,13 @@ def _opener(
     registry: JobRegistry,
     pauses: Pauses,
     patient: bool = True,
+    shared: BudgetStore | None = None,
 ) -> Opener:
     """How the live service opens a connector: as `open_exchange` does at start (with the
     command line's narrowing in `request`), its budget then shown in /progress. Not `patient`
     (a change through the API, which must answer), an exchange that cannot be reached fails
-    after the retry policy's attempts instead of being waited for."""
+    after the retry policy's attempts instead of being waited for. `shared`: the budgets shared
+    with other instances (state_url)."""
     policy = retry_policy(config.retry)
     filed = [e.id for e in config.exchanges]
 
@@ -136,6 +177,7 @@ def _opener(
             registry.check,
             pauses,
             patient,
+            shared,
         )
         _track_budgets(registry, [rt])
         return rt
@@ -156,7 +198,8 @@ async def _run_mode(
     readiness = Readiness(pauses)
     runtimes: list[ExchangeRuntime] = []
     spec = config.indicators.spec() if config.indicators.enabled else None
-    state = StateStore(config.state_path)
+    url = config.state_url.get_secret_value() if config.state_url is not None else None
+    state, fleet = build_state(config.state_path, url, events, instance_name(config))
     store = build_store(
         config.storage,
         events,
@@ -164,12 +207,17 @@ async def _run_mode(
         indicator_columns(spec) if spec else (),
         environ,
         state,  # the Storage Write API's stream offsets and commit intents
+        # Shared state: each instance's live rows go to a committed stream of its own.
+        live_stream_owner(config),
     )
     policy = retry_policy(config.retry)
-    indicators = IndicatorStage(spec, config.state_path, store, events) if spec else None
+    indicators = IndicatorStage(spec, state, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
-    progress = Progress(registry)
     live = request.mode == "live"
+    # Leases are history mode's (live mode under shared state: see README, "Several instances").
+    keeper = None if live else lease_keeper(config, fleet, request.mode, events)
+    heartbeat: asyncio.Task[None] | None = None
+    progress = Progress(registry)
     catalog = SqliteCatalog(config.state_path)
     parts = ServiceParts(
         live_settings(config),
@@ -185,7 +233,9 @@ async def _run_mode(
     )
     service = LiveService(
         parts,
-        _opener(config, RunRequest("live"), events, factory, metrics, registry, pauses, False),
+        _opener(
+            config, RunRequest("live"), events, factory, metrics, registry, pauses, False, fleet
+        ),
     )
 
     def known_series() -> frozenset[JobKey] | None:
@@ -196,7 +246,11 @@ async def _run_mode(
 
     routes = [
         *_admin_routes(
-            config.admin, admin_token, registry, progress, pauses, service if live else None
+            config,
+            admin_token,
+            (registry, progress, pauses),
+            service if live else None,
+            fleet_of(keeper, request),
         ),
         *ohlcv_routes(store, known_series, events),
     ]
@@ -216,13 +270,24 @@ async def _run_mode(
         if admin is not None:  # after the hand-over: the daemon listens on the same address
             await admin.start()
             events.info("admin_started", f"admin API on {admin.url}", url=admin.url)
+        heartbeat = _start_heartbeat(keeper, events)
         if live:
-            start_opener = _opener(config, request, events, factory, metrics, registry, pauses)
+            start_opener = _opener(
+                config, request, events, factory, metrics, registry, pauses, True, fleet
+            )
             await service.open_enabled(start_opener, config.exchanges, request.exchanges)
             keys = service.keys()
         else:
             runtimes, failure = await open_all(
-                config.exchanges, request, events, factory, metrics, policy, registry.check, pauses
+                config.exchanges,
+                request,
+                events,
+                factory,
+                metrics,
+                policy,
+                fetch_gate(registry, keeper),
+                pauses,
+                fleet,
             )
             if failure is not None:
                 raise failure
@@ -250,30 +315,56 @@ async def _run_mode(
                     policy,
                     indicators,
                     registry,
+                    keeper,
                 )
             return await service.run(dict(newest_closed))
     except Exception as exc:
         readiness.failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        await _let_go(heartbeat, keeper)
         await asyncio.shield(_close_all(runtimes, store, state, admin, indicators, service))
 
 
+def _start_heartbeat(keeper: LeaseKeeper | None, events: EventLog) -> asyncio.Task[None] | None:
+    """With shared state, announce this instance and keep its heartbeat and leases renewed."""
+    if keeper is None:
+        return None
+    events.info("instance_started", f"instance {keeper.owner}", instance=keeper.owner)
+    return asyncio.create_task(keeper.heartbeat())
+
+
+async def _let_go(heartbeat: asyncio.Task[None] | None, keeper: LeaseKeeper | None) -> None:
+    """Stop the instance's heartbeat and hand back its leases (a clean stop)."""
+    if heartbeat is not None:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+    if keeper is not None:
+        await asyncio.shield(keeper.release_all(RELEASE_ON_STOP_S))
+
+
+def live_stream_owner(config: Config) -> str:
+    """The key of live mode's committed BigQuery stream in the state: with shared state, one
+    per instance (`instance_id`), as two instances must never append to one stream."""
+    return "live" if config.state_url is None else f"live:{instance_name(config)}"
+
+
 def _admin_routes(
-    admin: AdminConfig,
+    config: Config,
     token: str | None,
-    registry: JobRegistry,
-    progress: Progress,
-    pauses: Pauses,
+    run: tuple[JobRegistry, Progress, Pauses],
     service: LiveService | None,
+    fleet: Fleet | None,
 ) -> list[web.RouteDef]:
     """The jobs API's routes, and in live mode the service's before them (the jobs API's
-    `/jobs/{id}/{action}` would take `backfill`)."""
-    owner = instance_name()
+    `/jobs/{id}/{action}` would take `backfill`). With `fleet`, a job's owner is its lease's."""
+    admin, (registry, progress, pauses) = config.admin, run
+    owner = instance_name(config)
     job_json = functools.partial(describe_job, owner=owner)
     guard = service.refuses_resume if service is not None else no_guard
     routes = jobs_routes(
-        registry, progress, admin.host, token, admin.token_env, pauses, job_json, guard
+        registry, progress, admin.host, token, admin.token_env, pauses, job_json, guard, fleet
     )
     if service is None:
         return routes
@@ -315,7 +406,6 @@ async def _close_all(
         service.close(),
         store.close(),
         state.close(),
-        *([indicators.close()] if indicators is not None else []),
         *([admin.stop()] if admin is not None else []),
         return_exceptions=True,
     )

@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 f"{len(config.exchanges)} exchange(s), storage {config.storage.backend}",
                 exchanges=[e.id for e in config.exchanges],
                 backend=config.storage.backend,
+                state="postgres" if config.state_url is not None else "sqlite",
                 loki=loki is not None,
             )
             factory = ccxt_source_factory(resolve_credentials(config, environ))

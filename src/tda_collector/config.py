@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UsageError
 from .indicators import IndicatorSpec
@@ -51,6 +60,13 @@ class RateLimitConfig(_Section):
     )
     safety: float = Field(0.9, gt=0, le=1, description="Fraction of the budget the collector uses.")
     used_weight: UsedWeightConfig = Field(default_factory=UsedWeightConfig)
+    budget_group: str | None = Field(
+        None,
+        min_length=1,
+        description="With state_url: instances naming the same group share one budget (kept "
+        "in the state database); default the exchange id. Instances behind different IPs get "
+        "a budget each by naming different groups, e.g. binance-ip1.",
+    )
 
 
 class ArchiveConfig(_Section):
@@ -311,11 +327,56 @@ class Config(_Section):
         16, ge=1, description="Jobs in flight per exchange; enough to fill the budget at latency."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    state_path: str = "data/state.sqlite"
+    state_path: str = Field(
+        "data/state.sqlite",
+        description="The embedded state (SQLite): jobs, cursors, coverage ledger, indicator "
+        "state. Unused when state_url is set.",
+    )
+    state_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:pass@host:5432/db: state shared by several instances "
+        "(secret: never logged; set it with TDA__STATE_URL, or leave the password out and let "
+        "libpq read PGPASSWORD or PGPASSFILE). Needs storage.backend bigquery.",
+    )
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Names this instance in leases, events and /instances; default hostname-pid.",
+    )
+    lease_seconds: float = Field(
+        15.0,
+        ge=1,
+        description="With state_url: a job's lease lasts this long unless its instance renews "
+        "it (every third of it); a dead instance's jobs are taken over after it.",
+    )
+    lease_chunk_pages: int = Field(
+        10,
+        ge=1,
+        description="With state_url, history mode: pages of a job worked per claim, after "
+        "which it is let go for any instance to take on.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     indicators: IndicatorsConfig = Field(default_factory=IndicatorsConfig)
+
+    @field_validator("state_url")
+    @classmethod
+    def _shared_state(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A Postgres URL, and a store that several writers can share. The URL itself is never
+        echoed in the message: it may hold the password."""
+        if value is None:
+            return None
+        scheme = value.get_secret_value().partition("://")[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        storage = info.data.get("storage")
+        if isinstance(storage, StorageConfig) and storage.backend == "duckdb":
+            raise ValueError(
+                "needs storage.backend bigquery: a DuckDB file cannot be shared by instances"
+            )
+        return value
 
     @field_validator("exchanges")
     @classmethod

@@ -99,6 +99,7 @@ async def test_jobs_lists_every_job_and_filters(server: AdminServer) -> None:
         "last_run_ms": btc["last_run_ms"],
         "next_run_ms": None,
         "updated_ms": btc["updated_ms"],
+        "owner": None,  # one instance: nobody holds a lease
     }
     _, running = await call(server, "GET", "/jobs?status=running,completed&timeframe=1m")
     assert [j["id"] for j in running["jobs"]] == [

@@ -10,7 +10,7 @@ from dataclasses import astuple, replace
 import pytest
 
 from tda_collector.jobs.control import finish_history_run, register_history_jobs
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.model import (
     CANCELLED,
     COMPLETED,
@@ -195,21 +195,21 @@ def test_eta_is_unknown_while_nothing_moves_and_zero_when_nothing_is_left():
 
 @pytest.fixture
 async def state(tmp_path):
-    store = StateStore(str(tmp_path / "state.sqlite"))
+    store = SqliteState(str(tmp_path / "state.sqlite"))
     await store.open()
     yield store
     await store.close()
 
 
 async def test_a_page_saves_its_job_row_with_its_ledger_interval(tmp_path):
-    state = StateStore(str(tmp_path / "state.sqlite"))
+    state = SqliteState(str(tmp_path / "state.sqlite"))
     await state.open()
     registry = JobRegistry("history", state)
     job = registry.add(history_job("A/X"))
     record = registry.record_page(job, [(T0, T0 + 500 * MIN)], rows=500)
     await state.add_coverage(job.key, [(T0, T0 + 500 * MIN)], record)
     await state.close()
-    reopened = StateStore(str(tmp_path / "state.sqlite"))
+    reopened = SqliteState(str(tmp_path / "state.sqlite"))
     await reopened.open()
     [saved] = await reopened.load_jobs("history")
     assert (saved.rows, saved.pages, saved.covered_ms, saved.cursor_ms) == (
@@ -256,7 +256,7 @@ async def test_an_existing_state_file_keeps_its_job_rows(tmp_path):
             "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(saved)
         )
         db.commit()
-    state = StateStore(str(path))
+    state = SqliteState(str(path))
     await state.open()
     assert await state.load_jobs("history") == [saved]
     await state.save_jobs([replace(saved, rows=400, pages=4)])

@@ -9,7 +9,7 @@ import pytest
 from fake_exchange import SymbolSpec, candle
 from live_support import MIN, T0, Harness, TrackedState, key
 
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.model import CANCELLED, PAUSED, RUNNING
 from tda_collector.jobs.registry import JobRegistry
 from tda_collector.modes.live import LiveJob
@@ -20,7 +20,7 @@ BTC, ETH = "binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live"
 
 async def run_live(h: Harness, registry: JobRegistry, script) -> None:
     """Run live mode for BTC and ETH while `script(registry)` steers it, then stop."""
-    state = StateStore(str(h.tmp_path / "state.sqlite"))
+    state = SqliteState(str(h.tmp_path / "state.sqlite"))
     await state.open()
     live = h.live(TrackedState(state, h.vt))
     live.registry = registry

@@ -13,7 +13,7 @@ from memory_source import MemorySource
 from memory_store import MemoryStore
 from pipeline_support import wire
 
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.model import (
     CANCELLED,
     COMPLETED,
@@ -54,7 +54,7 @@ class Rig:
         )
         self.registry = JobRegistry("history")
         self.store = store or MemoryStore()
-        self.state = StateStore(str(tmp_path / "state.sqlite"))
+        self.state = SqliteState(str(tmp_path / "state.sqlite"))
         self.concurrency = concurrency
         pipeline = wire(self.source, self.store, quiet(), gate=self.registry.check)
         self.fetcher, self.writer = pipeline.fetcher, pipeline.writer

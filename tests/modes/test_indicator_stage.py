@@ -116,23 +116,21 @@ async def test_an_existing_duckdb_file_is_migrated_with_nullable_columns(tmp_pat
 
 
 async def test_live_one_candle_at_a_time_with_a_restart_matches_one_computation(tmp_path):
+    from live_support import TrackedState
     from test_live import Harness, key
 
     from tda_collector.indicators import provisional
+    from tda_collector.jobs.ledger import SqliteState
     from tda_collector.modes.indicator_stage import IndicatorStage
-
-    class TrackedStage(IndicatorStage):
-        """Its SQLite thread work kept inside virtual time."""
-
-        async def _run(self, fn, *args):
-            return await h.vt.track(super()._run(fn, *args))
 
     h = Harness(tmp_path, [SymbolSpec("BTC/USDT")], initial_candles=40)
     k = key("BTC/USDT")
     for minutes, downtime_s in ((40, 600), (20, 0)):
-        stage = TrackedStage(SPEC, str(tmp_path / "state.sqlite"), h.store, h.events)
+        state = SqliteState(str(tmp_path / "indicators.sqlite"))
+        await state.open()  # its thread work kept inside virtual time by TrackedState
+        stage = IndicatorStage(SPEC, TrackedState(state, h.vt), h.store, h.events)
         await h.run_for(minutes * 60, [k], indicators=stage)
-        await stage.close()
+        await state.close()
         h.vt.now += downtime_s  # a restart after ten minutes down
     closed = [(ts, row) for (kk, ts), row in sorted(h.store.rows.items()) if kk == k and row[6]]
     closes = np.array([row[4] for _, row in closed])

@@ -9,7 +9,7 @@ import pytest
 from fake_exchange import SymbolSpec
 from live_support import MIN, T0, Harness, TrackedState, assert_closed_minutes_exact, key
 
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.schedule import Schedule
 from tda_collector.modes.live import LiveJob
 from tda_collector.timeframes import grid_of
@@ -19,7 +19,7 @@ EVERY_15 = Schedule(mode="cron", cron="*/15 * * * *")
 
 async def test_a_cron_job_runs_at_its_instants_and_catches_up_each_time(tmp_path):
     h = Harness(tmp_path, [SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")])
-    state = StateStore(str(tmp_path / "state.sqlite"))
+    state = SqliteState(str(tmp_path / "state.sqlite"))
     await state.open()
     live = h.live(TrackedState(state, h.vt))
     jobs = [

@@ -28,7 +28,7 @@ from store_support import KEY, MIN, OTHER, T0, batch
 from tcp_proxy import DroppingProxy, containing
 
 from tda_collector.errors import PermanentStoreError, TransientStoreError
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.models import JobKey
 from tda_collector.store.bigquery_arrow import payloads
 from tda_collector.store.bigquery_schema import TableNames
@@ -38,7 +38,7 @@ from tda_collector.store.write_streams import CommitIntent, candle_spans
 
 @pytest.fixture
 async def state(tmp_path):
-    opened = StateStore(str(tmp_path / "state.sqlite"))
+    opened = SqliteState(str(tmp_path / "state.sqlite"))
     await opened.open()
     yield opened
     await opened.close()

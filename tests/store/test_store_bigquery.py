@@ -19,6 +19,8 @@ from bigquery_support import (
     bigquery_store,
     client_fixture,  # noqa: F401 (registers the fixture)
     count_stored,
+    emulator_client,
+    emulator_grpc,
     proxy_fixture,  # noqa: F401 (registers the fixture)
     unique_dataset,
 )
@@ -380,3 +382,27 @@ def test_a_table_lacking_a_required_column_is_a_usage_error():
     assert [(f.name, f.mode) for f in missing_fields(without_closed, BASE_COLUMNS)] == [
         ("is_closed", "NULLABLE")
     ]
+
+
+async def test_instances_ensuring_one_new_dataset_at_once_all_get_it(bigquery_emulator):
+    """Several instances start together on a dataset nobody made yet: each ensure succeeds
+    (the emulator answers the losers of a creation race 400 "failed to commit", BigQuery 409)."""
+    dataset = unique_dataset()
+    config = BigQueryConfig(
+        project=PROJECT,
+        dataset=dataset,
+        api_endpoint=bigquery_emulator,
+        write_api_endpoint=emulator_grpc(),
+    )
+    stores = [BigQueryStore(config, events=recording_events()[0]) for _ in range(4)]
+    try:
+        await asyncio.gather(*(store.ensure() for store in stores))
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    client = emulator_client(bigquery_emulator)
+    try:
+        assert (
+            client.get_table(f"{PROJECT}.{dataset}.market_data_ohlcv_latest").table_type == "VIEW"
+        )
+    finally:
+        client.close()

@@ -444,6 +444,7 @@ class RequestRecord:
     params: dict[str, str]
     status: int
     fault: str | None = None
+    answered: float = 0.0  # time.monotonic() when the answer leaves (after any latency)
 
 
 class _RateBudget:
@@ -799,6 +800,7 @@ class FakeExchange:
                 dict(request.query),
                 response.status,
                 fault[0] if fault else None,
+                time.monotonic() + delay,
             )
         )
         if delay > 0:

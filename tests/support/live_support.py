@@ -12,7 +12,7 @@ from memory_store import MemoryStore
 from pipeline_support import wire
 from virtual_time import VirtualTime
 
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.models import JobKey
 from tda_collector.modes.live import LiveExchange, LiveJob, LiveSettings
 from tda_collector.observability.events import EventLog
@@ -25,9 +25,10 @@ T0 = 1_709_251_200.0 + 30  # 2024-03-01T00:00:30Z
 
 
 class TrackedState:
-    """The SQLite state store, with its thread work kept inside virtual time."""
+    """The SQLite state store, with its thread work kept inside virtual time (the calls
+    that live mode and the indicator stage make)."""
 
-    def __init__(self, inner: StateStore, vt: VirtualTime) -> None:
+    def __init__(self, inner: SqliteState, vt: VirtualTime) -> None:
         self._inner, self._vt = inner, vt
 
     async def add_coverage(self, *args):
@@ -35,6 +36,12 @@ class TrackedState:
 
     async def coverage(self, *args):
         return await self._vt.track(self._inner.coverage(*args))
+
+    async def load_indicator_series(self, key=None):
+        return await self._vt.track(self._inner.load_indicator_series(key))
+
+    async def save_indicator_series(self, *args):
+        return await self._vt.track(self._inner.save_indicator_series(*args))
 
 
 class Harness:
@@ -90,7 +97,7 @@ class Harness:
 
     async def run_for(self, seconds: float, keys: list[JobKey], indicators=None) -> LiveExchange:
         """Start live mode with cursors read back from the store, run, then stop it."""
-        state = StateStore(str(self.tmp_path / "state.sqlite"))
+        state = SqliteState(str(self.tmp_path / "state.sqlite"))
         await state.open()
         if indicators is not None:
             await self.vt.track(indicators.load(keys, await self.store.newest(keys)))

@@ -19,7 +19,7 @@ from tda_collector.exchange.fetcher import Fetcher
 from tda_collector.exchange.ratelimit import RateLimiter
 from tda_collector.exchange.source import CandleSource
 from tda_collector.jobs.control import register_history_jobs
-from tda_collector.jobs.ledger import StateStore
+from tda_collector.jobs.ledger import SqliteState
 from tda_collector.jobs.model import Job
 from tda_collector.jobs.registry import JobRegistry
 from tda_collector.models import JobKey
@@ -87,7 +87,7 @@ async def backfill_one(
     """Register one history job for `key` over [start, end) as history mode does (aligned to
     the exchange's calendar, clipped to its clock) and run it once against a memory store."""
     events, recorder = recording_events()
-    store, state = MemoryStore(), StateStore(str(tmp_path / "state.sqlite"))
+    store, state = MemoryStore(), SqliteState(str(tmp_path / "state.sqlite"))
     await state.open()
     try:
         registry = JobRegistry("history")

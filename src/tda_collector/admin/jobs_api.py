@@ -9,7 +9,15 @@
                                 (the two answers above; the jobs filters apply)
     GET  /progress              the run's totals, rates, ETA and each exchange's budget use;
                                 "paused": [{"exchange", "status", "resume_at"}] for exchanges
-                                that asked to be left alone past retry.retry_after_max_seconds
+                                that asked to be left alone past retry.retry_after_max_seconds;
+                                "fleet": the run's jobs over every instance (state_url), or null
+    GET  /instances             {"instances": [{"instance_id", "mode", "started_at",
+                                "heartbeat_at", "heartbeat_ms"}]}: every instance sharing the
+                                state (empty without state_url)
+
+A job's JSON holds `owner`: in a run under leases (history with state_url), the instance
+holding the job's lease now (null while nobody does); otherwise the instance serving the API
+(null where the API is built without one).
     POST /jobs/{id}/pause|resume|cancel   the job after the move; 409 {"error"} when refused
     POST /pause, POST /resume   every job that can move; {"changed": n}
 
@@ -31,6 +39,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..exchange.throttle import Pauses
+from ..jobs.leases import LeaseStore
 from ..jobs.model import (
     PAUSED,
     PENDING,
@@ -106,6 +115,20 @@ class AdminAccess:
         return None
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """The instances sharing the state, as this one's API shows them: `run_id` names this
+    instance's run in the leases."""
+
+    store: LeaseStore
+    run_id: str
+    mode: str
+    lease_s: float  # an instance without a heartbeat for longer is not counted as running
+
+    async def owners(self) -> dict[str, str]:
+        return await self.store.owners(self.run_id)
+
+
 def error_response(status: int, message: str) -> web.Response:
     """The API's error answer: `{"error": "one line"}`."""
     return web.json_response({"error": message}, status=status)
@@ -123,13 +146,17 @@ class JobsApi:
         pauses: Pauses | None = None,
         job_json: JobJson = record_json,
         resume_guard: ResumeGuard = no_guard,
+        fleet: Fleet | None = None,
     ) -> None:
+        """`job_json` shows a job; with `fleet` (shared state), its `owner` is the instance
+        holding its lease now (None while nobody does)."""
         self._registry = registry
         self._progress = progress
         self._access = access
         self._pauses = pauses if pauses is not None else Pauses()
-        self._job_json = job_json
+        self._describe = job_json
         self._resume_guard = resume_guard
+        self._fleet = fleet
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -138,6 +165,7 @@ class JobsApi:
             web.get("/jobs/{id}", self.get_job),
             web.get("/progress", self.progress),
             web.get("/progress/stream", self.stream),
+            web.get("/instances", self.instances),
             web.post("/jobs/{id}/{action}", self._guarded(self.command)),
             web.post("/pause", self._guarded(self.pause_all)),
             web.post("/resume", self._guarded(self.resume_all)),
@@ -153,14 +181,33 @@ class JobsApi:
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=STATUS_PAGE, content_type="text/html", charset="utf-8")
 
-    def _progress_json(self) -> dict[str, object]:
+    async def _progress_json(self) -> dict[str, object]:
         paused = [p.to_json() for p in self._pauses.active()]
-        return {**self._progress.summary().to_json(), "paused": paused}
+        fleet = None
+        if self._fleet is not None:
+            fleet = await self._fleet.store.run_totals(self._fleet.run_id)
+            fleet["instances"] = await self._fleet.store.active_instances(
+                self._fleet.mode, self._fleet.lease_s
+            )
+        return {**self._progress.summary().to_json(), "paused": paused, "fleet": fleet}
+
+    async def instances(self, request: web.Request) -> web.Response:
+        found = await self._fleet.store.instances() if self._fleet is not None else []
+        return web.json_response({"instances": [i.to_json() for i in found]})
+
+    async def _owners(self) -> dict[str, str] | None:
+        return await self._fleet.owners() if self._fleet is not None else None
+
+    def _job_json(self, job: Job, owners: dict[str, str] | None) -> dict[str, object]:
+        body: dict[str, object] = {"owner": None, **self._describe(job)}
+        if owners is not None:
+            body["owner"] = owners.get(job.id)
+        return body
 
     async def progress(self, request: web.Request) -> web.Response:
-        return web.json_response(self._progress_json())
+        return web.json_response(await self._progress_json())
 
-    def _listing(self, query: Mapping[str, str]) -> dict[str, object]:
+    async def _listing(self, query: Mapping[str, str]) -> dict[str, object]:
         """The jobs the query selects, as `GET /jobs` answers; ValueError naming a bad one."""
         statuses = [s for s in query.get("status", "").upper().split(",") if s]
         unknown = [s for s in statuses if s not in STATUSES]
@@ -176,11 +223,13 @@ class JobsApi:
         if statuses:
             jobs = [job for job in jobs if job.status in statuses]
         chosen = jobs[offset : None if limit is None else offset + limit]
-        return {"total": len(jobs), "offset": offset, "jobs": [self._job_json(j) for j in chosen]}
+        owners = await self._owners()
+        listed = [self._job_json(job, owners) for job in chosen]
+        return {"total": len(jobs), "offset": offset, "jobs": listed}
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         try:
-            return web.json_response(self._listing(request.query))
+            return web.json_response(await self._listing(request.query))
         except ValueError as exc:
             return _error(400, str(exc))
 
@@ -188,7 +237,7 @@ class JobsApi:
         """Progress and the selected jobs pushed once a second until the client leaves (the
         status page's "progress streamer"); a bad filter is a 400 before the stream starts."""
         try:
-            self._listing(request.query)
+            await self._listing(request.query)
         except ValueError as exc:
             return _error(400, str(exc))
         response = web.StreamResponse(
@@ -198,7 +247,8 @@ class JobsApi:
         await response.write(b"retry: 1000\n\n")
         try:
             while True:
-                body = {"progress": self._progress_json(), "jobs": self._listing(request.query)}
+                progress, jobs = await self._progress_json(), await self._listing(request.query)
+                body = {"progress": progress, "jobs": jobs}
                 await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
                 await asyncio.sleep(STREAM_S)
         except ConnectionError:  # the page went away
@@ -208,7 +258,7 @@ class JobsApi:
         job = self._registry.jobs.get(request.match_info["id"])
         if job is None:
             return _error(404, f"no job {request.match_info['id']}")
-        return web.json_response(self._job_json(job))
+        return web.json_response(self._job_json(job, await self._owners()))
 
     async def command(self, request: web.Request) -> web.Response:
         job = self._registry.jobs.get(request.match_info["id"])
@@ -223,7 +273,7 @@ class JobsApi:
         except TransitionRefused as exc:
             return _error(409, str(exc))
         await self._registry.flush()
-        return web.json_response(self._job_json(job))
+        return web.json_response(self._job_json(job, await self._owners()))
 
     async def pause_all(self, request: web.Request) -> web.Response:
         changed = self._registry.command_all("pause", (PENDING, RUNNING))
@@ -245,9 +295,10 @@ def jobs_routes(
     pauses: Pauses | None = None,
     job_json: JobJson = record_json,
     resume_guard: ResumeGuard = no_guard,
+    fleet: Fleet | None = None,
 ) -> list[web.RouteDef]:
     access = routes_access(host, token, token_env)
-    return JobsApi(registry, progress, access, pauses, job_json, resume_guard).routes()
+    return JobsApi(registry, progress, access, pauses, job_json, resume_guard, fleet).routes()
 
 
 def routes_access(host: str, token: str | None, token_env: str) -> AdminAccess:

@@ -20,7 +20,7 @@ from ..models import JobKey, RawCandles
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import Failure, RetryPolicy, retry_async
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter
 from .source import CandleSource
 from .throttle import Pauses, Throttle
 
@@ -40,7 +40,7 @@ class Fetcher:
     def __init__(
         self,
         source: CandleSource,
-        limiter: RateLimiter,
+        limiter: Limiter,
         policy: RetryPolicy,
         events: EventLog,
         rng: random.Random | None = None,

@@ -25,6 +25,30 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    """What talks to an exchange asks before each request: `RateLimiter` here (one process),
+    `shared_budget.SharedBudget` when instances share a budget."""
+
+    rate_per_s: float
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` requests' weight."""
+
+    async def acquire_background(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` that no `acquire` wants (a backfill's, behind live)."""
+
+    def usage(self) -> tuple[int, float, int, float]:
+        """(limit, period_s, usage, period_start): requests that may start in any window of
+        `period_s`, how many started in the current one, and when it began (monotonic)."""
+
+    def pause_until(self, until: float) -> None:
+        """No request may start before `until` (monotonic seconds)."""
+
+    @property
+    def paused_until(self) -> float: ...
 
 
 def burst_for(budget_per_s: float, safety: float) -> int:

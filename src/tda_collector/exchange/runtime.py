@@ -20,7 +20,8 @@ from .archive import ArchiveClient, ArchiveTools
 from .archive_layout import ARCHIVE_LAYOUTS
 from .ccxt_source import CcxtExchange
 from .fetcher import Fetcher, Gate
-from .ratelimit import RateLimiter, burst_for
+from .ratelimit import Limiter, RateLimiter, burst_for
+from .shared_budget import BudgetStore, SharedBudget
 from .source import CandleSource, Capabilities, UsedWeightRule
 from .throttle import Pauses
 from .universe import check_symbols, check_timeframes, filter_markets, merge_symbols, top_by_volume
@@ -46,7 +47,7 @@ class ExchangeRuntime:
     config: ExchangeConfig
     source: CandleSource
     budget: float  # the exchange's requests/s, configured or ccxt's; the limiter runs below it
-    limiter: RateLimiter
+    limiter: Limiter
     fetcher: Fetcher
     keys: list[JobKey] = field(default_factory=list)
     archive: ArchiveTools | None = None  # history mode, where the exchange publishes archives
@@ -104,6 +105,22 @@ def archive_tools(
     market_ids = {m.symbol: m.id for m in source.markets() if m.id}
     client = ArchiveClient(base_url, cfg.archive.concurrency, policy)
     return ArchiveTools(client, layout, market_ids, base_url)
+
+
+def build_limiter(
+    cfg: ExchangeConfig, budget: float, metrics: Metrics, shared: BudgetStore | None
+) -> Limiter:
+    """The exchange's limiter at `safety` of `budget`: in this process, or, with `shared`, one
+    budget group's slots in the shared state (several instances, one budget)."""
+    rate, burst = budget * cfg.rate_limit.safety, burst_for(budget, cfg.rate_limit.safety)
+
+    def on_wait(seconds: float) -> None:
+        metrics.rate_limit_wait(cfg.id, seconds)
+
+    if shared is not None:
+        group = cfg.rate_limit.budget_group or cfg.id
+        return SharedBudget(shared, group, rate, burst, on_wait=on_wait)
+    return RateLimiter(rate, burst, on_wait=on_wait)
 
 
 def retry_policy(config: RetryConfig) -> RetryPolicy:
@@ -167,20 +184,19 @@ async def open_exchange(
     gate: Gate | None = None,
     pauses: Pauses | None = None,
     patient: bool | None = None,
+    shared: BudgetStore | None = None,
 ) -> ExchangeRuntime:
     """Build the exchange's source, limiter and fetcher, load its markets and resolve its jobs;
     `position` is its index in the config's `exchanges`, for error messages. The fetcher asks
     `gate` before each candle request and reports long pauses to `pauses`. Loading markets is
-    retried forever when `patient` (default: in live mode), else as the retry policy says."""
+    retried forever when `patient` (default: in live mode), else as the retry policy says;
+    `shared` holds the budgets shared with other instances (None: this process has the budget
+    to itself)."""
     source = factory(cfg)
     try:
         budget = cfg.rate_limit.requests_per_second or source.default_requests_per_second
         metrics.set_budget(cfg.id, budget)
-        limiter = RateLimiter(
-            budget * cfg.rate_limit.safety,
-            burst_for(budget, cfg.rate_limit.safety),
-            on_wait=lambda seconds: metrics.rate_limit_wait(cfg.id, seconds),
-        )
+        limiter = build_limiter(cfg, budget, metrics, shared)
         exchange_events = events.bind(exchange=cfg.id)
         field = f"exchanges[{position}].rate_limit.used_weight"
         rule = used_weight_rule(cfg, source.capabilities, field)
@@ -214,9 +230,11 @@ async def open_all(
     policy: RetryPolicy,
     gate: Gate | None = None,
     pauses: Pauses | None = None,
+    shared: BudgetStore | None = None,
 ) -> tuple[list[ExchangeRuntime], BaseException | None]:
     """Open every selected exchange concurrently; the opened ones are returned even when
-    another failed, so that they can be closed. `gate` and `pauses` go to every fetcher."""
+    another failed, so that they can be closed. `gate`, `pauses` and `shared` go to every
+    exchange."""
     opened = await asyncio.gather(
         *(
             open_exchange(
@@ -229,6 +247,7 @@ async def open_all(
                 exchanges.index(cfg),
                 gate,
                 pauses,
+                shared=shared,
             )
             for cfg in select_exchanges(exchanges, request)
         ),

@@ -20,7 +20,7 @@ from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy
 from ..timeframes import iso_utc
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Throttle:
     def __init__(
         self,
         exchange: str,
-        limiter: RateLimiter,
+        limiter: Limiter,
         policy: RetryPolicy,
         events: EventLog,
         metrics: Metrics,

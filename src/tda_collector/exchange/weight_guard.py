@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter
 from .source import UsedWeightRule
 
 
@@ -38,7 +38,7 @@ class UsedWeightGuard:
         exchange: str,
         rule: UsedWeightRule,
         safety: float,
-        limiter: RateLimiter,
+        limiter: Limiter,
         events: EventLog,
         metrics: Metrics,
         exchange_now_ms: Callable[[], int],

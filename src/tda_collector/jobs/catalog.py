@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from ..config import ExchangeConfig
 from ..models import JobKey
-from .ledger import connect_sqlite
+from .ledger import open_sqlite
 from .schedule import EACH_CLOSE, Schedule
 
 DefinitionKind = Literal["added", "dismissed"]
@@ -146,7 +146,8 @@ class SqliteCatalog:
         return self._db
 
     def _open(self) -> None:
-        self._db = connect_sqlite(self._path, _SCHEMA)
+        self._db = open_sqlite(self._path)
+        self._db.executescript(_SCHEMA)
 
     async def open(self) -> None:
         await self._run(self._open)

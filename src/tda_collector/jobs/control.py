@@ -21,11 +21,11 @@ from ..intervals import subtract
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..timeframes import MONDAY_WEEK_ORIGIN_MS, Grid, grid_of
-from .ledger import RunRecord, StateStore
 from .model import CANCELLED, COMPLETED, PAUSED, PENDING, Job, JobRecord
 from .progress import Progress
 from .progress_bar import ProgressBar
 from .registry import JobRegistry
+from .state import RunRecord, StateStore
 
 TICK_S = 1.0  # rates sampled and changed job rows saved at least this often
 PROGRESS_EVENT_S = 5.0  # the `progress` event, at most this often

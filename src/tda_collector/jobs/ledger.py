@@ -1,4 +1,4 @@
-"""Durable job state in SQLite: which parts of each series' time range are already stored.
+"""The embedded state backend: one process's `StateStore` in a SQLite file (the default).
 
 The ledger holds merged half-open intervals per (exchange, symbol, timeframe). An interval is
 added only after the store has made its rows durable, so after a crash the worst case is one
@@ -9,20 +9,18 @@ Beside it, one row per job (exchange, symbol, timeframe, mode) holds what the jo
 status, counts, cursor, last error, last and next run. A history page updates its job row in
 the same transaction as its ledger interval, so the two never disagree after a crash; other
 changes (status, live runs) are saved in batches. A `runs` row per mode tells whether the last
-run finished, which decides what a restart carries over (see `control.py`).
-
-The `jobs` table's columns, and the column lists that write and read it, are derived from the
-fields of `JobRecord` (names and SQLite types), so a field is declared in one place; the table
-is the one existing state files hold.
+run finished, which decides what a restart carries over (see `control.py`). Every call runs on
+one worker thread, in call order. The tables are `schema.py`'s, shared with Postgres.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,77 +28,71 @@ from ..intervals import Interval, merge
 from ..models import JobKey
 from ..store.write_streams import CommitIntent, StreamPosition
 from .model import JobRecord
-
-# A record field's annotation -> its column type.
-_SQL_TYPES = {
-    "str": "TEXT NOT NULL",
-    "str | None": "TEXT",
-    "int": "INTEGER NOT NULL",
-    "int | None": "INTEGER",
-}
-_JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
-_JOB_KEY = ("exchange", "symbol", "timeframe", "mode")  # a job's identity (see `job_id`)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS coverage (
-    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
-    start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe, start_ms)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    {columns},
-    PRIMARY KEY ({key})
-);
-CREATE TABLE IF NOT EXISTS runs (
-    mode TEXT PRIMARY KEY, start_ms INTEGER, end_ms INTEGER,
-    started_ms INTEGER NOT NULL, finished_ms INTEGER
-);
-CREATE TABLE IF NOT EXISTS write_streams (
-    owner TEXT PRIMARY KEY, stream TEXT NOT NULL, next_offset INTEGER NOT NULL,
-    in_doubt_rows INTEGER
-);
-CREATE TABLE IF NOT EXISTS commit_intents (
-    stream TEXT NOT NULL, exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
-    start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL
-);
-""".format(
-    columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
-    key=", ".join(_JOB_KEY),
+from .schema import (
+    APPLIED_VERSIONS,
+    INSERT_INTENT,
+    JOB_COLUMNS,
+    RECORD_VERSION,
+    SELECT_INTENTS,
+    SELECT_ONE_SERIES,
+    SELECT_SERIES,
+    SELECT_STREAM,
+    UPSERT_JOB,
+    UPSERT_RUN,
+    UPSERT_SERIES,
+    UPSERT_STREAM,
+    VERSIONS_TABLE,
+    coverage_by_key,
+    intent_rows,
+    intents_by_stream,
+    pending,
+    series_by_key,
 )
-_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
-_UPSERT_JOB = (
-    f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * len(_JOB_FIELDS))})"
-)
+from .state import RunRecord, SeriesState
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """The newest run of a mode: its requested range, and when it finished (None: it did not,
-    so the next start is a restart of it)."""
+def migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Apply the schema's missing migrations, each in one transaction with its version row."""
+    db.execute(VERSIONS_TABLE)
+    applied = {int(v) for (v,) in db.execute(APPLIED_VERSIONS).fetchall()}
+    for migration in pending(applied):
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute(
+                RECORD_VERSION,
+                (migration.version, migration.description, round(time.time() * 1000)),
+            )
 
-    mode: str
-    start_ms: int | None
-    end_ms: int | None
-    started_ms: int
-    finished_ms: int | None
 
-
-def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
-    """A connection for one worker thread, in WAL mode (readers never block the writer), with
-    `schema` applied. Several components share the state file, each with its own connection."""
+def open_sqlite(path: str) -> sqlite3.Connection:
+    """A connection for one worker thread in WAL mode (readers never block the writer). Several
+    components share the state file (the state, the catalog), each with its own connection."""
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
     db.execute("PRAGMA busy_timeout=5000")
-    db.executescript(schema)
     return db
 
 
-class StateStore:
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    """`open_sqlite`, with the state's schema brought up to date."""
+    db = open_sqlite(path)
+    migrate_sqlite(db)
+    return db
+
+
+_WHERE_SERIES = "exchange=? AND symbol=? AND timeframe=?"
+
+
+class SqliteState:
+    """`StateStore` in a SQLite file at `path` (see `state.py` for the contract)."""
+
     def __init__(self, path: str) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
@@ -110,7 +102,7 @@ class StateStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open(self) -> None:
-        self._db = connect_sqlite(self._path, _SCHEMA)
+        self._db = connect_sqlite(self._path)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -123,8 +115,7 @@ class StateStore:
 
     def _coverage(self, key: JobKey) -> list[Interval]:
         rows = self._conn.execute(
-            "SELECT start_ms, end_ms FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?"
-            " ORDER BY start_ms",
+            f"SELECT start_ms, end_ms FROM coverage WHERE {_WHERE_SERIES} ORDER BY start_ms",
             (key.exchange, key.symbol, key.timeframe),
         ).fetchall()
         return [(int(a), int(b)) for a, b in rows]
@@ -138,21 +129,15 @@ class StateStore:
             " ORDER BY symbol, timeframe, start_ms",
             (exchange,),
         ).fetchall()
-        found: dict[JobKey, list[Interval]] = {}
-        for symbol, timeframe, start, end in rows:
-            found.setdefault(JobKey(exchange, symbol, timeframe), []).append((int(start), int(end)))
-        return found
+        return coverage_by_key(exchange, rows)
 
     async def coverage_of_exchange(self, exchange: str) -> dict[JobKey, list[Interval]]:
-        """Every series' ledger of one exchange in one query (thousands of jobs at start)."""
         return await self._run(self._coverage_of_exchange, exchange)
 
     def _add_coverage_in_transaction(self, key: JobKey, intervals: list[Interval]) -> None:
         merged = merge([*self._coverage(key), *intervals])
         where = (key.exchange, key.symbol, key.timeframe)
-        self._conn.execute(
-            "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
-        )
+        self._conn.execute(f"DELETE FROM coverage WHERE {_WHERE_SERIES}", where)
         self._conn.executemany(
             "INSERT INTO coverage VALUES (?, ?, ?, ?, ?)", [(*where, a, b) for a, b in merged]
         )
@@ -162,16 +147,11 @@ class StateStore:
             self._conn.execute("BEGIN IMMEDIATE")
             self._add_coverage_in_transaction(key, intervals)
             if job is not None:
-                self._conn.execute(_UPSERT_JOB, astuple(job))
+                self._conn.execute(UPSERT_JOB, astuple(job))
 
     def add_coverage(
         self, key: JobKey, intervals: list[Interval], job: JobRecord | None = None
     ) -> asyncio.Future[None]:
-        """Record that these [start_ms, end_ms) parts of the series are durably stored (or have
-        no candles), and with them, in the same transaction, the job row that counts the page.
-
-        Submitted at once, in call order with every other write here; await the returned
-        future (it can be shielded: the write goes on when the caller is cancelled)."""
         loop = asyncio.get_running_loop()
         intervals = [i for i in intervals if i[0] < i[1]]
         if intervals:
@@ -186,31 +166,24 @@ class StateStore:
         where = (key.exchange, key.symbol, key.timeframe)
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute(
-                "DELETE FROM coverage WHERE exchange=? AND symbol=? AND timeframe=?", where
-            )
-            self._conn.execute(
-                "DELETE FROM jobs WHERE exchange=? AND symbol=? AND timeframe=?", where
-            )
+            self._conn.execute(f"DELETE FROM coverage WHERE {_WHERE_SERIES}", where)
+            self._conn.execute(f"DELETE FROM jobs WHERE {_WHERE_SERIES}", where)
 
     async def forget(self, key: JobKey) -> None:
-        """Drop a series' ledger and job rows (its store lost the rows), so the next run fetches
-        them again and counts from zero."""
         await self._run(self._forget, key)
 
     def _save_jobs(self, records: list[JobRecord]) -> None:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany(_UPSERT_JOB, [astuple(r) for r in records])
+            self._conn.executemany(UPSERT_JOB, [astuple(r) for r in records])
 
     async def save_jobs(self, records: list[JobRecord]) -> None:
-        """Upsert job rows, all in one transaction."""
         if records:
             await self._run(self._save_jobs, records)
 
     def _load_jobs(self, mode: str) -> list[JobRecord]:
         rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE mode=?", (mode,)
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE mode=?", (mode,)
         ).fetchall()
         return [JobRecord(*row) for row in rows]
 
@@ -228,9 +201,7 @@ class StateStore:
         return await self._run(self._last_run, mode)
 
     def _save_run(self, run: RunRecord) -> None:
-        with self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)", astuple(run))
+        self._conn.execute(UPSERT_RUN, astuple(run))
 
     async def save_run(self, run: RunRecord) -> None:
         await self._run(self._save_run, run)
@@ -238,9 +209,7 @@ class StateStore:
     # --- the Storage Write API's bookkeeping (store.write_streams.WriteStreamState) ---------
 
     def _stream_position(self, owner: str) -> StreamPosition | None:
-        row = self._conn.execute(
-            "SELECT stream, next_offset, in_doubt_rows FROM write_streams WHERE owner=?", (owner,)
-        ).fetchone()
+        row = self._conn.execute(SELECT_STREAM, (owner,)).fetchone()
         return StreamPosition(*row) if row else None
 
     async def stream_position(self, owner: str) -> StreamPosition | None:
@@ -249,37 +218,23 @@ class StateStore:
 
     def _save_stream_position(self, owner: str, position: StreamPosition) -> None:
         with self._conn:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO write_streams VALUES (?, ?, ?, ?)",
-                (owner, *astuple(position)),
-            )
+            self._conn.execute(UPSERT_STREAM, (owner, *astuple(position)))
 
     async def save_stream_position(self, owner: str, position: StreamPosition) -> None:
         """Replace `owner`'s position durably (WAL: it survives the process being killed)."""
         await self._run(self._save_stream_position, owner, position)
 
     def _save_commit_intent(self, intent: CommitIntent) -> None:
-        rows = [
-            (intent.stream, k.exchange, k.symbol, k.timeframe, a, b)
-            for k, spans in intent.spans.items()
-            for a, b in spans
-        ]
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany("INSERT INTO commit_intents VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(INSERT_INTENT, intent_rows(intent, ""))
 
     async def save_commit_intent(self, intent: CommitIntent) -> None:
         """Record, before its commit, which candles a pending stream holds."""
         await self._run(self._save_commit_intent, intent)
 
     def _commit_intents(self) -> list[CommitIntent]:
-        found: dict[str, dict[JobKey, list[Interval]]] = {}
-        for stream, exchange, symbol, timeframe, a, b in self._conn.execute(
-            "SELECT * FROM commit_intents ORDER BY stream, exchange, symbol, timeframe, start_ms"
-        ):
-            spans = found.setdefault(stream, {})
-            spans.setdefault(JobKey(exchange, symbol, timeframe), []).append((int(a), int(b)))
-        return [CommitIntent(stream, spans) for stream, spans in found.items()]
+        return intents_by_stream(self._conn.execute(SELECT_INTENTS, ("",)).fetchall())
 
     async def commit_intents(self) -> list[CommitIntent]:
         """Intents recorded and not settled: their process stopped around the commit."""
@@ -298,6 +253,23 @@ class StateStore:
         """Forget `stream`'s intent; if it was `committed`, add its candles to the coverage
         ledger in the same transaction (the candles are in the table: never fetch them again)."""
         await self._run(self._settle_commit, stream, committed)
+
+    def _load_series(self, key: JobKey | None) -> dict[JobKey, SeriesState]:
+        if key is None:
+            return series_by_key(self._conn.execute(SELECT_SERIES).fetchall())
+        where = (key.exchange, key.symbol, key.timeframe)
+        return series_by_key(self._conn.execute(SELECT_ONE_SERIES, where).fetchall())
+
+    async def load_indicator_series(self, key: JobKey | None = None) -> dict[JobKey, SeriesState]:
+        return await self._run(self._load_series, key)
+
+    def _save_series(self, key: JobKey, series: SeriesState) -> None:
+        self._conn.execute(
+            UPSERT_SERIES, (key.exchange, key.symbol, key.timeframe, *astuple(series))
+        )
+
+    async def save_indicator_series(self, key: JobKey, series: SeriesState) -> None:
+        await self._run(self._save_series, key, series)
 
     def _close(self) -> None:
         if self._db is not None:

@@ -19,8 +19,8 @@ from ..intervals import Interval
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
-from .ledger import StateStore
 from .model import OPEN, USER_ACTIONS, Job, JobRecord, TransitionRefused, next_status
+from .state import StateStore
 
 _EVENTS = {"pause": "job_paused", "resume": "job_resumed", "cancel": "job_cancelled"}
 

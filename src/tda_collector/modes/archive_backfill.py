@@ -32,9 +32,9 @@ from ..exchange.archive_csv import ArchiveFormatError, klines_of_zip
 from ..exchange.archive_layout import ArchiveFile, plan_files
 from ..exchange.source import Capabilities
 from ..intervals import Interval, merge, subtract
-from ..jobs.ledger import StateStore
 from ..jobs.model import Job
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import CandleBatch, JobKey
 from ..normalize import NormalizedPage, Window, normalize_page
 from ..observability.events import EventLog

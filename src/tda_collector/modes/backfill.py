@@ -23,9 +23,9 @@ from ..errors import ExchangeFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..exchange.source import Capabilities
 from ..intervals import Interval, subtract
-from ..jobs.ledger import StateStore
 from ..jobs.model import COMPLETED, FAILED, PAUSED, Job, JobPaused
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import CandleBatch
 from ..normalize import Window
 from ..observability.events import EventLog
@@ -56,6 +56,7 @@ class HistoryOutcome:
     error: str | None = None
     retryable: bool = False
     unavailable_before_ms: int | None = None  # the exchange serves nothing older than this
+    more: bool = False  # COMPLETED a chunk (`max_pages`), not the window: the rest is left
 
 
 GapFill = Callable[[Job, Interval, HistoryOutcome], Awaitable[None]]
@@ -90,7 +91,10 @@ class HistoryBackfill:
         metrics: Metrics,
         registry: JobRegistry,
         bulk: BulkPass | None = None,
+        pipeline_pages: int | None = None,
     ) -> None:
+        """`pipeline_pages`: page writes of a job under way at once, at most; default the
+        store's own (`CandleStore.pipeline_pages`)."""
         self._bulk = bulk
         self._proven = ProvenWrites(writer, state, registry, metrics)
         self._step = PageStep(fetcher, events, metrics)
@@ -99,7 +103,7 @@ class HistoryBackfill:
         self._events = events
         self._source = fetcher.source
         self._page_limit = page_limit
-        self._pipeline_pages = max(1, writer.store.pipeline_pages)
+        self._pipeline_pages = max(1, pipeline_pages or writer.store.pipeline_pages)
 
     def _reachable(self, job: Job, gap: Interval, result: HistoryOutcome) -> Interval | None:
         """The part of `gap` the exchange serves; the rest is reported once, never recorded."""
@@ -120,19 +124,24 @@ class HistoryBackfill:
             )
         return (earliest, gap[1]) if earliest < gap[1] else None
 
-    async def _fill(self, job: Job, gap: Interval, result: HistoryOutcome) -> None:
+    async def _fill(
+        self, job: Job, gap: Interval, result: HistoryOutcome, max_pages: int | None = None
+    ) -> None:
         """Page through `gap`, one window a page can hold at a time, until every part of it is
         settled by what pages proved (`pipeline.proven_span`). Up to the store's
         `pipeline_pages` writes of the job may be under way while the next page is fetched,
         since stores gather pages of many jobs into one commit or load job; a crash refetches
         at most that many pages. The ledger is a set of intervals, so pages may become durable
-        in any order."""
+        in any order. With `max_pages`, it stops after that many pages of the run (`more`)."""
         key, grid = job.key, self._step.grid(job.key.timeframe)
         reachable = self._reachable(job, gap, result)
         unsettled = [reachable] if reachable is not None else []
         pending: deque[Awaitable[int]] = deque()
         try:
             while unsettled:
+                if max_pages is not None and result.pages >= max_pages:
+                    result.more = True
+                    break
                 job.check()  # paused: let go of the worker between pages
                 started = time.monotonic()
                 since, gap_end = unsettled[0]
@@ -148,7 +157,8 @@ class HistoryBackfill:
                 unsettled = [part for u in unsettled for part in subtract(u, [settled])]
                 pending.append(self._writes.start(self._store(job, page.batch, stored, started)))
                 result.pages += 1
-                while len(pending) >= (self._pipeline_pages if unsettled else 1):
+                last = not unsettled or (max_pages is not None and result.pages >= max_pages)
+                while len(pending) >= (1 if last else self._pipeline_pages):
                     result.rows += await pending.popleft()
         finally:
             for abandoned in pending:
@@ -193,18 +203,23 @@ class HistoryBackfill:
         bulk = [self._bulk.drain(timeout_s)] if self._bulk is not None else []
         await asyncio.gather(self._writes.drain(timeout_s), *bulk)
 
-    async def run_job(self, job: Job, result: HistoryOutcome) -> HistoryOutcome:
+    async def run_job(
+        self, job: Job, result: HistoryOutcome, max_pages: int | None = None
+    ) -> HistoryOutcome:
         """Backfill the job's window from the ledger on, counting into `result` (a fresh one per
         run, so a cancelled run leaves what it counted), and return it. Faults are caught here
-        and reported in it, and so is a pause (status PAUSED); the job itself is not moved."""
+        and reported in it, and so is a pause (status PAUSED); the job itself is not moved.
+        `max_pages` makes it one chunk of the job: that many pages at most (see `more`)."""
         start, end = job.record.start_ms, job.record.end_ms
         assert start is not None and end is not None
         try:
             if self._bulk is not None:
                 await self._bulk.run(job, result, self._fill)
             for gap in subtract((start, end), await self._state.coverage(job.key)):
-                await self._fill(job, gap, result)
-            if result.unavailable_before_ms is not None:
+                await self._fill(job, gap, result, max_pages)
+                if result.more:
+                    break
+            if result.unavailable_before_ms is not None and not result.more:
                 result.status, result.retryable = FAILED, False
                 earliest = iso_utc(result.unavailable_before_ms / 1000)
                 result.error = (

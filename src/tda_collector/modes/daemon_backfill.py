@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from ..exchange.runtime import ExchangeRuntime
 from ..jobs.catalog import Catalog
 from ..jobs.control import run_cancellable
-from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, COMPLETED, OPEN, PAUSED, PENDING, Job
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
 from ..retry import RetryPolicy

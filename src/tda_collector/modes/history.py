@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from ..errors import EXIT_JOBS_FAILED, EXIT_OK
 from ..exchange.runtime import ExchangeRuntime
 from ..jobs.control import finish_history_run, register_history_jobs
-from ..jobs.ledger import StateStore
+from ..jobs.leases import LeaseKeeper, run_id_of
 from ..jobs.model import CANCELLED, FAILED
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..observability.metrics import Metrics
@@ -28,6 +29,7 @@ from .backfill import HistoryBackfill
 from .durable_writer import DurableWriter
 from .history_pool import ExchangeHistory, JobResult
 from .indicator_stage import IndicatorStage
+from .leased_history import LeasedHistory, LeaseSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class HistorySettings:
     page_limit: int  # candles per request, before the exchange's own maximum clamps it
     concurrency: int  # jobs in flight per exchange
     failure_limit: int  # more failed jobs than this stop the exchange's remaining jobs
+    chunk_pages: int = 10  # with shared state: pages of a job per lease claim
 
 
 def _summarise(
@@ -120,9 +123,11 @@ async def run_history(
     policy: RetryPolicy,
     indicators: IndicatorStage | None = None,
     registry: JobRegistry | None = None,
+    keeper: LeaseKeeper | None = None,
 ) -> int:
     """Backfill `window` ([start, end) in epoch ms) for every job of `runtimes`, then report
-    the run (`history_complete`); returns the process's exit code."""
+    the run (`history_complete`); returns the process's exit code. With `keeper` (shared
+    state), the jobs are claimed under leases with the other instances of the same window."""
     started = time.monotonic()
     keys = [k for rt in runtimes for k in rt.keys]
     await _discard_orphan_ledgers(store, state, keys, events)
@@ -150,6 +155,8 @@ async def run_history(
                 rt.source.now_ms,
             )
             archives.append(archive)
+        # Leased: one page write in flight per job, so a dead instance costs at most one page
+        # per job, fetched again by whoever takes the job over.
         backfill = HistoryBackfill(
             rt.fetcher,
             writer,
@@ -159,15 +166,31 @@ async def run_history(
             metrics,
             registry,
             archive,
+            pipeline_pages=1 if keeper is not None else None,
         )
-        pool = ExchangeHistory(
-            backfill,
-            registry,
-            [job for job in jobs if job.key.exchange == rt.config.id],
-            settings.concurrency,
-            settings.failure_limit,
-            exchange_events,
-        )
+        mine = [job for job in jobs if job.key.exchange == rt.config.id]
+        pool: ExchangeHistory | LeasedHistory
+        if keeper is not None:
+            leases = LeaseSettings(run_id_of("history", *window), settings.chunk_pages)
+            pool = LeasedHistory(
+                backfill,
+                registry,
+                mine,
+                settings.concurrency,
+                keeper,
+                leases,
+                exchange_events,
+                indicators,
+            )
+        else:
+            pool = ExchangeHistory(
+                backfill,
+                registry,
+                mine,
+                settings.concurrency,
+                settings.failure_limit,
+                exchange_events,
+            )
         per_exchange.append(pool.run())
     results = [r for group in await asyncio.gather(*per_exchange) for r in group]
     if indicators is not None:

@@ -1,39 +1,28 @@
 """Indicators on ingestion: each closed candle gets RSI/EMA/MACD continued from saved state.
 
-A series' state (see `indicators.IndicatorState`) is kept in SQLite beside the job ledger and
-saved only after the rows it describes are durable. Pages that extend a series forward (the
-normal case: a backfill moving forward, live mode) are computed incrementally. A page that lands
-before the newest candle already computed (a backfill that extends a range backwards, a page
-fetched again after a crash) would make every later value wrong, so its series is marked dirty
-and `repair` recomputes it once from its first stored candle and rewrites the rows from the
-earliest change on. Exchange gaps do not reset a series: the next candle after a hole continues
-it, exactly as a computation over the stored rows in time order would.
+A series' state (see `indicators.IndicatorState`) is kept in the state store beside the job
+ledger (`StateStore.save_indicator_series`) and saved only after the rows it describes are
+durable. Pages that extend a series forward (the normal case: a backfill moving forward, live
+mode) are computed incrementally. A page that lands before the newest candle already computed
+(a backfill that extends a range backwards, a page fetched again after a crash) would make
+every later value wrong, so its series is marked dirty and `repair` recomputes it once from its
+first stored candle and rewrites the rows from the earliest change on. Exchange gaps do not
+reset a series: the next candle after a hole continues it, exactly as a computation over the
+stored rows in time order would.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
 from ..indicators import IndicatorSpec, IndicatorState, compute, initial_state, provisional
-from ..jobs.ledger import connect_sqlite
+from ..jobs.state import SeriesState, StateStore
 from ..models import CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from ..store import CandleStore
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS indicator_series (
-    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
-    last_ms INTEGER, state TEXT, dirty_from_ms INTEGER,
-    PRIMARY KEY (exchange, symbol, timeframe)
-);
-"""
 
 Commit = Callable[[], Awaitable[None]]
 
@@ -52,43 +41,22 @@ class _Series:
 
 class IndicatorStage:
     def __init__(
-        self, spec: IndicatorSpec, state_path: str, store: CandleStore, events: EventLog
+        self, spec: IndicatorSpec, state: StateStore, store: CandleStore, events: EventLog
     ) -> None:
+        """`state` is opened and closed by its owner, not here."""
         self.spec = spec
-        self._path = state_path
+        self._state = state
         self._store = store
         self._events = events
         self._series: dict[JobKey, _Series] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indicators")
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def _open(self) -> None:
-        self._db = connect_sqlite(self._path, _SCHEMA)
-
-    def _read(self, keys: list[JobKey]) -> dict[JobKey, tuple[int | None, str | None, int | None]]:
-        assert self._db is not None
-        rows = self._db.execute(
-            "SELECT exchange, symbol, timeframe, last_ms, state, dirty_from_ms"
-            " FROM indicator_series"
-        ).fetchall()
-        wanted = set(keys)
-        return {
-            JobKey(e, s, tf): (last, state, dirty)
-            for e, s, tf, last, state, dirty in rows
-            if JobKey(e, s, tf) in wanted
-        }
 
     async def load(self, keys: list[JobKey], stored: Mapping[JobKey, int]) -> None:
         """Read saved states. `stored` is the newest stored closed candle per key (the
         caller's one `newest` query, which live mode also uses as its cursors)."""
-        if self._db is None:
-            await self._run(self._open)
-        saved = await self._run(self._read, keys)
+        saved = await self._state.load_indicator_series()
         for key in keys:
-            last, text, dirty = saved.get(key, (None, None, None))
+            found = saved.get(key, SeriesState(None, None, None))
+            last, text, dirty = found.last_ms, found.state, found.dirty_from_ms
             state = IndicatorState.from_json(text) if text else None
             if state is not None and state.spec != self.spec:
                 state, last, dirty = None, None, None  # periods changed: recompute everything
@@ -99,23 +67,40 @@ class IndicatorStage:
                 series.dirty_from_ms = last + 1  # rows were stored but their state not saved
             self._series[key] = series
 
-    def _save(self, key: JobKey, series: _Series) -> None:
-        assert self._db is not None
-        self._db.execute(
-            "INSERT OR REPLACE INTO indicator_series VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                key.exchange,
-                key.symbol,
-                key.timeframe,
-                series.last_ms,
-                series.state.to_json() if series.state else None,
-                series.dirty_from_ms,
-            ),
+    async def reconcile(self, key: JobKey) -> bool:
+        """Before working on a series that other instances may have moved since this one last
+        did (a claimed lease): where the saved state is not the one held here, the state here is
+        stale, and the saved one may lag the rows of an instance that died. The series is then
+        marked dirty from the older of the two on, for `repair`. True when it is dirty."""
+        saved = (await self._state.load_indicator_series(key)).get(
+            key, SeriesState(None, None, None)
+        )
+        current = self._series.setdefault(key, _Series())
+        held = SeriesState(
+            current.last_ms,
+            current.state.to_json() if current.state else None,
+            current.dirty_from_ms,
+        )
+        if saved != held:
+            marks = [m for m in (saved.dirty_from_ms, current.dirty_from_ms) if m is not None]
+            if saved.last_ms is None or current.last_ms is None:
+                marks.append(0)
+            else:
+                marks.append(min(saved.last_ms, current.last_ms) + 1)
+            current.dirty_from_ms = min(marks)
+            current.has_stored_rows = True
+            await self._save(key, current)
+        return current.dirty_from_ms is not None
+
+    async def _save(self, key: JobKey, series: _Series) -> None:
+        text = series.state.to_json() if series.state else None
+        await self._state.save_indicator_series(
+            key, SeriesState(series.last_ms, text, series.dirty_from_ms)
         )
 
     def _commit(self, key: JobKey, series: _Series) -> Commit:
         async def commit() -> None:
-            await self._run(self._save, key, series)
+            await self._save(key, series)
 
         return commit
 
@@ -125,7 +110,7 @@ class IndicatorStage:
         first_ms = int(batch.timestamps[0]) if len(batch) else 0
         earlier = current.dirty_from_ms
         current.dirty_from_ms = first_ms if earlier is None else min(first_ms, earlier)
-        await self._run(self._save, batch.key, current)
+        await self._save(batch.key, current)
 
     async def prepare(self, batch: CandleBatch) -> tuple[CandleBatch, Commit]:
         """The batch with indicator columns, and what to save once it is durable.
@@ -166,12 +151,17 @@ class IndicatorStage:
     def dirty(self) -> list[JobKey]:
         return sorted(k for k, s in self._series.items() if s.dirty_from_ms is not None)
 
-    async def repair(self, write: Callable[[CandleBatch], Awaitable[int]]) -> int:
-        """Recompute every dirty series from its first stored candle; rewrite the changed tail.
+    async def repair(
+        self, write: Callable[[CandleBatch], Awaitable[int]], keys: list[JobKey] | None = None
+    ) -> int:
+        """Recompute every dirty series (of `keys`, default all) from its first stored candle;
+        rewrite the changed tail.
 
         `write` must make rows durable without passing them through `prepare` again."""
         rewritten = 0
         for key in self.dirty():
+            if keys is not None and key not in keys:
+                continue
             series = self._series[key]
             stored = await self._store.series(key)
             if not len(stored):
@@ -194,9 +184,3 @@ class IndicatorStage:
                 rows=len(enriched),
             )
         return rewritten
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)

@@ -25,10 +25,10 @@ from ..errors import ExchangeFault, PermanentFault, StoreFault
 from ..exchange.fetcher import Fetcher
 from ..intervals import Interval
 from ..jobs.control import register_live_jobs, run_cancellable
-from ..jobs.ledger import StateStore
 from ..jobs.model import CANCELLED, PAUSED, PENDING, Job, JobPaused, JobRecord
 from ..jobs.registry import JobRegistry
 from ..jobs.schedule import EACH_CLOSE, Schedule, next_cron_ms
+from ..jobs.state import StateStore
 from ..models import CandleBatch, JobKey
 from ..normalize import Window
 from ..observability.events import EventLog

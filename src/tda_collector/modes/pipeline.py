@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 from ..errors import CalendarMismatch
 from ..exchange.fetcher import Fetcher
 from ..intervals import Interval, merge, subtract
-from ..jobs.ledger import StateStore
 from ..jobs.model import Job
 from ..jobs.registry import JobRegistry
+from ..jobs.state import StateStore
 from ..models import CandleBatch, JobKey
 from ..normalize import NormalizedPage, Window, normalize_page
 from ..observability.events import EventLog

@@ -65,10 +65,12 @@ def build_store(
     extra_columns: tuple[Column, ...] = (),
     environ: Mapping[str, str] | None = None,
     state: WriteStreamState | None = None,
+    live_owner: str = "live",
 ) -> CandleStore:
     """DuckDB (writes grouped into commits), or BigQuery through the Storage Write API: a
     committed stream for live mode (its offsets kept in `state`), pending streams committed
-    in batches for history; or, with `write_path: legacy`, streaming inserts and load jobs."""
+    in batches for history; or, with `write_path: legacy`, streaming inserts and load jobs.
+    `live_owner` keys the committed stream's position in `state` (one stream per owner)."""
     if config.backend == "duckdb":
         duck = config.duckdb
         return DuckDBStore(
@@ -95,6 +97,7 @@ def build_store(
         events,
         mode=write_mode,
         state=state,
+        owner=live_owner,
         extra_columns=extra_columns,
         environ=environ or {},
         partitioning=bq.partitioning,

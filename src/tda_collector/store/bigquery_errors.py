@@ -115,3 +115,13 @@ async def retry_sorted(
     await retry_async(
         sorted_call, policy, transient=(TransientStoreError,), on_failure=log, rng=rng
     )
+
+
+def lost_creation_race(exc: BaseException) -> bool:
+    """Another writer created the same dataset, table or view at the same moment: BigQuery
+    answers 409 Conflict (where `exists_ok` does not cover it, e.g. a view replaced twice); the
+    emulator 400 with a failed transaction commit. Asking again finds the object made."""
+    if isinstance(exc, api_errors.Conflict):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, api_errors.BadRequest) and "failed to commit" in text

@@ -33,7 +33,7 @@ from ..models import BASE_COLUMNS, CandleBatch, Column, JobKey
 from ..observability.events import EventLog
 from ..retry import RetryPolicy
 from .bigquery_client import connect
-from .bigquery_errors import bigquery_fault, retry_sorted
+from .bigquery_errors import bigquery_fault, lost_creation_race, retry_sorted
 from .bigquery_legacy import InsertAllWriter, LegacyContext, LoadJobWriter
 from .bigquery_schema import (
     TableNames,
@@ -64,6 +64,10 @@ _ENSURE_RETRY = DEFAULT_RETRY.with_timeout(60.0)
 _WRITE_RETRY = RetryPolicy(base_s=0.5, cap_s=8.0, attempts=4)
 
 T = TypeVar("T")
+
+
+# Tries of the ensure step while other instances create the same dataset, table and view.
+ENSURE_ATTEMPTS = 8
 
 
 class RowWriter(Protocol):
@@ -200,17 +204,27 @@ class BigQueryStore:
             self._write_api = WriteApi(write_client, self._names, schema)
         return [f.name for f in added], layout_differences(table, self._partitioning, CLUSTERING)
 
+    async def _ensure_racing(self) -> tuple[list[str], list[str]]:
+        """`_ensure`, again after losing a creation race to another instance (a short random
+        wait apart, so racers fall out of step), up to ENSURE_ATTEMPTS times."""
+        for attempt in range(1, ENSURE_ATTEMPTS + 1):
+            try:
+                return await self._run(self._ensure)
+            except Exception as exc:
+                if attempt < ENSURE_ATTEMPTS and lost_creation_race(exc):
+                    await asyncio.sleep(self._rng.uniform(0.05, 0.3 * attempt))
+                    continue
+                failed = bigquery_fault(exc, f"ensuring BigQuery table {self._names.table_id}")
+                if failed is None:
+                    raise
+                raise failed from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def ensure(self) -> None:
         """Create the dataset, table and view if missing; add missing NULLABLE columns to an
         existing table and leave everything else as it is (differences are reported). A table
         that cannot be reached or made raises a one-line StoreFault (see `bigquery_fault`)."""
-        try:
-            added, differences = await self._run(self._ensure)
-        except Exception as exc:
-            failed = bigquery_fault(exc, f"ensuring BigQuery table {self._names.table_id}")
-            if failed is None:
-                raise
-            raise failed from exc
+        added, differences = await self._ensure_racing()
         if differences:
             self._events.warning(
                 "store_ensure_table",
