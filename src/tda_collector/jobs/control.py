@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from ..intervals import subtract
+from ..intervals import Interval, subtract
 from ..models import JobKey
 from ..observability.events import EventLog
 from ..timeframes import MONDAY_WEEK_ORIGIN_MS, Grid, grid_of
@@ -37,6 +37,20 @@ def history_window(start_ms: int, end_ms: int, grid: Grid, now_ms: int) -> tuple
     start = grid.ceil(start_ms)
     end = min(grid.ceil(end_ms), grid.floor(now_ms))
     return start, max(start, end)
+
+
+def history_record(key: JobKey, start: int, end: int, coverage: list[Interval]) -> JobRecord:
+    """A new history job's record over [start, end): what the ledger's `coverage` already
+    holds of it counted as covered, its cursor at the first part still missing (or `end`)."""
+    gaps = subtract((start, end), coverage)
+    return JobRecord.of(
+        key,
+        "history",
+        start_ms=start,
+        end_ms=end,
+        covered_ms=end - start - sum(b - a for a, b in gaps),
+        cursor_ms=gaps[0][0] if gaps else end,
+    )
 
 
 def restore(record: JobRecord, saved: JobRecord, keep_status: Iterable[str]) -> JobRecord:
@@ -75,18 +89,10 @@ async def register_history_jobs(
         for key in keys:
             grid = grid_of(key.timeframe, week_origins.get(exchange, MONDAY_WEEK_ORIGIN_MS))
             start, end = history_window(start_ms, end_ms, grid, now_ms)
-            gaps = subtract((start, end), ledger.get(key, []))
-            record = JobRecord.of(
-                key,
-                "history",
-                start_ms=start,
-                end_ms=end,
-                covered_ms=end - start - sum(b - a for a, b in gaps),
-                cursor_ms=gaps[0][0] if gaps else end,
-            )
+            record = history_record(key, start, end, ledger.get(key, []))
             if key in saved:
                 record = restore(record, saved[key], (PAUSED, CANCELLED))
-            if not gaps and record.status == PENDING:
+            if record.covered_ms == end - start and record.status == PENDING:
                 record = replace(record, status=COMPLETED)
             jobs.append(registry.add(Job(record)))
     return jobs

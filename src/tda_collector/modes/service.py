@@ -34,7 +34,6 @@ from ..config import ExchangeConfig
 from ..errors import UsageError
 from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
-from ..intervals import subtract
 from ..jobs.catalog import (
     ADDED,
     DISMISSED,
@@ -44,8 +43,8 @@ from ..jobs.catalog import (
     reconcile,
     secrets_refusal,
 )
-from ..jobs.control import history_window, register_live_jobs
-from ..jobs.model import OPEN, PAUSED, PENDING, Job, JobRecord
+from ..jobs.control import history_record, history_window, register_live_jobs
+from ..jobs.model import OPEN, PAUSED, PENDING, Job
 from ..jobs.schedule import EACH_CLOSE, Schedule
 from ..models import JobKey
 from .connections import Connection, Connections
@@ -352,15 +351,7 @@ class LiveService:
                 raise Refused(400, "start: the range holds no closed candle")
             if earlier is not None:
                 registry.remove(earlier)
-            gaps = subtract((start, end), await self._p.state.coverage(key))
-            record = JobRecord.of(
-                key,
-                "history",
-                start_ms=start,
-                end_ms=end,
-                covered_ms=end - start - sum(b - a for a, b in gaps),
-                cursor_ms=gaps[0][0] if gaps else end,
-            )
+            record = history_record(key, start, end, await self._p.state.coverage(key))
             job = registry.add(Job(record))
             self._backfills.start(conn.runtime, job)
             return job
