@@ -147,7 +147,16 @@ def window(minutes: int = 60) -> dict[str, Any]:
     return {**SERIES, "start": end - minutes * MIN, "end": end}
 
 
+def settled_minute() -> None:
+    """Wait until the minute in progress is some seconds old and not about to turn: the live
+    loop has written its candle (on a loaded machine BigQuery takes seconds to show it)."""
+    second = time.time() % 60
+    if not 10 <= second <= 45:
+        time.sleep((70 - second) % 60)
+
+
 def test_iso_and_epoch_ms_ask_for_the_same_rows_and_the_open_candle_is_marked(running):
+    settled_minute()
     params = window()
     iso = {
         **params,

@@ -52,8 +52,12 @@ PAGE = 500  # candles per request: 9 pages per job
 SPECS = [SymbolSpec(f"S{i:02d}/USDT") for i in range(16)]
 
 
-def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n: int, port=0):
-    """Instance i's config; instance 0 serves its admin API on `port` (0: none)."""
+def _configs(
+    rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n: int, port=0, lease_s=3.0
+):
+    """Instance i's config; instance 0 serves its admin API on `port` (0: none). Short leases
+    (`lease_s`) let a dead instance's jobs move on quickly; they also lapse when a renewal is
+    late under CPU load, and a lapsed chunk is fetched again by design."""
     paths = []
     for i in range(n):
         workdir = tmp_path / f"instance{i}"
@@ -66,7 +70,7 @@ def _configs(rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n
                 page_limit=PAGE,
                 state_url=state_url,
                 instance_id=f"instance-{i}",
-                lease_seconds=3,
+                lease_seconds=lease_s,
                 lease_chunk_pages=3,
                 admin={"port": port if i == 0 else 0},
                 history_concurrency=8,
@@ -192,8 +196,8 @@ def fleet_rig(exchange_rig, bigquery_emulator, postgres_server, tmp_path):
     rig = exchange_rig(SPECS, requests_per_second=BUDGET, ban_after=1)
     state_url, dataset = fresh_database(), unique_dataset()
 
-    def configs(n: int, port: int = 0) -> list[Path]:
-        return _configs(rig, tmp_path, state_url, dataset, bigquery_emulator, n, port)
+    def configs(n: int, port: int = 0, lease_s: float = 3.0) -> list[Path]:
+        return _configs(rig, tmp_path, state_url, dataset, bigquery_emulator, n, port, lease_s)
 
     return rig, configs, dataset
 
@@ -201,7 +205,9 @@ def fleet_rig(exchange_rig, bigquery_emulator, postgres_server, tmp_path):
 def test_three_instances_share_one_budget_and_split_the_jobs(fleet_rig, bigquery_emulator):
     rig, configs, dataset = fleet_rig
     port = free_port()
-    fleet = Fleet(configs(3, port))
+    # "Every page once" holds while no lease lapses: leases long enough that a renewal late
+    # by seconds on a loaded machine keeps them (at 3 s one run in ~15 fetched a chunk twice).
+    fleet = Fleet(configs(3, port, lease_s=20.0))
     seen = _watch_admin(f"http://127.0.0.1:{port}", fleet)
     assert fleet.wait() == [0, 0, 0], [
         [e for e in fleet.events(i) if e["level"] == "ERROR"][-3:] for i in range(3)
