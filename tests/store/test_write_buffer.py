@@ -98,3 +98,41 @@ async def test_items_whose_writer_was_cancelled_are_left_out():
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert write.flushes == [["kept"]]
+
+
+class SlowRecorder(Recorder):
+    """A write that holds until `release` is set: a transaction in progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, items: list[str]) -> list[Exception | None]:
+        outcome = await super().__call__(items)
+        await self.release.wait()
+        self.release.clear()
+        return outcome
+
+
+async def test_with_one_write_in_flight_what_comes_due_meanwhile_goes_as_one_larger_write():
+    write = SlowRecorder()
+    buffer = WriteBuffer(write, len, max_rows=4, max_wait_s=3600, max_in_flight=1)
+    first = [asyncio.create_task(buffer.add(item)) for item in ("a1", "a2")]
+    await asyncio.sleep(0.01)
+    assert write.flushes == [["a1", "a2"]]  # full: written at once
+    later = [asyncio.create_task(buffer.add(f"b{i}")) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert write.flushes == [["a1", "a2"]]  # due twice over, held while the first is in flight
+    write.release.set()
+    await asyncio.wait_for(asyncio.gather(*first), timeout=1)
+    await asyncio.sleep(0.01)
+    assert write.flushes == [["a1", "a2"], ["b0", "b1", "b2", "b3", "b4"]]
+    write.release.set()
+    await asyncio.wait_for(asyncio.gather(*later), timeout=1)
+    tail = asyncio.create_task(buffer.add("c"))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(buffer.close())
+    await asyncio.sleep(0.01)
+    write.release.set()
+    await asyncio.wait_for(asyncio.gather(tail, closing), timeout=1)
+    assert write.flushes[-1] == ["c"]

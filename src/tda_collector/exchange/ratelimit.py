@@ -58,7 +58,59 @@ def burst_for(budget_per_s: float, safety: float) -> int:
     return max(1, math.floor(budget_per_s * (1.0 - safety) / 2 + 1e-9))
 
 
-class RateLimiter:
+class StartWindow:
+    """The starts of the last second, for `Limiter.usage` in the brief's terms (limit, period,
+    usage, period start) and to hold starts to `cap` in any 1-second window."""
+
+    def __init__(self, cap: int, clock: Callable[[], float]) -> None:
+        self.cap = cap
+        self._clock = clock
+        self._starts: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._starts and self._starts[0] <= now - 1.0:
+            self._starts.popleft()
+
+    def room_at(self, now: float, cost: float) -> float | None:
+        """None when a request of `cost` may start at `now`; else when the window allows it."""
+        self._expire(now)
+        if len(self._starts) + cost <= self.cap or not self._starts:
+            return None
+        return self._starts[0] + 1.0
+
+    def record(self, now: float, cost: float) -> None:
+        self._expire(now)
+        self._starts.extend([now] * max(1, math.ceil(cost)))
+
+    def usage(self) -> tuple[int, float, int, float]:
+        now = self._clock()
+        starts = [t for t in self._starts if t > now - 1.0]
+        return self.cap, 1.0, len(starts), starts[0] if starts else now
+
+
+def window_cap(rate_per_s: float, burst: int) -> int:
+    """Requests that may start in any 1-second window: the rate plus the burst's extra."""
+    return math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
+
+
+class ForegroundFirst:
+    """`acquire` counted while it waits, so that `acquire_background` can keep behind it."""
+
+    _foreground_waiting = 0
+
+    async def _reserve(self, cost: float) -> None:
+        raise NotImplementedError
+
+    async def acquire(self, cost: float = 1.0) -> None:
+        """Wait for a slot of `cost` requests' weight."""
+        self._foreground_waiting += 1
+        try:
+            await self._reserve(cost)
+        finally:
+            self._foreground_waiting -= 1
+
+
+class RateLimiter(ForegroundFirst):
     def __init__(
         self,
         rate_per_s: float,
@@ -77,9 +129,7 @@ class RateLimiter:
         self._on_wait = on_wait
         self._tat = clock()  # theoretical arrival time of the next request
         self._paused_until = 0.0
-        self._window_cap = math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
-        self._recent: deque[float] = deque()  # start times within the last second
-        self._foreground_waiting = 0
+        self._window = StartWindow(window_cap(rate_per_s, burst), clock)
         self._background_turn = asyncio.Lock()  # one background request polls at a time
 
     def pause_until(self, until: float) -> None:
@@ -95,17 +145,7 @@ class RateLimiter:
         """(limit, period_s, usage, period_start): requests that may start in any 1-second
         window, that window's length, how many started in the current one, and when it began
         (monotonic seconds: the oldest start in it, or now when none)."""
-        now = self._clock()
-        starts = [t for t in self._recent if t > now - 1.0]
-        return self._window_cap, 1.0, len(starts), starts[0] if starts else now
-
-    async def acquire(self, cost: float = 1.0) -> None:
-        """Wait for a slot of `cost` requests' weight."""
-        self._foreground_waiting += 1
-        try:
-            await self._reserve(cost)
-        finally:
-            self._foreground_waiting -= 1
+        return self._window.usage()
 
     async def acquire_background(self, cost: float = 1.0) -> None:
         """Wait for a slot of `cost` that no `acquire` wants: a free one, taken at once."""
@@ -136,12 +176,11 @@ class RateLimiter:
     async def _within_window(self, cost: float) -> None:
         while True:
             now = self._clock()
-            while self._recent and self._recent[0] <= now - 1.0:
-                self._recent.popleft()
-            if len(self._recent) + cost <= self._window_cap or not self._recent:
-                self._recent.extend([now] * max(1, math.ceil(cost)))
+            allowed_at = self._window.room_at(now, cost)
+            if allowed_at is None:
+                self._window.record(now, cost)
                 return
-            await self._wait(self._recent[0] + 1.0 - now)
+            await self._wait(allowed_at - now)
 
     async def _wait(self, seconds: float) -> None:
         if self._on_wait is not None:

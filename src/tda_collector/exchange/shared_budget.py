@@ -19,11 +19,11 @@ be reached, `acquire` waits (the store retries): no instance requests without a 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+from .ratelimit import ForegroundFirst, StartWindow, window_cap
 
 # A request may start this fraction of the slots' spacing after its slot, no later.
 LATE_FRACTION = 0.25
@@ -40,7 +40,7 @@ class BudgetStore(Protocol):
         """No slot of `group` starts within `wait_s` seconds from now."""
 
 
-class SharedBudget:
+class SharedBudget(ForegroundFirst):
     """`Limiter` of one budget group in a `BudgetStore`, shared with other instances."""
 
     def __init__(
@@ -63,9 +63,7 @@ class SharedBudget:
         self._clock, self._sleep, self._on_wait = clock, sleep, on_wait
         self._paused_until = 0.0
         self._pausing: set[asyncio.Task[None]] = set()
-        self._window_cap = math.floor(rate_per_s + 1e-9) + max(1, burst) - 1 or 1
-        self._recent: deque[float] = deque()  # this instance's starts within the last second
-        self._foreground_waiting = 0
+        self._window = StartWindow(window_cap(rate_per_s, burst), clock)  # this instance's
         self.round_trips = 0
         self.late_slots = 0  # slots let go because the task woke too late for them
 
@@ -84,17 +82,7 @@ class SharedBudget:
     def usage(self) -> tuple[int, float, int, float]:
         """(limit, period_s, usage, period_start) as `RateLimiter.usage`, of the group's limit
         and this instance's own starts (the other instances' are not counted here)."""
-        now = self._clock()
-        starts = [t for t in self._recent if t > now - 1.0]
-        return self._window_cap, 1.0, len(starts), starts[0] if starts else now
-
-    async def acquire(self, cost: float = 1.0) -> None:
-        """Wait for a slot of `cost` requests' weight in the shared budget."""
-        self._foreground_waiting += 1
-        try:
-            await self._reserve(cost)
-        finally:
-            self._foreground_waiting -= 1
+        return self._window.usage()
 
     async def acquire_background(self, cost: float = 1.0) -> None:
         """A slot of `cost` once no `acquire` of this instance waits: foreground requests go
@@ -123,9 +111,7 @@ class SharedBudget:
             if started - slot <= LATE_FRACTION * self._interval * max(1.0, cost):
                 break
             self.late_slots += 1
-        while self._recent and self._recent[0] <= started - 1.0:
-            self._recent.popleft()
-        self._recent.extend([started] * max(1, math.ceil(cost)))
+        self._window.record(started, cost)
 
     async def _wait(self, seconds: float) -> None:
         if self._on_wait is not None:

@@ -114,7 +114,8 @@ class DuckDBStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
         self._con: duckdb.DuckDBPyConnection | None = None
         self._reader = DuckDBReader()
-        self._buffer = WriteBuffer(self._flush, len, batch_rows, batch_seconds)
+        # One write at a time: they all run on the one DuckDB thread anyway.
+        self._buffer = WriteBuffer(self._flush, len, batch_rows, batch_seconds, max_in_flight=1)
         # Per series, the first and last stored open time (ms); loaded by `ensure`, moved only
         # by commits. Every write goes through this store: DuckDB allows one writing process.
         self._ranges: dict[JobKey, tuple[int, int]] | None = None
