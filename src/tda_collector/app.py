@@ -218,7 +218,7 @@ async def _run_mode(
     keeper = None if live else lease_keeper(config, fleet, request.mode, events)
     heartbeat: asyncio.Task[None] | None = None
     progress = Progress(registry)
-    catalog = SqliteCatalog(config.state_path)
+    catalog = SqliteCatalog(config.state_path) if fleet is None else fleet.catalog()
     parts = ServiceParts(
         live_settings(config),
         config.history_page_limit,

@@ -1,14 +1,23 @@
-"""Connectors and job definitions persisted in the state file; the file-vs-API rule."""
+"""Connectors and job definitions persisted in the state (a SQLite file, or Postgres shared by
+instances); the file-vs-API rule."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
+from event_support import recording_events
+from postgres_support import (
+    fresh_database,
+    postgres_server_fixture,  # noqa: F401 (registers the fixture)
+)
 from pydantic import ValidationError
 
 from tda_collector.config import ExchangeConfig
 from tda_collector.jobs.catalog import (
     ADDED,
     DISMISSED,
+    Catalog,
     Connector,
     JobDefinition,
     SqliteCatalog,
@@ -16,6 +25,8 @@ from tda_collector.jobs.catalog import (
     reconcile,
     secrets_refusal,
 )
+from tda_collector.jobs.postgres_catalog import PostgresCatalog
+from tda_collector.jobs.postgres_state import PostgresState
 from tda_collector.jobs.schedule import Schedule, next_cron_ms
 from tda_collector.models import JobKey
 
@@ -26,20 +37,39 @@ def block(exchange: str = "binance", *symbols: str) -> ExchangeConfig:
     return ExchangeConfig(id=exchange, symbols=list(symbols or ["BTC/USDT"]))
 
 
-async def test_connectors_and_definitions_survive_a_reopen(tmp_path):
-    path = str(tmp_path / "state.sqlite")
-    catalog = SqliteCatalog(path)
-    await catalog.open()
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_catalog(request, tmp_path):
+    """`open_catalog()` opens the catalog on this test's state (the same one on every call, as
+    a restart or another instance would see it) and returns it with its closer."""
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_server")
+        url = fresh_database()
+
+    async def make() -> tuple[Catalog, Callable[[], Awaitable[None]]]:
+        if request.param == "sqlite":
+            catalog: Catalog = SqliteCatalog(str(tmp_path / "state.sqlite"))
+            await catalog.open()
+            return catalog, catalog.close
+        state = PostgresState(url, recording_events()[0])
+        await state.open()  # its migrations make the catalog's tables
+        catalog = PostgresCatalog(state)
+        await catalog.open()
+        return catalog, state.close
+
+    return make
+
+
+async def test_connectors_and_definitions_survive_a_reopen(open_catalog):
+    catalog, close = await open_catalog()
     okx = Connector(block("okx", "ETH/USDT"), enabled=False)
     gone = Connector(block("kraken", "BTC/USD"), True, None, deleted=True)
     await catalog.save_connectors([Connector(block(), True, config_body(block())), okx, gone])
     cron = Schedule(mode="cron", cron="*/5 * * * *")
     await catalog.save_definition(JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron))
     await catalog.save_definition(JobDefinition(JobKey("binance", "BTC/USDT", "1m"), DISMISSED))
-    await catalog.close()
+    await close()
 
-    again = SqliteCatalog(path)
-    await again.open()
+    again, close = await open_catalog()
     assert [(c.id, c.enabled, c.config, c.deleted) for c in await again.connectors()] == [
         ("binance", True, block(), False),
         ("okx", False, block("okx", "ETH/USDT"), False),
@@ -47,9 +77,17 @@ async def test_connectors_and_definitions_survive_a_reopen(tmp_path):
     ]
     definitions = await again.definitions()
     assert definitions[0] == JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED, cron)
+    # An upsert keeps a connector's place; a definition saved again moves to the end.
+    await again.save_connectors([Connector(block("binance", "ETH/USDT"), False)])
+    assert [(c.id, c.enabled) for c in await again.connectors()][:2] == [
+        ("binance", False),
+        ("okx", False),
+    ]
+    await again.save_definition(JobDefinition(JobKey("binance", "SOL/USDT", "1h"), ADDED))
+    assert [d.key.symbol for d in await again.definitions()] == ["BTC/USDT", "SOL/USDT"]
     await again.drop_definitions([JobKey("binance", "BTC/USDT", "1m")])
     assert len(await again.definitions()) == 1
-    await again.close()
+    await close()
 
 
 def test_an_unchanged_file_block_leaves_the_api_change_and_an_edited_one_wins():

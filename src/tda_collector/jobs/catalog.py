@@ -15,9 +15,9 @@ them; `enabled` lives only here (the file has no such key), so a disabled connec
 disabled across restarts. A deleted connector is kept as a tombstone (`deleted`) with the file
 block it was deleted under: the same file block does not bring it back, an edited one does.
 
-The state lives in the state file (its own tables, its own connection and worker thread, so
-blocking SQLite calls never run on the event loop). `Catalog` is the seam another backend
-(Postgres) implements.
+Where it lives: `SqliteCatalog` in the SQLite state file (its own connection and worker thread,
+so blocking SQLite calls never run on the event loop); `postgres_catalog.PostgresCatalog` in the
+Postgres state that instances share (`state_url`). Both hold the tables of `schema.py`.
 """
 
 from __future__ import annotations
@@ -34,22 +34,11 @@ from ..config import ExchangeConfig
 from ..models import JobKey
 from .ledger import open_sqlite
 from .schedule import EACH_CLOSE, Schedule
+from .schema import CATALOG_TABLES
 
 DefinitionKind = Literal["added", "dismissed"]
 ADDED: DefinitionKind = "added"
 DISMISSED: DefinitionKind = "dismissed"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS connectors (
-    id TEXT PRIMARY KEY, body TEXT NOT NULL, enabled INTEGER NOT NULL, file_body TEXT,
-    deleted INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS job_definitions (
-    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
-    kind TEXT NOT NULL, schedule TEXT NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe)
-);
-"""
 
 T = TypeVar("T")
 
@@ -128,6 +117,33 @@ class Catalog(Protocol):
     async def drop_definitions(self, keys: list[JobKey]) -> None: ...
 
 
+# Rows of the catalog's tables (`schema.CATALOG_TABLES`), as both backends read and write them.
+CONNECTOR_COLUMNS = "id, body, enabled, file_body, deleted"
+DEFINITION_COLUMNS = "exchange, symbol, timeframe, kind, schedule"
+
+
+def connector_row(c: Connector) -> tuple[str, str, int, str | None, int]:
+    return (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted))
+
+
+def connector_of(row: tuple[Any, ...]) -> Connector:
+    """A `connectors` row read as (body, enabled, file_body, deleted)."""
+    body, on, file_body, gone = row
+    return Connector(ExchangeConfig.model_validate_json(body), bool(on), file_body, bool(gone))
+
+
+def definition_row(d: JobDefinition) -> tuple[str, str, str, str, str]:
+    k = d.key
+    return (k.exchange, k.symbol, k.timeframe, d.kind, d.schedule.model_dump_json())
+
+
+def definition_of(row: tuple[Any, ...]) -> JobDefinition:
+    """A `job_definitions` row (`DEFINITION_COLUMNS`)."""
+    exchange, symbol, timeframe, kind, schedule = row
+    key = JobKey(exchange, symbol, timeframe)
+    return JobDefinition(key, kind, Schedule.model_validate_json(schedule))
+
+
 class SqliteCatalog:
     """The catalog in the SQLite state file."""
 
@@ -147,7 +163,8 @@ class SqliteCatalog:
 
     def _open(self) -> None:
         self._db = open_sqlite(self._path)
-        self._db.executescript(_SCHEMA)
+        for table in CATALOG_TABLES:
+            self._db.execute(table)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -165,19 +182,13 @@ class SqliteCatalog:
         rows = self._conn.execute(
             "SELECT body, enabled, file_body, deleted FROM connectors ORDER BY rowid"
         ).fetchall()
-        return [
-            Connector(ExchangeConfig.model_validate_json(body), bool(on), file_body, bool(gone))
-            for body, on, file_body, gone in rows
-        ]
+        return [connector_of(row) for row in rows]
 
     async def connectors(self) -> list[Connector]:
         return await self._run(self._connectors)
 
     def _save_connectors(self, connectors: list[Connector]) -> None:
-        rows = [
-            (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted))
-            for c in connectors
-        ]
+        rows = [connector_row(c) for c in connectors]
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             # An upsert keeps the row (and so the listing order) of a known connector.
@@ -198,21 +209,16 @@ class SqliteCatalog:
         rows = self._conn.execute(
             "SELECT exchange, symbol, timeframe, kind, schedule FROM job_definitions ORDER BY rowid"
         ).fetchall()
-        return [
-            JobDefinition(JobKey(e, s, t), kind, Schedule.model_validate_json(schedule))
-            for e, s, t, kind, schedule in rows
-        ]
+        return [definition_of(row) for row in rows]
 
     async def definitions(self) -> list[JobDefinition]:
         return await self._run(self._definitions)
 
     def _save_definition(self, d: JobDefinition) -> None:
-        k = d.key
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute(
-                "INSERT OR REPLACE INTO job_definitions VALUES (?, ?, ?, ?, ?)",
-                (k.exchange, k.symbol, k.timeframe, d.kind, d.schedule.model_dump_json()),
+                "INSERT OR REPLACE INTO job_definitions VALUES (?, ?, ?, ?, ?)", definition_row(d)
             )
 
     async def save_definition(self, definition: JobDefinition) -> None:

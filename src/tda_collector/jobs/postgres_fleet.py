@@ -9,6 +9,7 @@ the server's clock, in epoch seconds, so the instances' clocks never matter.
 from __future__ import annotations
 
 from .leases import InstanceInfo
+from .postgres_catalog import PostgresCatalog
 from .postgres_state import Conn, PostgresState
 
 _NOW = "extract(epoch FROM clock_timestamp())"
@@ -30,6 +31,10 @@ RETURNING l.job_id"""
 class PostgresFleet:
     def __init__(self, state: PostgresState) -> None:
         self._state = state
+
+    def catalog(self) -> PostgresCatalog:
+        """The fleet's one catalog of connectors and jobs, in the shared state."""
+        return PostgresCatalog(self._state)
 
     async def acquire_budget(
         self, group: str, cost: float, interval_s: float, tolerance_s: float

@@ -120,6 +120,20 @@ _JOBS_TABLE = (
     )
 )
 
+# The catalog (`catalog.py`): connectors and job definitions. Listed in the order they were
+# first saved: SQLite's rowid gives it; Postgres has no rowid, hence its `position` column.
+CATALOG_TABLES = (
+    """CREATE TABLE IF NOT EXISTS connectors (
+    id TEXT PRIMARY KEY, body TEXT NOT NULL, enabled INTEGER NOT NULL, file_body TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0
+)""",
+    """CREATE TABLE IF NOT EXISTS job_definitions (
+    exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
+    kind TEXT NOT NULL, schedule TEXT NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe)
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -184,6 +198,16 @@ MIGRATIONS: tuple[Migration, ...] = (
 )""",
             "ALTER TABLE commit_intents ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
             "CREATE INDEX IF NOT EXISTS commit_intents_stream ON commit_intents (stream)",
+        ),
+    ),
+    # `IF NOT EXISTS`: SQLite state files already hold the catalog's tables (it made them).
+    Migration(
+        5,
+        "connectors and job definitions",
+        CATALOG_TABLES,
+        (
+            "ALTER TABLE connectors ADD COLUMN position BIGSERIAL",
+            "ALTER TABLE job_definitions ADD COLUMN position BIGSERIAL",
         ),
     ),
 )
