@@ -4,7 +4,8 @@ One run: (1) the same range (`--compare-symbols` × January 2024 of 1m) stored o
 exchange process with budget B and latency, as `throughput`) and from the fake archive host
 (monthly zips with CHECKSUM files); (2) the scale point, `--scale-symbols` × `--scale-days` of
 1m up to the end of January 2024 from the archive (monthly files), with the store's default
-group commit and with `storage.duckdb.batch_rows` 262,144 (several files a transaction).
+group commit (`storage.duckdb.batch_rows` 262,144: several files a transaction) and, as the
+baseline, with the former default 16,000 (a month's file a transaction when the writer is idle).
 CPU is the collector's whole process (user + system from `wait4`, start-up included), peak RSS
 from the same rusage. The archive host runs in this process (its CPU is not the collector's)
 and serves zips rendered before the run, from disk.
@@ -37,9 +38,9 @@ from .throughput import history_argv
 DAY_MS = 86_400_000
 END_MS = int(FAKE_NOW_S * 1000)  # 2024-03-01T00:00Z
 JANUARY_2024 = (END_MS - 60 * DAY_MS, END_MS - 29 * DAY_MS)
-# A commit carries up to this many rows: several archive files in one DuckDB transaction
-# (the default, 16,000, commits each month's file, 44,640 rows, alone).
-LARGE_GROUP = {"batch_rows": 262_144}
+# The former default group commit: a flush at 16,000 waiting rows, so a month's file (44,640
+# rows) is committed alone whenever the writer is idle.
+SMALL_GROUP = {"batch_rows": 16_000}
 
 
 @dataclass
@@ -178,12 +179,12 @@ def run(
             print(render(rows[-1:]), flush=True)
             rows.append(
                 _run(
-                    "archive, scale, batch_rows 262,144",
+                    "archive, scale, batch_rows 16,000",
                     scale_symbols,
                     scale_window,
                     rest.base_url,
                     archive,
-                    LARGE_GROUP,
+                    SMALL_GROUP,
                 )
             )
     print("\n" + render(rows))
@@ -191,3 +192,9 @@ def run(
     speed = (by_archive.candles / by_archive.wall_s) / (by_rest.candles / by_rest.wall_s)
     cpu = (by_archive.cpu_s / by_archive.candles) / (by_rest.cpu_s / by_rest.candles)
     print(f"\nsame range, archive ÷ REST: candles/s {speed:.1f}x, CPU per candle {cpu:.2f}x")
+    large, small = rows[2], rows[3]
+    print(
+        f"scale, group commit 262,144 ÷ 16,000: candles/s "
+        f"{(large.candles / large.wall_s) / (small.candles / small.wall_s):.2f}x, CPU per candle "
+        f"{(large.cpu_s / large.candles) / (small.cpu_s / small.candles):.2f}x"
+    )

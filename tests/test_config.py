@@ -56,7 +56,7 @@ def test_bad_backend_names_the_field_and_the_choices(tmp_path):
 
 def test_duckdb_group_commit_defaults_and_limits_name_the_field(tmp_path):
     duckdb = load_config(write(tmp_path, MINIMAL), {}).storage.duckdb
-    assert (duckdb.batch_rows, duckdb.batch_seconds) == (16_000, 0.05)
+    assert (duckdb.batch_rows, duckdb.batch_seconds) == (262_144, 0.05)
     text = MINIMAL + "storage:\n  duckdb: {batch_rows: 0, batch_seconds: 0}\n"
     assert error_line(tmp_path, text) == (
         "storage.duckdb.batch_rows: Input should be greater than 0; "

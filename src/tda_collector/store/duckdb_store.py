@@ -100,7 +100,7 @@ class DuckDBStore:
         events: EventLog,
         extra_columns: tuple[Column, ...] = (),
         *,
-        batch_rows: int = 16_000,
+        batch_rows: int = 262_144,
         batch_seconds: float = 0.05,
         memory_limit: str = "32MB",
         threads: int = 1,
