@@ -282,3 +282,34 @@ def test_postgres_restarted_mid_run_completes_exact_without_duplicates(
         assert row["n"] == row["k"] == len(SPECS) * 3 * 1440
     finally:
         client.close()
+
+
+def test_too_many_failed_jobs_stop_a_leased_run_as_they_stop_a_lone_one(
+    exchange_rig, bigquery_emulator, postgres_server, tmp_path
+):
+    specs = [SymbolSpec(f"F{i}/USDT") for i in range(8)]
+    rig = exchange_rig(specs, fault_rate=1.0, fault_paths=["klines"], fault_kinds=["503"])
+    retry = {"base_seconds": 0.01, "cap_seconds": 0.02, "attempts": 2, "exchange_failure_limit": 2}
+    config = rig.config(
+        state_url=fresh_database(),
+        instance_id="solo",
+        history_concurrency=1,
+        retry=retry,
+        storage={
+            "backend": "bigquery",
+            "bigquery": {
+                "project": PROJECT,
+                "dataset": unique_dataset(),
+                "api_endpoint": bigquery_emulator,
+                "write_api_endpoint": emulator_grpc(),
+            },
+        },
+    )
+    fleet = Fleet([config])
+    assert fleet.wait() == [1]
+    events = fleet.events(0)
+    assert [e["event"] for e in events].count("exchange_stopped") == 1
+    # Three jobs of two attempts each fail (more than the limit of 2), then nothing more.
+    assert len([r for r in rig.fake.request_log() if r.path.endswith("/klines")]) == 3 * 2
+    summary = next(e for e in reversed(events) if e["event"] == "history_complete")
+    assert summary["failed"] == 8 and summary["completed"] == 0

@@ -171,7 +171,9 @@ async def run_history(
         mine = [job for job in jobs if job.key.exchange == rt.config.id]
         pool: ExchangeHistory | LeasedHistory
         if keeper is not None:
-            leases = LeaseSettings(run_id_of("history", *window), settings.chunk_pages)
+            leases = LeaseSettings(
+                run_id_of("history", *window), settings.chunk_pages, settings.failure_limit
+            )
             pool = LeasedHistory(
                 backfill,
                 registry,

@@ -10,6 +10,8 @@ held by others may run out. The run ends when every job is over, whoever did it;
 instances finished are moved here too, so this instance's summary and exit code speak for
 the whole run.
 
+More than `failure_limit` failures stop the exchange's remaining jobs, as in a lone instance.
+
 A pause or cancel through this instance's API holds the job here only (it is not claimed
 here again; another instance may still take it).
 """
@@ -28,7 +30,7 @@ from ..jobs.model import COMPLETED, FAILED, OPEN, PAUSED, PENDING, RUNNING, Job
 from ..jobs.registry import JobRegistry
 from ..observability.events import EventLog
 from .backfill import HistoryBackfill, HistoryOutcome
-from .history_pool import JobResult
+from .history_pool import NOT_RUN, JobResult
 from .indicator_stage import IndicatorStage
 from .pipeline import DRAIN_ON_STOP_S
 
@@ -39,6 +41,7 @@ IDLE_POLL_S = 0.5  # nothing to claim: look again this often (leases held elsewh
 class LeaseSettings:
     run_id: str  # the run's identity, shared by every instance started for the same window
     chunk_pages: int  # pages of a job worked per claim
+    failure_limit: int  # more failed jobs than this (whoever failed them) stop the exchange here
 
 
 class LeasedHistory:
@@ -68,6 +71,8 @@ class LeasedHistory:
         self._holding = 0  # jobs this instance works on now
         self._share_of, self._share_at = concurrency, -1.0
         self._rejected: dict[str, Counter[str]] = {job.id: Counter() for job in jobs}
+        self._failures = 0  # failed runs of a job here, and jobs other instances failed
+        self._stopped = False  # too many failures: nothing more is claimed here
 
     async def run(self) -> list[JobResult]:
         """Until every job is over, on whichever instance; one result per job."""
@@ -134,7 +139,25 @@ class LeasedHistory:
             job = self._jobs[job_id]
             if job.status in OPEN and job.status != PAUSED:
                 self._registry.apply(job, "complete" if status == COMPLETED else "fail", error)
+                self._failures += status != COMPLETED
+        self._stop_if_failing()
         return any(j.status in OPEN for j in self._jobs.values())
+
+    def _stop_if_failing(self) -> None:
+        """As a lone instance does (`history_pool`): after more than `failure_limit` failures
+        (a job's failed run here, or a job failed on another instance, whose failures stop it
+        too), the jobs not running here fail as not run, and nothing more is claimed."""
+        if self._stopped or self._failures <= self._settings.failure_limit:
+            return
+        self._stopped = True
+        self._events.error(
+            "exchange_stopped",
+            f"{self._failures} jobs failed; stopping the exchange's remaining jobs",
+            failed=self._failures,
+        )
+        for job in self._jobs.values():
+            if job.status in (PENDING, PAUSED) and not job.active:
+                self._registry.apply(job, "fail", error=job.record.last_error or NOT_RUN)
 
     async def _work(self, job: Job) -> None:
         """One chunk of a claimed job, then let it go (or mark it over)."""
@@ -155,6 +178,7 @@ class LeasedHistory:
         if not finished:  # cancelled here: let another instance decide about it
             await store.release_job(run_id, job.id, owner)
             return
+        self._failures += outcome.status == FAILED
         if outcome.status == COMPLETED and not outcome.more:
             await store.finish_job(run_id, job.id, owner, COMPLETED, None)
             self._registry.apply(job, "complete")
@@ -165,6 +189,7 @@ class LeasedHistory:
             await store.release_job(run_id, job.id, owner)
             if job.status == RUNNING:
                 self._registry.apply(job, "requeue", error=outcome.error)
+        self._stop_if_failing()
 
     def _gives_up(self, job: Job, outcome: HistoryOutcome) -> bool:
         """A permanent failure, or a transient one for the second time here (as the pool of a
