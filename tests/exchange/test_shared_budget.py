@@ -110,7 +110,7 @@ class _ClockedStore:
 
 async def test_a_task_that_wakes_too_late_for_its_slot_takes_another_instead_of_crowding():
     clock = [100.0]
-    oversleep = [0.05, 0.0]  # the first wake-up comes half a slot late (a busy machine)
+    oversleep = [0.07, 0.0]  # a wake-up comes 0.7 of a slot late (a busy machine)
 
     async def sleep(seconds: float) -> None:
         clock[0] += seconds + (oversleep.pop(0) if oversleep else 0.0)
@@ -120,6 +120,6 @@ async def test_a_task_that_wakes_too_late_for_its_slot_takes_another_instead_of_
     for _ in range(3):
         await budget.acquire()
         starts.append(clock[0])
-    # Slots at 100.0, 100.1 (woken at 100.15: given up), 100.2, 100.3.
+    # Slots at 100.0, 100.1 (woken at 100.17: given up), 100.2, 100.3.
     assert budget.late_slots == 1 and budget.round_trips == 4
     assert starts == pytest.approx([100.0, 100.2, 100.3])

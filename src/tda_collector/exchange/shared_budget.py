@@ -25,8 +25,10 @@ from typing import Protocol
 
 from .ratelimit import ForegroundFirst, StartWindow, window_cap
 
-# A request may start this fraction of the slots' spacing after its slot, no later.
-LATE_FRACTION = 0.25
+# A request may start this fraction of the slots' spacing after its slot, no later: then any
+# 1-second window holds at most rate + 1 starts (slots from up to half a spacing before it).
+# Less would give up slots to ordinary scheduling jitter, and the budget's use with them.
+LATE_FRACTION = 0.5
 
 
 class BudgetStore(Protocol):
