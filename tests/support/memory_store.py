@@ -94,8 +94,12 @@ class MemoryStore:
         return newest
 
     async def series(self, key: JobKey) -> CandleBatch:
+        """Closed rows, with the extra columns (the configured ones, else every one the
+        series was written with), NaN where a row has none."""
         closed = [r for r in self.series_rows(key) if r[6]]
         columns = np.array([r[:6] for r in closed], dtype=float).reshape(-1, 6)
+        stored = [self.extra[(key, r[0])] for r in closed]
+        names = self.columns if self.columns is not None else {n for e in stored for n in e}
         return CandleBatch(
             key=key,
             timestamps=columns[:, 0].astype(np.int64),
@@ -105,6 +109,10 @@ class MemoryStore:
             close=columns[:, 4],
             volume=columns[:, 5],
             closed=np.ones(len(closed), dtype=bool),
+            extra={
+                name: np.array([e.get(name, np.nan) for e in stored], dtype=float)
+                for name in sorted(names)
+            },
         )
 
     def _table(self, query: CandleQuery) -> pa.Table:
