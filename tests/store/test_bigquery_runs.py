@@ -101,6 +101,13 @@ ORDER BY symbol, timestamp"""
             assert close, (symbol, name)
 
 
+def _assert_nothing_rewritten(events: list[dict]) -> None:
+    """Series the restart found dirty were recomputed, and no stored row held other values:
+    the pages it fetched behind them got their final values at once."""
+    recomputed = [e for e in events if e["event"] == "indicators_recomputed"]
+    assert all(e["rows"] == 0 for e in recomputed), recomputed
+
+
 def _kill_after(proc, event: str, count: int, timeout_s: float = 90) -> list[dict]:
     seen: list[dict] = []
     deadline = time.monotonic() + timeout_s
@@ -193,7 +200,7 @@ def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
         proc = start_subprocess(config, *HISTORY_ARGS)
         _kill_after(proc, "store_commit", 4)
         rerun = start_subprocess(config, *HISTORY_ARGS)
-        _, err = rerun.communicate(timeout=180)
+        out, err = rerun.communicate(timeout=180)
         assert rerun.returncode == 0, err
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     stored = _closed_rows(client, dataset)
@@ -201,6 +208,7 @@ def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
         assert stored[spec.symbol] == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
     assert count_stored(client, dataset) == sum(len(rows) for rows in stored.values())
     _assert_indicators_of_one_computation(client, dataset)
+    _assert_nothing_rewritten(parse_events(out))
 
 
 def _state_rows(tmp_path, sql: str) -> list[tuple]:
@@ -307,3 +315,4 @@ def test_history_killed_between_a_commit_and_the_ledger_records_the_commit_at_re
         assert stored[spec.symbol] == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
     assert count_stored(client, dataset) == sum(len(rows) for rows in stored.values())
     _assert_indicators_of_one_computation(client, dataset)
+    _assert_nothing_rewritten(parse_events(out))
