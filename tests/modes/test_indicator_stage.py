@@ -9,6 +9,7 @@ import duckdb
 import numpy as np
 import pytest
 from collector_support import DAY_MS, FROZEN_NOW_S, run_in_process
+from event_support import recording_events
 from fake_exchange import SymbolSpec, expected_candles
 from memory_store import MemoryStore
 from store_support import quiet_events
@@ -21,6 +22,7 @@ from tda_collector.modes.indicator_stage import (
     IndicatorStage,
     indicator_columns,
 )
+from tda_collector.observability.events import EventLog
 from tda_collector.store.duckdb_store import DuckDBStore
 
 NOW_MS = int(FROZEN_NOW_S * 1000)
@@ -182,12 +184,12 @@ def page(closes: np.ndarray, first: int, end: int) -> CandleBatch:
 
 
 @asynccontextmanager
-async def opened_stage(tmp_path, store: MemoryStore):
+async def opened_stage(tmp_path, store: MemoryStore, events: EventLog | None = None):
     """An indicator stage on a SQLite state file kept across its openings (a restart)."""
     state = SqliteState(str(tmp_path / "state.sqlite"))
     await state.open()
     try:
-        yield IndicatorStage(SPEC, state, store, quiet_events())
+        yield IndicatorStage(SPEC, state, store, events or quiet_events())
     finally:
         await state.close()
 
@@ -308,4 +310,23 @@ async def test_pages_a_stopped_run_left_out_get_their_final_values_and_nothing_i
         assert stage.dirty() == [KEY]
         assert await stage.repair(write) == 0
     assert rewritten == []
+    assert_stored_as_one_computation(store, closes)
+
+
+async def test_a_page_behind_whose_stored_candles_cannot_be_read_is_written_then_repaired(
+    tmp_path,
+):
+    store, closes = MemoryStore(), walk(900)
+    await ingest_then_crash(tmp_path, store, closes)
+    store.fail_series_reads = 1
+    events, seen = recording_events()
+    async with opened_stage(tmp_path, store, events) as stage:
+        await stage.load([KEY], await store.newest([KEY]))
+        enriched, commit = await stage.prepare(page(closes, 300, 400))  # fetched again
+        assert all(np.isnan(enriched.extra[name]).all() for name in COLUMNS)
+        [warning] = seen.named("indicators_read_error")
+        assert warning["rows"] == 100 and "TransientStoreError" in warning["error"]
+        await store.write(enriched)
+        await commit()
+        assert await stage.repair(store.write) == 100  # that page's rows, and only those
     assert_stored_as_one_computation(store, closes)

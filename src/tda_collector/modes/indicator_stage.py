@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import StoreFault
 from ..indicators import IndicatorSpec, IndicatorState, compute, initial_state, provisional
 from ..jobs.state import SeriesState, StateStore
 from ..models import CandleBatch, Column, JobKey
@@ -216,10 +217,25 @@ class IndicatorStage:
         """Values for closed candles that land before the newest computed one: continued from
         the previous such page through the stored candles between the two, or, for a page that
         does not follow it, computed from the stored candles before the page. The stored
-        candles are those read at the series' first such page; later ones are these pages."""
+        candles are those read at the series' first such page; later ones are these pages.
+        Where they cannot be read, no values (NaN): the page is written all the same, and the
+        recomputation writes it again with them."""
         behind = self._behind.get(key)
         if behind is None:
-            stored = await self._store.series(key)
+            try:
+                stored = await self._store.series(key)
+            except StoreFault as exc:  # the page is still written; the recomputation fills it
+                self._events.warning(
+                    "indicators_read_error",
+                    f"{key}: the stored candles could not be read; this page's indicators are "
+                    "left to the series' recomputation",
+                    exchange=key.exchange,
+                    symbol=key.symbol,
+                    timeframe=key.timeframe,
+                    rows=len(closes),
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+                return {name: np.full(len(closes), np.nan) for name in self.spec.column_names()}
             behind = self._behind[key] = _Behind(stored.timestamps, stored.close)
         first = int(stamps[0])
         if behind.state is not None and behind.last_ms is not None and behind.last_ms < first:
