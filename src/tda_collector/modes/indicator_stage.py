@@ -9,11 +9,11 @@ values wrong, so its series is marked dirty and `repair` recomputes it once from
 stored candle and rewrites the rows whose stored values differ from the recomputation (rows
 stored with the right values before a crash are not written again: on BigQuery each rewrite is
 one more version of the key in the base table). Such a page gets its own values at once,
-continued from the stored candles before it (read once per dirty series, `_Behind`), so that a
-hole a stopped run left is filled with its final values and not written a second time. Exchange
-gaps do not
-reset a series: the next candle after a hole continues it, exactly as a computation over the
-stored rows in time order would.
+continued from the stored candles before it (read when the series falls behind, and the pages
+that follow continue from it: `_Behind`), so that a hole a stopped run left is filled with its
+final values and not written a second time. Exchange gaps do not reset a series: the next
+candle after a hole continues it, exactly as a computation over the stored rows in time order
+would.
 """
 
 from __future__ import annotations
@@ -78,15 +78,17 @@ class _Series:
     has_stored_rows: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Behind:
-    """A dirty series' stored closed candles as read once, and where the pages that landed
-    before its newest computed candle have got to: for the next such page to continue from."""
+    """Where the pages that landed before a dirty series' newest computed candle have got to,
+    for the next such page to continue from: the newest closed candle of those pages, the state
+    after it, and the stored closed candles after it (as read at the first such page; the ones
+    before are not needed again, so a series at its head holds next to none)."""
 
+    last_ms: int
+    state: IndicatorState
     stored_ms: np.ndarray
     stored_close: np.ndarray
-    last_ms: int | None = None  # newest closed candle of those pages
-    state: IndicatorState | None = None  # the state after it
 
 
 class IndicatorStage:
@@ -216,38 +218,42 @@ class IndicatorStage:
     ) -> dict[str, np.ndarray]:
         """Values for closed candles that land before the newest computed one: continued from
         the previous such page through the stored candles between the two, or, for a page that
-        does not follow it, computed from the stored candles before the page. The stored
-        candles are those read at the series' first such page; later ones are these pages.
-        Where they cannot be read, no values (NaN): the page is written all the same, and the
+        does not follow one, computed from the stored candles before it, read then. Where they
+        cannot be read, no values (NaN): the page is written all the same, and the
         recomputation writes it again with them."""
-        behind = self._behind.get(key)
-        if behind is None:
-            try:
-                stored = await self._store.series(key)
-            except StoreFault as exc:  # the page is still written; the recomputation fills it
-                self._events.warning(
-                    "indicators_read_error",
-                    f"{key}: the stored candles could not be read; this page's indicators are "
-                    "left to the series' recomputation",
-                    exchange=key.exchange,
-                    symbol=key.symbol,
-                    timeframe=key.timeframe,
-                    rows=len(closes),
-                    error=f"{type(exc).__name__}: {exc}"[:500],
-                )
-                return {name: np.full(len(closes), np.nan) for name in self.spec.column_names()}
-            behind = self._behind[key] = _Behind(stored.timestamps, stored.close)
         first = int(stamps[0])
-        if behind.state is not None and behind.last_ms is not None and behind.last_ms < first:
-            state = behind.state
-            before = (behind.stored_ms > behind.last_ms) & (behind.stored_ms < first)
+        behind = self._behind.get(key)
+        if behind is not None and behind.last_ms < first:
+            state, stored_ms, stored_close = behind.state, behind.stored_ms, behind.stored_close
         else:
+            stored = await self._stored_series(key, len(closes))
+            if stored is None:  # the page is still written; the recomputation fills it
+                return {name: np.full(len(closes), np.nan) for name in self.spec.column_names()}
             state = initial_state(self.spec)
-            before = behind.stored_ms < first
-        _, state = compute(behind.stored_close[before], state, self.spec)
+            stored_ms, stored_close = stored.timestamps, stored.close
+        _, state = compute(stored_close[stored_ms < first], state, self.spec)
         values, state = compute(closes, state, self.spec)
-        behind.last_ms, behind.state = int(stamps[-1]), state
+        last_ms = int(stamps[-1])
+        after = stored_ms > last_ms
+        self._behind[key] = _Behind(last_ms, state, stored_ms[after], stored_close[after])
         return values
+
+    async def _stored_series(self, key: JobKey, rows: int) -> CandleBatch | None:
+        """The series' stored candles, or None (an `indicators_read_error`) if unreadable."""
+        try:
+            return await self._store.series(key)
+        except StoreFault as exc:
+            self._events.warning(
+                "indicators_read_error",
+                f"{key}: the stored candles could not be read; the indicators of {rows} candles "
+                "are left to the series' recomputation",
+                exchange=key.exchange,
+                symbol=key.symbol,
+                timeframe=key.timeframe,
+                rows=rows,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            return None
 
     def dirty(self) -> list[JobKey]:
         return sorted(k for k, s in self._series.items() if s.dirty_from_ms is not None)
