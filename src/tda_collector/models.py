@@ -92,8 +92,10 @@ class CandleBatch:
 
     @classmethod
     def closed_from_arrow(cls, key: JobKey, table: pa.Table) -> CandleBatch:
-        """Closed candles from a query result with columns ts (epoch ms) and the prices."""
-        column = {name: table.column(name).to_numpy() for name in table.column_names}
+        """Closed candles from a query result with columns ts (epoch ms) and the prices; any
+        other column goes to `extra` as float64, NULL as NaN."""
+        column = {name: table.column(name).to_numpy() for name in ("ts", *PRICE_COLUMNS)}
+        others = [name for name in table.column_names if name not in column]
         return cls(
             key=key,
             timestamps=column["ts"].astype(np.int64),
@@ -103,6 +105,10 @@ class CandleBatch:
             close=column["close"],
             volume=column["volume"],
             closed=np.ones(table.num_rows, dtype=bool),
+            extra={
+                name: table.column(name).cast(pa.float64()).to_numpy().astype(np.float64)
+                for name in others
+            },
         )
 
     def to_arrow(self, ingested_at: datetime) -> pa.Table:

@@ -1,14 +1,18 @@
 """What AppendRows carries, without a server: Arrow record batches cut under the request limit,
-rows in order and unchanged; and the candle spans a pending stream's commit records."""
+rows in order and unchanged; the candle spans a pending stream's commit records; and which rows
+of a resend are already in the table."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 from store_support import KEY, MIN, T0, batch
 
-from tda_collector.models import CandleBatch, JobKey
-from tda_collector.store.bigquery_arrow import payloads, serialized_schema
+from tda_collector.models import BASE_COLUMNS, CandleBatch, JobKey
+from tda_collector.store.bigquery_arrow import LandedRows, payloads, serialized_schema
+from tda_collector.store.bigquery_schema import conform, schema_fields
 from tda_collector.store.write_streams import candle_spans
 
 
@@ -50,3 +54,29 @@ def test_candle_spans_of_months_follow_the_calendar():
     z = np.zeros(2)
     months = CandleBatch(JobKey("binance", "BTC/USDT", "1M"), ts, z, z, z, z, z, np.ones(2, bool))
     assert candle_spans(months) == [(jan, mar)]
+
+
+def _rows(page: CandleBatch, written_at: datetime) -> pa.Table:
+    return conform(page.to_arrow(written_at), schema_fields(BASE_COLUMNS))
+
+
+def test_landed_rows_leave_out_each_resent_row_once_whatever_its_write_time():
+    landed = LandedRows()
+    landed.hold(_rows(batch(KEY, T0, 3), datetime(2024, 1, 1, tzinfo=UTC)))
+    resent = _rows(batch(KEY, T0, 4), datetime(2024, 1, 2, tzinfo=UTC))  # 3 landed, 1 new
+    left = landed.without(resent)
+    assert left.column("timestamp").to_pylist() == resent.column("timestamp").to_pylist()[3:]
+    assert landed.without(resent).num_rows == 4  # used up: a second resend is appended
+
+
+def test_landed_rows_keep_a_different_version_of_a_landed_candle():
+    landed = LandedRows()
+    landed.hold(_rows(batch(KEY, T0, 2), datetime(2024, 1, 1, tzinfo=UTC)))
+    newer = _rows(batch(KEY, T0, 2, price=300.0), datetime(2024, 1, 2, tzinfo=UTC))
+    assert landed.without(newer).num_rows == 2
+
+
+def test_landed_rows_can_leave_nothing_to_append():
+    landed = LandedRows()
+    landed.hold(_rows(batch(KEY, T0, 2), datetime(2024, 1, 1, tzinfo=UTC)))
+    assert landed.without(_rows(batch(KEY, T0, 2), datetime(2024, 1, 2, tzinfo=UTC))).num_rows == 0

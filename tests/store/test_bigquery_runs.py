@@ -1,7 +1,9 @@
 """The collector as users run it, into BigQuery through the Storage Write API (the emulator):
 a live run stores exactly the exchange's candles with no insertAll and no load job, and a
 process killed with SIGKILL during live appends or history commits loses no candle and
-writes none twice in the base table, once restarted."""
+writes none twice in the base table, once restarted. Indicators are on, as by default: the
+restart finds series whose rows outran their saved indicator state, recomputes them and
+rewrites only rows whose stored values differ, so none is written twice for that either."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import sqlite3
 import time
 
+import numpy as np
 from bigquery_support import (
     PROJECT,
     FaultProxy,
@@ -30,14 +33,13 @@ from collector_support import (
 from fake_exchange import SymbolSpec, candle, expected_candles
 from tcp_proxy import DroppingProxy, containing, matching
 
+from tda_collector.indicators import IndicatorSpec, compute, initial_state
+
 MIN = 60_000
 NOW_MS = int(FROZEN_NOW_S * 1000)
 START_MS = NOW_MS - NOW_MS % DAY_MS - 2 * DAY_MS
 END_MS = START_MS + 2 * DAY_MS
-# Off: after a crash between a write and its indicator state, the indicator stage rewrites the
-# series' stored candles with recomputed values on purpose (new versions, see indicator_stage);
-# these tests count the versions the store itself writes.
-NO_INDICATORS = {"enabled": False}
+SPEC = IndicatorSpec()  # the default indicators
 HISTORY_ARGS = ("--mode=history", "--start=2024-02-28", "--end=2024-03-01")
 
 
@@ -75,6 +77,35 @@ ORDER BY symbol, timestamp"""
             (r["ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
         )
     return found
+
+
+def _assert_indicators_of_one_computation(client, dataset: str) -> None:
+    """What users query holds, per symbol, the indicators of one computation over its closed
+    candles from the first stored on (to 1e-9 of the value, or of the price where MACD
+    crosses zero)."""
+    columns = SPEC.column_names()
+    sql = f"""SELECT symbol, close, {", ".join(columns)}
+FROM `{PROJECT}.{dataset}.market_data_ohlcv_latest` WHERE is_closed IS NOT FALSE
+ORDER BY symbol, timestamp"""
+    by_symbol: dict[str, list] = {}
+    for r in client.query(sql).result():
+        by_symbol.setdefault(r["symbol"], []).append(r)
+    for symbol, rows in by_symbol.items():
+        closes = np.array([r["close"] for r in rows])
+        want, _ = compute(closes, initial_state(SPEC), SPEC)
+        for name in columns:
+            got = np.array([np.nan if r[name] is None else r[name] for r in rows])
+            assert np.array_equal(np.isnan(got), np.isnan(want[name])), (symbol, name)
+            ok = ~np.isnan(got)
+            close = np.allclose(got[ok], want[name][ok], rtol=1e-9, atol=1e-9 * closes.max())
+            assert close, (symbol, name)
+
+
+def _assert_nothing_rewritten(events: list[dict]) -> None:
+    """Series the restart found dirty were recomputed, and no stored row held other values:
+    the pages it fetched behind them got their final values at once."""
+    recomputed = [e for e in events if e["event"] == "indicators_recomputed"]
+    assert all(e["rows"] == 0 for e in recomputed), recomputed
 
 
 def _kill_after(proc, event: str, count: int, timeout_s: float = 90) -> list[dict]:
@@ -138,7 +169,6 @@ def test_live_killed_during_appends_then_restarted_stores_each_candle_once(
             live_initial_candles=400,
             page_limit=20,
             storage=_storage(dataset, rest.url),
-            indicators=NO_INDICATORS,
             logging={"level": "DEBUG"},
         )
         proc = start_subprocess(config, "--mode=live")
@@ -151,6 +181,7 @@ def test_live_killed_during_appends_then_restarted_stores_each_candle_once(
     stored = _closed_rows(client, dataset)
     _assert_contiguous_exact_once(stored, symbols, clock())
     assert all(len(rows) >= 400 + 30 for rows in stored.values())
+    _assert_indicators_of_one_computation(client, dataset)
 
 
 def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
@@ -163,20 +194,21 @@ def test_history_killed_during_commits_then_rerun_stores_each_candle_once(
         config = rig.config(
             page_limit=100,
             history_concurrency=4,
-            indicators=NO_INDICATORS,
             storage=_storage(dataset, rest.url, load_batch_rows=600, load_batch_seconds=0.2),
             logging={"level": "DEBUG"},
         )
         proc = start_subprocess(config, *HISTORY_ARGS)
         _kill_after(proc, "store_commit", 4)
         rerun = start_subprocess(config, *HISTORY_ARGS)
-        _, err = rerun.communicate(timeout=180)
+        out, err = rerun.communicate(timeout=180)
         assert rerun.returncode == 0, err
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     stored = _closed_rows(client, dataset)
     for spec in specs:
         assert stored[spec.symbol] == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
     assert count_stored(client, dataset) == sum(len(rows) for rows in stored.values())
+    _assert_indicators_of_one_computation(client, dataset)
+    _assert_nothing_rewritten(parse_events(out))
 
 
 def _state_rows(tmp_path, sql: str) -> list[tuple]:
@@ -222,7 +254,6 @@ def test_live_killed_between_an_append_and_its_answer_restarts_on_a_new_stream_l
             live_initial_candles=200,
             page_limit=20,
             storage=_storage(dataset, rest.url, write_api_endpoint=grpc.address),
-            indicators=NO_INDICATORS,
         )
         proc = start_subprocess(config, "--mode=live")
         _kill_on_drop(grpc, proc, after_s=0.5)
@@ -239,9 +270,14 @@ def test_live_killed_between_an_append_and_its_answer_restarts_on_a_new_stream_l
         stop(proc)
     assert (rest.seen["insert"], rest.seen["load"]) == (0, 0)
     _assert_contiguous_exact_once(_closed_rows(client, dataset), symbols, clock())
+    _assert_indicators_of_one_computation(client, dataset)
     assert any(
         e["event"] == "store_write_stream" and "never acknowledged" in e["message"] for e in seen
     )
+    # The rows in doubt had landed with their values but not their series' saved state: the
+    # restart recomputed that series and found nothing to rewrite.
+    recomputed = [e for e in seen if e["event"] == "indicators_recomputed"]
+    assert recomputed and all(e["rows"] == 0 for e in recomputed), recomputed
 
 
 def test_history_killed_between_a_commit_and_the_ledger_records_the_commit_at_restart(
@@ -257,7 +293,6 @@ def test_history_killed_between_a_commit_and_the_ledger_records_the_commit_at_re
     with FaultProxy(bigquery_emulator) as rest, grpc:
         config = rig.config(
             page_limit=250,
-            indicators=NO_INDICATORS,
             storage=_storage(
                 dataset, rest.url, write_api_endpoint=grpc.address, load_batch_seconds=0.2
             ),
@@ -279,3 +314,5 @@ def test_history_killed_between_a_commit_and_the_ledger_records_the_commit_at_re
     for spec in specs:
         assert stored[spec.symbol] == expected_candles(spec, "1m", START_MS, END_MS, NOW_MS)
     assert count_stored(client, dataset) == sum(len(rows) for rows in stored.values())
+    _assert_indicators_of_one_computation(client, dataset)
+    _assert_nothing_rewritten(parse_events(out))

@@ -8,8 +8,11 @@ no load job); gRPC answers are lost by `DroppingProxy` in front of its gRPC port
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
@@ -21,18 +24,20 @@ from bigquery_support import (
     client_fixture,  # noqa: F401 (registers the fixture)
     count_stored,
     emulator_grpc,
+    emulator_url,
     proxy_fixture,  # noqa: F401 (registers the fixture)
     unique_dataset,
 )
 from store_support import KEY, MIN, OTHER, T0, batch
 from tcp_proxy import DroppingProxy, containing
 
+from tda_collector.config import BigQueryConfig
 from tda_collector.errors import PermanentStoreError, TransientStoreError
 from tda_collector.jobs.ledger import SqliteState
-from tda_collector.models import JobKey
+from tda_collector.models import BASE_COLUMNS, CandleBatch, JobKey
 from tda_collector.store.bigquery_arrow import payloads
-from tda_collector.store.bigquery_schema import TableNames
-from tda_collector.store.bigquery_write_api import StreamType, WriteApi
+from tda_collector.store.bigquery_schema import TableNames, conform, schema_fields
+from tda_collector.store.bigquery_write_api import StreamType, WriteApi, connect_write_api
 from tda_collector.store.write_streams import CommitIntent, candle_spans
 
 
@@ -229,10 +234,10 @@ async def test_rows_whose_schema_the_table_does_not_have_are_a_permanent_error_n
             await asyncio.to_thread(api.append, stream, rows, 0)
 
 
-async def test_after_an_append_that_kept_failing_the_next_write_starts_a_new_stream_and_lands(
-    client, state, tmp_path
-):
-    dataset = unique_dataset()
+@asynccontextmanager
+async def _after_an_append_whose_every_answer_was_lost(tmp_path, dataset, state):
+    """A committed-stream store that wrote 5 rows of KEY, then 5 more whose rows landed at
+    every try while no answer reached it (the write failed): yields (store, rows)."""
     async with _behind_dropping_proxy(tmp_path, dataset, state, FAST_RETRY) as (
         store,
         rows,
@@ -242,14 +247,102 @@ async def test_after_an_append_that_kept_failing_the_next_write_starts_a_new_str
         grpc_proxy.drop_answers = FAST_RETRY.attempts  # every answer to the next append
         with pytest.raises(TransientStoreError):
             await store.write(batch(KEY, T0 + 5 * MIN, 5))
+        yield store, rows
+
+
+async def test_rows_of_an_append_that_kept_failing_are_resent_at_their_offset_and_stored_once(
+    client, state, tmp_path
+):
+    dataset = unique_dataset()
+    async with _after_an_append_whose_every_answer_was_lost(tmp_path, dataset, state) as (
+        store,
+        rows,
+    ):
         in_doubt = await state.stream_position(_owner(dataset))
         assert (in_doubt.next_offset, in_doubt.in_doubt_rows) == (5, 5)
-        # The rows of the failed append landed (only their answers were lost); the next
-        # write must not take their ALREADY_EXISTS for its own.
+        assert count_stored(client, dataset) == 10  # they landed; only their answers were lost
+        # Their writer tries again, as the durable writer does; then another writer's rows.
+        await store.write(batch(KEY, T0 + 5 * MIN, 5))
         await store.write(batch(OTHER, T0, 4))
-        assert store.writer.streams_created == 2
+        assert store.writer.streams_created == 1  # the ALREADY_EXISTS answer settled it
+        assert [r["timestamp_ms"] for r in await rows(KEY)] == [T0 + i * MIN for i in range(10)]
         assert len(await rows(OTHER)) == 4
     assert count_stored(client, dataset) == 14
+    position = await state.stream_position(_owner(dataset))
+    assert (position.next_offset, position.in_doubt_rows) == (14, None)
+
+
+async def test_a_write_after_an_append_that_kept_failing_takes_no_other_rows_for_its_own(
+    client, state, tmp_path
+):
+    dataset = unique_dataset()
+    async with _after_an_append_whose_every_answer_was_lost(tmp_path, dataset, state) as (
+        store,
+        rows,
+    ):
+        # Another writer comes first: the lost rows go again at their offset (ALREADY_EXISTS),
+        # its own after them.
+        await store.write(batch(OTHER, T0, 4))
+        assert len(await rows(OTHER)) == 4
+        # A different version of a lost row is a new version, not a resend.
+        await store.write(batch(KEY, T0 + 5 * MIN, 1, price=300.0))
+        assert (await rows(KEY))[5]["close"] == 300.5
+    assert count_stored(client, dataset) == 15
+
+
+def _page_with_marked_second_request(count: int, request_bytes: int) -> tuple[CandleBatch, int]:
+    """`count` candles of KEY from T0 + 5 min whose rows after the append's first request all
+    close at one price found nowhere before (the proxy's marker); and that request's rows."""
+    page = batch(KEY, T0 + 5 * MIN, count)
+    table = conform(page.to_arrow(datetime.now(UTC)), schema_fields(BASE_COLUMNS))
+    first = payloads(table, request_bytes)[0].rows
+    close = page.close.copy()
+    close[first:] = MARKED_CLOSE
+    return replace(page, close=close), first
+
+
+MARKED_CLOSE = 12_345.678
+
+
+async def test_a_stream_closed_between_two_requests_of_one_append_gets_only_the_rest_anew(
+    client, state, tmp_path
+):
+    dataset = unique_dataset()
+    config = BigQueryConfig(
+        project=PROJECT,
+        dataset=dataset,
+        api_endpoint=emulator_url(),
+        write_api_endpoint=emulator_grpc(),
+    )
+    direct = connect_write_api(config, {})  # not through the proxy, which the hook holds up
+    async with _behind_dropping_proxy(tmp_path, dataset, state, FAST_RETRY) as (
+        store,
+        rows,
+        grpc_proxy,
+    ):
+        store.writer.request_bytes = 20_000
+        await store.write(batch(KEY, T0, 5))
+        stream = (await state.stream_position(_owner(dataset))).stream
+        page, first = _page_with_marked_second_request(1000, store.writer.request_bytes)
+
+        def close_the_stream() -> None:  # the first request is whole at the server
+            deadline = time.monotonic() + 20
+            while count_stored(client, dataset) < 5 + first and time.monotonic() < deadline:
+                time.sleep(0.05)
+            direct.finalize_write_stream(name=stream)
+
+        grpc_proxy.pause_before = (struct.pack("<d", MARKED_CLOSE), close_the_stream)
+        assert await store.write(page) == 1000
+        assert grpc_proxy.pause_before is None  # the pause happened
+        assert store.writer.streams_created == 2
+        got = await rows(KEY)
+        assert [r["timestamp_ms"] for r in got] == [T0 + i * MIN for i in range(1005)]
+        assert [r["close"] for r in got[5:]] == page.close.tolist()
+    direct.transport.close()
+    assert count_stored(client, dataset) == 1005  # the first request's rows not sent again
+    after = await state.stream_position(_owner(dataset))
+    assert after.stream != stream
+    assert (after.next_offset, after.in_doubt_rows) == (1000 - first, None)
 
 
 async def test_a_stream_bigquery_closed_is_replaced_and_the_write_lands_once(

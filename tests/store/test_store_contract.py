@@ -30,7 +30,7 @@ from store_support import (
 )
 
 from tda_collector.errors import PermanentStoreError, TransientStoreError
-from tda_collector.models import JobKey
+from tda_collector.models import Column, JobKey
 
 STORES = [
     pytest.param(duckdb_store, id="duckdb"),
@@ -110,6 +110,20 @@ async def test_series_reads_back_closed_candles_in_time_order(store_factory, tmp
         assert series.timestamps.tolist() == [T0 + i * MIN for i in range(5)]
         assert series.close.tolist() == [50.5, 51.5, 52.5, 100.5, 101.5]
         assert series.closed.all()
+
+
+async def test_series_carries_the_extra_columns_with_null_as_nan(store_factory, tmp_path):
+    async with store_factory(tmp_path, extra_columns=(Column("rsi_14", "FLOAT64"),)) as (
+        store,
+        _,
+    ):
+        page = batch(KEY, T0, 3)
+        await store.write(replace(page, extra={"rsi_14": np.array([np.nan, 55.5, 60.25])}))
+        await store.write(batch(KEY, T0 + 3 * MIN, 1))  # written without the column
+        series = await store.series(KEY)
+        assert list(series.extra) == ["rsi_14"]
+        got = series.extra["rsi_14"]
+        assert np.array_equal(got, [np.nan, 55.5, 60.25, np.nan], equal_nan=True)
 
 
 async def test_a_column_the_table_lacks_is_a_permanent_error_and_nothing_is_stored(

@@ -5,7 +5,8 @@ Knobs, as constructor keywords and as attributes to change mid-test:
 - `fail_permanently`: every write raises PermanentStoreError until it is set back to False;
 - `write_delay_s`: each write first waits this long on `sleep` (inject a virtual clock's);
 - `fail_reads_after`: a read yields that many chunks, then raises TransientStoreError (None:
-  reads succeed).
+  reads succeed);
+- `fail_series_reads`: that many `series` calls raise TransientStoreError.
 A failed write stores nothing and does not count in `writes`.
 """
 
@@ -39,6 +40,7 @@ class MemoryStore:
         fail_permanently: bool = False,
         write_delay_s: float = 0.0,
         fail_reads_after: int | None = None,
+        fail_series_reads: int = 0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.rows: dict[tuple[JobKey, int], tuple] = {}
@@ -48,6 +50,7 @@ class MemoryStore:
         self.fail_permanently = fail_permanently
         self.write_delay_s = write_delay_s
         self.fail_reads_after = fail_reads_after
+        self.fail_series_reads = fail_series_reads
         self.sleep = sleep
         self.writes = 0
 
@@ -94,8 +97,15 @@ class MemoryStore:
         return newest
 
     async def series(self, key: JobKey) -> CandleBatch:
+        """Closed rows, with the extra columns (the configured ones, else every one the
+        series was written with), NaN where a row has none."""
+        if self.fail_series_reads:
+            self.fail_series_reads -= 1
+            raise TransientStoreError("the disk went away (injected)")
         closed = [r for r in self.series_rows(key) if r[6]]
         columns = np.array([r[:6] for r in closed], dtype=float).reshape(-1, 6)
+        stored = [self.extra[(key, r[0])] for r in closed]
+        names = self.columns if self.columns is not None else {n for e in stored for n in e}
         return CandleBatch(
             key=key,
             timestamps=columns[:, 0].astype(np.int64),
@@ -105,6 +115,10 @@ class MemoryStore:
             close=columns[:, 4],
             volume=columns[:, 5],
             closed=np.ones(len(closed), dtype=bool),
+            extra={
+                name: np.array([e.get(name, np.nan) for e in stored], dtype=float)
+                for name in sorted(names)
+            },
         )
 
     def _table(self, query: CandleQuery) -> pa.Table:

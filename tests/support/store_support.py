@@ -122,9 +122,9 @@ def memory_rows(store: MemoryStore, key: JobKey) -> list[dict]:
 
 
 @asynccontextmanager
-async def memory_store(tmp_path):
+async def memory_store(tmp_path, extra_columns=()):
     """The in-memory fake, held to the same contract (`tmp_path` is unused)."""
-    store = MemoryStore(extra_columns=())
+    store = MemoryStore(extra_columns=extra_columns)
     await store.ensure()
 
     async def rows(key: JobKey) -> list[dict]:

@@ -8,6 +8,11 @@ swallowed, and then both sides of the connection are closed: the server did the 
 never hears of it and sees its connection reset. `on_drop`, when set, is called (on the proxy's
 thread) once the matching data has been forwarded: a test kills the client there, between the
 request and its answer. `drops` counts the answers lost.
+
+`pause_before = (marker, hook)`: before forwarding the first client data holding `marker`, the
+bytes before it are forwarded and `hook()` is called (on the proxy's thread, holding up that
+connection), then the rest goes on. A marker found only in the second request of a call lets a
+test act after the server had the first request whole and before it has the second.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class DroppingProxy:
         self.drop_answers = 0
         self.drops = 0
         self.on_drop: Callable[[], None] | None = None
+        self.pause_before: tuple[bytes, Callable[[], None]] | None = None
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closed = False
@@ -68,6 +74,14 @@ class DroppingProxy:
             threading.Thread(target=link.pump_up, daemon=True).start()
             threading.Thread(target=link.pump_down, daemon=True).start()
 
+    def take_pause(self, data: bytes) -> tuple[int, Callable[[], None]] | None:
+        """Where in `data` to pause and what to call there, once."""
+        with self._lock:
+            if self.pause_before is None or (index := data.find(self.pause_before[0])) < 0:
+                return None
+            hook, self.pause_before = self.pause_before[1], None
+            return index, hook
+
     def arm(self, data: bytes) -> bool:
         """Take one drop for `data`, if it matches and one is asked for."""
         with self._lock:
@@ -90,6 +104,12 @@ class _Link:
     def pump_up(self) -> None:
         try:
             while data := self._client.recv(65536):
+                paused = self._proxy.take_pause(data)
+                if paused is not None:
+                    index, hook = paused
+                    self._server.sendall(data[:index])
+                    hook()
+                    data = data[index:]
                 # Swallow before forwarding: a quick answer must not slip through.
                 armed = self._proxy.arm(data)
                 if armed:

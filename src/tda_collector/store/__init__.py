@@ -45,7 +45,8 @@ class CandleStore(Protocol):
     async def newest(self, keys: list[JobKey], closed_only: bool = True) -> dict[JobKey, int]: ...
 
     async def series(self, key: JobKey) -> CandleBatch:
-        """Stored closed candles of one series, oldest first, as users query them."""
+        """Stored closed candles of one series, oldest first, as users query them; the
+        store's extra columns (indicators) in `extra`, NULL as NaN."""
         ...
 
     def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:

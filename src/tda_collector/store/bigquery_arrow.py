@@ -9,7 +9,9 @@ https://cloud.google.com/bigquery/docs/write-api#limitations
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,3 +54,34 @@ def _within(batch: pa.RecordBatch, max_bytes: int) -> list[Payload]:
         return [Payload(batch.num_rows, data)]
     half = batch.num_rows // 2
     return [*_within(batch.slice(0, half), max_bytes), *_within(batch.slice(half), max_bytes)]
+
+
+def _contents(table: pa.Table) -> list[tuple[Any, ...]]:
+    """Each row's values but its write time: what makes two writes of a row the same row."""
+    return [tuple(row.values()) for row in table.drop_columns(["ingested_at"]).to_pylist()]
+
+
+class LandedRows:
+    """Rows in the table whose writers were told their write failed (an append whose every
+    retry failed, then sent again and acknowledged). When a writer sends such a row again, the
+    same in every column but `ingested_at`, it is left out of the append, once per landed row:
+    its writer's retry finds it stored instead of storing it twice."""
+
+    def __init__(self) -> None:
+        self._rows: Counter[tuple[Any, ...]] = Counter()
+
+    def hold(self, table: pa.Table) -> None:
+        self._rows.update(_contents(table))
+
+    def without(self, table: pa.Table) -> pa.Table:
+        """`table` less the rows held (each taken once)."""
+        if not self._rows:
+            return table
+        keep = []
+        for index, row in enumerate(_contents(table)):
+            if self._rows[row] > 0:
+                self._rows[row] -= 1
+            else:
+                keep.append(index)
+        self._rows = +self._rows  # drop the rows used up
+        return table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))

@@ -177,9 +177,13 @@ GROUP BY t.exchange, t.symbol, t.timeframe"""
     return sql, config
 
 
-def series_query(names: TableNames, key: JobKey) -> tuple[str, bigquery.QueryJobConfig]:
-    """One series' closed candles as users query them (the view), oldest first."""
-    sql = f"""SELECT UNIX_MILLIS(timestamp) AS ts, open, high, low, close, volume
+def series_query(
+    names: TableNames, key: JobKey, extra: Sequence[Column]
+) -> tuple[str, bigquery.QueryJobConfig]:
+    """One series' closed candles as users query them (the view), oldest first, with the
+    `extra` columns (the store's own, so validated identifiers)."""
+    selected = "".join(f", `{c.name}`" for c in extra)
+    sql = f"""SELECT UNIX_MILLIS(timestamp) AS ts, open, high, low, close, volume{selected}
 FROM `{names.view_id}`
 WHERE exchange = @exchange AND symbol = @symbol AND timeframe = @timeframe
   AND is_closed IS NOT FALSE

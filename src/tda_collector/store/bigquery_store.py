@@ -274,11 +274,12 @@ class BigQueryStore:
         }
 
     async def series(self, key: JobKey) -> CandleBatch:
-        """Stored closed candles of one series, oldest first (for recomputing indicators)."""
+        """Stored closed candles of one series, oldest first, with the extra columns
+        (indicators, NULL as NaN) in `extra`: for recomputing and comparing indicators."""
         return await self._run(self._series, key)
 
     def _series(self, key: JobKey) -> CandleBatch:
-        sql, config = series_query(self._names, key)
+        sql, config = series_query(self._names, key, self._columns[len(BASE_COLUMNS) :])
         table = self._client().query(sql, job_config=config).to_arrow(create_bqstorage_client=False)
         return CandleBatch.closed_from_arrow(key, table)
 

@@ -6,9 +6,14 @@ Writes waiting while an append is under way go together in the next one (one app
 an application-created stream takes one connection). Before an append, its offset and row
 count are saved as in doubt; after the acknowledgement, the next offset. A retry sends the same
 rows at the same offsets, so rows that had landed answer ALREADY_EXISTS and are not stored
-twice. A position still in doubt when a write starts (the process died, or every retry of the
-last append failed) ends that stream: it is finalised and a new one started, since whether the
-rows landed cannot be known, and the caller's cursor comes from the table either way.
+twice. When every retry of an append failed, the next write first sends those rows again at
+their offset (one more retry, however late), and their writers' own retries of the same rows
+are then left out (`LandedRows`). A position in doubt left by a process that died ends that
+stream: it is finalised and a new one started, since the rows are gone with the process and
+whether they landed cannot be known; the caller's cursor comes from the table either way. A
+stream BigQuery closes under an append (possibly after some of its requests) is replaced, and
+only the rows it did not take (its row count, from FinalizeWriteStream, less the append's
+offset) go to the new one.
 
 History: writes gather in a `WriteBuffer` (rows, seconds) into one pending stream per flush,
 appended, finalised and committed with BatchCommitWriteStreams: all rows or none, with no load
@@ -34,7 +39,7 @@ from ..intervals import Interval, merge
 from ..models import CandleBatch, JobKey
 from ..observability.events import EventLog
 from ..retry import RetryPolicy
-from .bigquery_arrow import Payload, payloads
+from .bigquery_arrow import MAX_REQUEST_BYTES, LandedRows, Payload, payloads
 from .bigquery_errors import retry_sorted
 from .bigquery_write_api import StreamClosed, StreamType, WriteApi
 from .write_buffer import WriteBuffer
@@ -64,6 +69,9 @@ class CommittedStreamWriter:
     """Live writes: exactly once per acknowledged append into one committed stream."""
 
     pipeline_pages = 1
+    # The largest AppendRows request (see bigquery_arrow); tests lower it to make an append
+    # of a few rows take several requests.
+    request_bytes = MAX_REQUEST_BYTES
 
     def __init__(self, context: StreamContext, owner: str) -> None:
         self._ctx = context
@@ -71,6 +79,9 @@ class CommittedStreamWriter:
         self._lock = asyncio.Lock()
         self._waiting: list[tuple[pa.Table, asyncio.Future[None]]] = []
         self._position: StreamPosition | None = None
+        # The rows of the append whose every retry failed, at the position left in doubt.
+        self._unacknowledged: tuple[StreamPosition, pa.Table] | None = None
+        self._landed = LandedRows()
         self.appends = 0
         self.streams_created = 0
 
@@ -98,25 +109,61 @@ class CommittedStreamWriter:
         await future
 
     async def _append(self, tables: list[pa.Table]) -> None:
-        # Serialising is CPU work that grows with the rows: off the event loop.
-        chunks: list[Payload] = await self._ctx.run(payloads, pa.concat_tables(tables))
-        rows = sum(p.rows for p in chunks)
         position = await self._usable_position()
+        table = self._landed.without(pa.concat_tables(tables))
+        if table.num_rows:
+            await self._append_at(position, table)
+
+    async def _append_at(self, position: StreamPosition, table: pa.Table) -> StreamPosition:
+        """Append `table` at `position`, retried; where BigQuery closes the stream, the rows
+        it did not take go to a new one. Returns the position after them. Should every retry
+        fail, the position stays in doubt and the table is kept for the next write to send
+        again at the same offset."""
         for replaced in range(_NEW_STREAMS_PER_APPEND + 1):
+            # Serialising is CPU work that grows with the rows: off the event loop.
+            chunks: list[Payload] = await self._ctx.run(payloads, table, self.request_bytes)
             # In doubt until acknowledged, here as in the state store: should every retry fail,
-            # the next write must not append at this offset (ALREADY_EXISTS would then mean
-            # these rows, not its own), so it starts a new stream.
-            self._position = StreamPosition(position.stream, position.next_offset, rows)
+            # no other rows may be appended at this offset (ALREADY_EXISTS would then be taken
+            # for theirs).
+            self._position = StreamPosition(position.stream, position.next_offset, table.num_rows)
+            self._unacknowledged = (self._position, table)
             await self._ctx.state.save_stream_position(self._owner, self._position)
             try:
                 await self._ctx.retried("Storage Write API append", self._sender(position, chunks))
                 break
-            except StreamClosed:
+            except StreamClosed as closed:
                 if replaced == _NEW_STREAMS_PER_APPEND:
                     raise
-                position = await self._new_stream(f"{position.stream} was closed by BigQuery")
-        self._position = StreamPosition(position.stream, position.next_offset + rows)
+                taken = await self._rows_taken(position, table.num_rows, closed)
+                position = await self._new_stream(
+                    f"{position.stream} was closed by BigQuery after taking {taken} of the "
+                    f"append's {table.num_rows} rows"
+                )
+                table = table.slice(taken)
+                if not table.num_rows:
+                    break
+        self._unacknowledged = None
+        self._position = StreamPosition(position.stream, position.next_offset + table.num_rows)
         await self._ctx.state.save_stream_position(self._owner, self._position)
+        return self._position
+
+    async def _rows_taken(self, position: StreamPosition, rows: int, closed: StreamClosed) -> int:
+        """How many of an append's `rows` a stream closed under it holds: its row count
+        (FinalizeWriteStream answers it, for a stream already finalised too) less the append's
+        offset; if that cannot be asked, what this append's last try saw acknowledged."""
+        counts: list[int] = []
+
+        async def finalize() -> None:
+            counts.append(await self._ctx.run(self._ctx.api().finalize, position.stream))
+
+        try:
+            await self._ctx.retried("FinalizeWriteStream", finalize)
+        except Exception as exc:  # gone, or unreachable: fall back on what was acknowledged
+            self._ctx.events.debug(
+                "store_write_stream", f"finalising {position.stream} failed: {exc}"[:500]
+            )
+            return min(closed.acknowledged_rows, rows)
+        return max(0, min(counts[-1] - position.next_offset, rows))
 
     def _sender(
         self, position: StreamPosition, chunks: list[Payload]
@@ -133,9 +180,19 @@ class CommittedStreamWriter:
         return send
 
     async def _usable_position(self) -> StreamPosition:
+        """Where the next append goes. A position in doubt whose rows this process still holds
+        (every retry of that append failed) has them sent again at their offset first, as one
+        more retry: BigQuery keeps them once, and their writers' own retries are then not
+        appended again (`LandedRows`). One left by a stopped process ends its stream."""
         position = self._position or await self._ctx.state.stream_position(self._owner)
         if position is None:
             return await self._new_stream(None)
+        held, self._unacknowledged = self._unacknowledged, None
+        if held is not None and held[0] == position:
+            resend = StreamPosition(position.stream, position.next_offset)
+            after = await self._append_at(resend, held[1])
+            self._landed.hold(held[1])
+            return after
         if position.in_doubt_rows is not None:
             await self._finalize_quietly(position.stream)
             return await self._new_stream(

@@ -40,7 +40,12 @@ _THROTTLED = (api_errors.ServiceUnavailable, api_errors.TooManyRequests)
 class StreamClosed(StoreFault):
     """The stream takes no more appends (finalised, committed, expired or unknown): write to a
     new one. Not transient (retrying the same stream cannot help) nor permanent (a new stream
-    can): the caller replaces the stream, or the whole write is retried."""
+    can): the caller replaces the stream, or the whole write is retried. `acknowledged_rows`:
+    how many rows of the call's first requests were in the stream before it closed."""
+
+    def __init__(self, message: str, acknowledged_rows: int = 0) -> None:
+        super().__init__(message)
+        self.acknowledged_rows = acknowledged_rows
 
 
 class OffsetOutOfRange(TransientStoreError):
@@ -92,16 +97,21 @@ class WriteApi:
             # AppendRowsStream sends it too); a bidi call cannot take it from the requests.
             metadata=(("x-goog-request-params", f"write_stream={stream}"),),
         )
-        answered = 0
+        answered = acknowledged_rows = 0
         try:
             for response in responses:
                 _check(response, payloads[answered], first_offset)
+                acknowledged_rows += payloads[answered].rows
                 answered += 1
                 if answered == len(payloads):
                     break
+        except StreamClosed as exc:
+            exc.acknowledged_rows = acknowledged_rows
+            raise
         except api_errors.GoogleAPICallError as exc:
             if _is_closed(exc.message or str(exc)) and not isinstance(exc, _THROTTLED):
-                raise StreamClosed(f"AppendRows: stream closed: {exc.message}") from exc
+                message = f"AppendRows: stream closed: {exc.message}"
+                raise StreamClosed(message, acknowledged_rows) from exc
             raise
         if answered < len(payloads):
             raise TransientStoreError(

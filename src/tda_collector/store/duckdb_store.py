@@ -330,10 +330,11 @@ class DuckDBStore:
         return {key: self._ranges[key][1] for key in keys if key in self._ranges}
 
     def _series(self, key: JobKey) -> CandleBatch:
+        extra = "".join(f', "{c.name}"' for c in self._columns[len(BASE_COLUMNS) :])
         table = (
             self._connection()
             .execute(
-                f"""SELECT epoch_ms(timestamp) AS ts, open, high, low, close, volume
+                f"""SELECT epoch_ms(timestamp) AS ts, open, high, low, close, volume{extra}
                     FROM {TABLE_NAME}
                     WHERE exchange = ? AND symbol = ? AND timeframe = ?
                       AND is_closed IS NOT FALSE
@@ -345,7 +346,8 @@ class DuckDBStore:
         return CandleBatch.closed_from_arrow(key, table)
 
     async def series(self, key: JobKey) -> CandleBatch:
-        """Stored closed candles of one series in time order (for recomputing indicators)."""
+        """Stored closed candles of one series in time order, with the extra columns
+        (indicators, NULL as NaN) in `extra`: for recomputing and comparing indicators."""
         return await self._run(self._series, key)
 
     async def read(self, query: CandleQuery) -> AsyncGenerator[pa.Table, None]:
