@@ -155,12 +155,14 @@ def _opener(
     pauses: Pauses,
     patient: bool = True,
     shared: BudgetStore | None = None,
+    gate: Gate | None = None,
 ) -> Opener:
     """How the live service opens a connector: as `open_exchange` does at start (with the
     command line's narrowing in `request`), its budget then shown in /progress. Not `patient`
     (a change through the API, which must answer), an exchange that cannot be reached fails
     after the retry policy's attempts instead of being waited for. `shared`: the budgets shared
-    with other instances (state_url)."""
+    with other instances (state_url); `gate`: what each candle request asks first (default: the
+    job is not paused)."""
     policy = retry_policy(config.retry)
     filed = [e.id for e in config.exchanges]
 
@@ -174,7 +176,7 @@ def _opener(
             factory,
             metrics,
             position,
-            registry.check,
+            gate or registry.check,
             pauses,
             patient,
             shared,
@@ -214,8 +216,8 @@ async def _run_mode(
     indicators = IndicatorStage(spec, state, store, events) if spec else None
     registry = JobRegistry(request.mode, state, metrics, events)
     live = request.mode == "live"
-    # Leases are history mode's (live mode under shared state: see README, "Several instances").
-    keeper = None if live else lease_keeper(config, fleet, request.mode, events)
+    keeper = lease_keeper(config, fleet, request.mode, events)
+    gate = fetch_gate(registry, keeper)
     heartbeat: asyncio.Task[None] | None = None
     progress = Progress(registry)
     catalog = SqliteCatalog(config.state_path) if fleet is None else fleet.catalog()
@@ -234,8 +236,18 @@ async def _run_mode(
     service = LiveService(
         parts,
         _opener(
-            config, RunRequest("live"), events, factory, metrics, registry, pauses, False, fleet
+            config,
+            RunRequest("live"),
+            events,
+            factory,
+            metrics,
+            registry,
+            pauses,
+            False,
+            fleet,
+            gate,
         ),
+        keeper,
     )
 
     def known_series() -> frozenset[JobKey] | None:
@@ -273,7 +285,7 @@ async def _run_mode(
         heartbeat = _start_heartbeat(keeper, events)
         if live:
             start_opener = _opener(
-                config, request, events, factory, metrics, registry, pauses, True, fleet
+                config, request, events, factory, metrics, registry, pauses, True, fleet, gate
             )
             await service.open_enabled(start_opener, config.exchanges, request.exchanges)
             keys = service.keys()
@@ -285,7 +297,7 @@ async def _run_mode(
                 factory,
                 metrics,
                 policy,
-                fetch_gate(registry, keeper),
+                gate,
                 pauses,
                 fleet,
             )

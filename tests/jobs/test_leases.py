@@ -114,3 +114,47 @@ async def test_a_renewal_that_finds_the_lease_gone_stops_the_job(fleets):
     assert recorded.named("lease_lost")
     assert [i.instance_id for i in await a.instances()] == ["a"]
     assert await a.active_instances("history", 5) == 1
+
+
+class _HeldBack:
+    """The fleet's store, its renewals' answers held back until `answer` is set: a claim can
+    land while a renewal is under way."""
+
+    def __init__(self, store: PostgresFleet) -> None:
+        self._store = store
+        self.answer = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def renew(self, *args):
+        held = await self._store.renew(*args)
+        await self.answer.wait()
+        return held
+
+
+async def test_a_lease_claimed_while_a_renewal_is_under_way_is_not_taken_for_lost(fleets):
+    events, recorded = recording_events()
+    store = _HeldBack(fleets[0])
+    keeper = LeaseKeeper(store, "a", "live", 30.0, events)
+    await fleets[0].offer_jobs("live", JOBS[:1], done=[])
+    renewal = asyncio.create_task(keeper.renew_once())
+    await asyncio.sleep(0.2)  # the renewal has run at the server, without the job
+    since = time.monotonic()
+    assert await fleets[0].claim_job("live", "a", 30.0, JOBS[:1]) == JOBS[0]
+    keeper.held(JOBS[0], since)
+    store.answer.set()
+    await renewal
+    assert keeper.holds(JOBS[0]) and not recorded.named("lease_lost")
+    await keeper.renew_once()  # the next renewal finds it
+    keeper.check(JobKey("binance", "S0/USDT", "1m"), "history")
+
+
+async def test_a_clean_stop_leaves_the_instances_at_once(fleets):
+    a, b, _ = fleets
+    await a.renew("a", "live", 0, 30.0)
+    await b.renew("b", "live", 0, 30.0)
+    assert await b.active_instances("live", 30.0) == 2
+    await a.release_all("a")
+    assert await b.active_instances("live", 30.0) == 1
+    assert [i.instance_id for i in await b.instances()] == ["b"]

@@ -53,27 +53,35 @@ SPECS = [SymbolSpec(f"S{i:02d}/USDT") for i in range(16)]
 
 
 def _configs(
-    rig, tmp_path: Path, state_url: str, dataset: str, emulator: str, n: int, port=0, lease_s=3.0
+    rig,
+    tmp_path: Path,
+    state_url: str,
+    dataset: str,
+    emulator: str,
+    n: int,
+    port=0,
+    lease_s=3.0,
+    **settings,
 ):
-    """Instance i's config; instance 0 serves its admin API on `port` (0: none). Short leases
-    (`lease_s`) let a dead instance's jobs move on quickly; they also lapse when a renewal is
-    late under CPU load, and a lapsed chunk is fetched again by design."""
+    """Instance i's config (`settings`: write_config's knobs beyond these); instance 0 serves
+    its admin API on `port` (0: none). Short leases (`lease_s`) let a dead instance's jobs move
+    on quickly; they also lapse when a renewal is late under CPU load, and a lapsed chunk is
+    fetched again by design."""
     paths = []
     for i in range(n):
         workdir = tmp_path / f"instance{i}"
         workdir.mkdir()
+        knobs = {"page_limit": PAGE, "lease_chunk_pages": 3, "history_concurrency": 8, **settings}
         paths.append(
             rig.config(
                 workdir=workdir,
                 rps=BUDGET,
                 safety=SAFETY,
-                page_limit=PAGE,
                 state_url=state_url,
                 instance_id=f"instance-{i}",
                 lease_seconds=lease_s,
-                lease_chunk_pages=3,
                 admin={"port": port if i == 0 else 0},
-                history_concurrency=8,
+                **knobs,
                 storage={
                     "backend": "bigquery",
                     "bigquery": {

@@ -80,7 +80,8 @@ class LeaseStore(Protocol):
         """Extend every lease `owner` holds, record its heartbeat; the job ids held."""
 
     async def release_all(self, owner: str) -> None:
-        """Let go of every lease `owner` holds (a clean stop: others need not wait them out)."""
+        """Let go of every lease `owner` holds and leave the instances (a clean stop: others
+        need not wait its leases or its heartbeat out)."""
 
     async def instances(self) -> list[InstanceInfo]: ...
 
@@ -134,20 +135,24 @@ class LeaseKeeper:
     def dropped(self, job: str) -> None:
         self._deadlines.pop(job, None)
 
-    def check(self, key: JobKey) -> None:
-        """A fetcher gate: raise `LeaseLost` unless the job's lease is surely still ours."""
-        job = job_id(key, self.mode)
+    def check(self, key: JobKey, mode: str | None = None) -> None:
+        """A fetcher gate: raise `LeaseLost` unless the lease of the series' job of `mode`
+        (default: this instance's) is surely still ours."""
+        job = job_id(key, mode or self.mode)
         deadline = self._deadlines.get(job)
         if deadline is None or self._clock() >= deadline:
             raise LeaseLost(f"{job}: the lease was not renewed in time; another instance goes on")
 
     async def renew_once(self) -> None:
+        """Renew every held lease. One the renewal did not find is lost once its deadline has
+        passed (only then may another instance have it); before that, it was claimed while
+        the renewal was under way, and the next renewal extends it."""
         started = self._clock()
         held = await self.store.renew(self.owner, self.mode, self._started_ms, self.lease_s)
-        for job in list(self._deadlines):
+        for job, deadline in list(self._deadlines.items()):
             if job in held:
                 self._deadlines[job] = started + self.lease_s - self.margin_s
-            elif self._deadlines.pop(job, None) is not None:  # not let go meanwhile: lost
+            elif deadline <= started and self._deadlines.pop(job, None) is not None:
                 self._events.warning("lease_lost", f"{job}: lease lost; it stops here", job=job)
 
     async def release_all(self, timeout_s: float) -> None:

@@ -163,9 +163,15 @@ class PostgresFleet:
         }
 
     async def release_all(self, owner: str) -> None:
-        await self._state.rows(
-            "UPDATE job_leases SET owner = NULL, locked_until = "
-            + _NOW
-            + " WHERE owner = %s AND status IS NULL RETURNING 1",
-            (owner,),
-        )
+        async def work(conn: Conn) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE job_leases SET owner = NULL, locked_until = "
+                    + _NOW
+                    + " WHERE owner = %s AND status IS NULL",
+                    (owner,),
+                )
+                # Gone for good: the others' fair shares grow at once, not a lease later.
+                await conn.execute("DELETE FROM instances WHERE instance_id = %s", (owner,))
+
+        await self._state.call(work)

@@ -64,6 +64,8 @@ class LiveJob:
     proven_to_ms: int | None = None
     handle: Job | None = field(default=None, repr=False)  # the job as the registry shows it
     schedule: Schedule = EACH_CLOSE
+    released: bool = False  # stopped here because its lease went to another instance
+    syncing: bool = False  # a run is under way (not asleep until its next due instant)
 
     def lag_s(self, now_ms: int) -> float | None:
         """Seconds since the newest stored closed candle closed."""
@@ -297,11 +299,15 @@ class LiveExchange:
                     self._register(job, self.now_ms())
                     in_cycle = True
                     continue
-                rows, failed = await self._run_once(job)
+                job.syncing = True
+                try:
+                    rows, failed = await self._run_once(job)
+                finally:
+                    job.syncing = False
                 self._finish(job, due, rows, failed)
                 self._register(job, self.next_due(job, self.now_ms()))
         except asyncio.CancelledError:
-            if handle.status == CANCELLED and in_cycle:
+            if (handle.status == CANCELLED or job.released) and in_cycle:
                 self._finish(job, job.next_due_ms, 0, False, ran=False)
                 self.registry.note(handle, next_run_ms=None)
             raise
@@ -319,9 +325,10 @@ class LiveExchange:
         self._register(job, due_ms)
         return handle
 
-    async def drain(self) -> None:
-        """Let pages already fetched finish their write (the stop budget is 1 s)."""
-        await self._writes.drain(DRAIN_ON_STOP_S)
+    async def drain(self, timeout_s: float | None = DRAIN_ON_STOP_S) -> None:
+        """Let pages already fetched finish their write (by default within the stop budget,
+        1 s; None: however long they take)."""
+        await self._writes.drain(timeout_s)
 
     async def run(self, jobs: list[LiveJob]) -> None:
         """Start every job with a catch-up sync now (one cycle), then keep them live."""

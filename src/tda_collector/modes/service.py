@@ -21,6 +21,10 @@ symbols x timeframes it declares, less the ones `DELETE /jobs/{id}` dismissed, p
 Changes are made one at a time (a lock), so two requests never interleave their steps, and
 only once every job has started (before that: 503). The open connections themselves are
 `connections.Connections`; backfills are `daemon_backfill.DaemonBackfills`.
+
+With shared state (a `LeaseKeeper`), every job is declared here as above, but runs only while
+this instance holds its lease: `leased_live.LiveLeases` claims this instance's fair share of the
+jobs and lets go of the rest, so several instances run each job once between them.
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from ..jobs.catalog import (
     secrets_refusal,
 )
 from ..jobs.control import history_record, history_window, register_live_jobs
+from ..jobs.leases import LeaseKeeper
 from ..jobs.model import OPEN, PAUSED, PENDING, Job
 from ..jobs.schedule import EACH_CLOSE, Schedule
 from ..models import JobKey
 from .connections import Connection, Connections
 from .daemon_backfill import DaemonBackfills, ServiceParts
 from .durable_writer import DurableWriter
+from .leased_live import LiveLeases
 from .live import prepare_live
 
 Opener = Callable[[ExchangeConfig], Awaitable[ExchangeRuntime]]
@@ -64,15 +70,24 @@ class Refused(Exception):
 
 
 class LiveService:
-    def __init__(self, parts: ServiceParts, opener: Opener) -> None:
+    def __init__(
+        self, parts: ServiceParts, opener: Opener, keeper: LeaseKeeper | None = None
+    ) -> None:
+        """`keeper`: this instance's leases, when several instances share the state."""
         self._p = parts
         self._opener = opener
         self.connectors: dict[str, Connector] = {}
         self._tombstones: dict[str, Connector] = {}  # deleted connectors (see `catalog`)
         self.definitions: dict[JobKey, JobDefinition] = {}
-        self.connections = Connections(parts, self._schedule_of)
+        self._leases = (
+            None
+            if keeper is None
+            else LiveLeases(keeper, parts.state, parts.events, parts.indicators)
+        )
+        wake = self._leases.wake if self._leases is not None else None
+        self.connections = Connections(parts, self._schedule_of, wake)
         self.opened = self.connections.opened
-        self._backfills = DaemonBackfills(parts)
+        self._backfills = DaemonBackfills(parts, keeper)
         self._lock = asyncio.Lock()
         self._started = False  # changes are refused until `run` has started every job
 
@@ -122,18 +137,31 @@ class LiveService:
         keys = self.keys()
         runtimes = [conn.runtime for conn in self.opened.values()]
         await prepare_live(p.registry, p.state, runtimes, keys, cursors, p.metrics)
-        if p.indicators is not None:
+        if p.indicators is not None and self._leases is None:  # leased: each as it is taken on
             await p.indicators.repair(DurableWriter(p.store, p.policy, p.events).write_as_is)
         for conn in self.opened.values():
             self.connections.start_jobs(conn, self.jobs_of(conn), cursors)
         self._started = True
         jobs = self.connections.job_count()
         self._p.events.info("live_started", f"{jobs} jobs going live", jobs=jobs)
+        balancing = self._balance()
         try:
             await self.connections.failure()
         finally:
+            if balancing is not None:  # first: no job is launched while the others stop
+                balancing.cancel()
+                await asyncio.gather(balancing, return_exceptions=True)
             await self.connections.stop_everything(self._backfills.tasks)
         return 0
+
+    def _balance(self) -> asyncio.Task[None] | None:
+        """With leases, the task keeping this instance's share of the jobs running (its death
+        by anything but a cancel fails the service, as a job task's does)."""
+        if self._leases is None:
+            return None
+        task = asyncio.create_task(self._leases.run(self.connections), name="live-leases")
+        task.add_done_callback(self.connections.watch)
+        return task
 
     async def close(self) -> None:
         await asyncio.gather(
@@ -300,7 +328,7 @@ class LiveService:
                 check_symbols(key.exchange, [key.symbol], source.markets())
             except UsageError as exc:
                 raise Refused(400, str(exc)) from None
-            if key in conn.tasks:
+            if key in conn.jobs:
                 return False, self._live_job(key)
             definition = JobDefinition(key, ADDED, schedule)
             await self._p.catalog.save_definition(definition)
