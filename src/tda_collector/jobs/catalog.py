@@ -12,8 +12,10 @@ it was applied; an unchanged file block leaves the connector as the API last set
 of the file takes effect at the next start, and an API change survives restarts until the file's
 block for that connector is edited. Connectors the API created stay when the file does not name
 them; `enabled` lives only here (the file has no such key), so a disabled connector stays
-disabled across restarts. A deleted connector is kept as a tombstone (`deleted`) with the file
-block it was deleted under: the same file block does not bring it back, an edited one does.
+disabled across restarts, and so does which of its jobs disabling paused (`paused_jobs`:
+enabling resumes those only, never one a user had paused). A deleted connector is kept as a
+tombstone (`deleted`) with the file block it was deleted under: the same file block does not
+bring it back, an edited one does.
 
 The state lives in the state file (its own tables, its own connection and worker thread, so
 blocking SQLite calls never run on the event loop). `Catalog` is the seam another backend
@@ -42,7 +44,7 @@ DISMISSED: DefinitionKind = "dismissed"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS connectors (
     id TEXT PRIMARY KEY, body TEXT NOT NULL, enabled INTEGER NOT NULL, file_body TEXT,
-    deleted INTEGER NOT NULL DEFAULT 0
+    deleted INTEGER NOT NULL DEFAULT 0, paused_jobs TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS job_definitions (
     exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,
@@ -50,6 +52,9 @@ CREATE TABLE IF NOT EXISTS job_definitions (
     PRIMARY KEY (exchange, symbol, timeframe)
 );
 """
+# Columns added after the tables first shipped: (table, column, declaration) for state files
+# whose table predates them.
+_ADDED_COLUMNS = (("connectors", "paused_jobs", "TEXT NOT NULL DEFAULT '[]'"),)
 
 T = TypeVar("T")
 
@@ -62,12 +67,14 @@ def config_body(config: ExchangeConfig) -> str:
 @dataclass(frozen=True)
 class Connector:
     """One exchange's connector. `file_body` is the config file's block for it as last applied
-    (None: the API created it); `deleted`: a tombstone, shown nowhere."""
+    (None: the API created it); `deleted`: a tombstone, shown nowhere; `paused_jobs`: the ids
+    of the jobs that disabling it paused, which enabling resumes."""
 
     config: ExchangeConfig
     enabled: bool = True
     file_body: str | None = None
     deleted: bool = False
+    paused_jobs: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -148,6 +155,10 @@ class SqliteCatalog:
     def _open(self) -> None:
         self._db = open_sqlite(self._path)
         self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -163,11 +174,17 @@ class SqliteCatalog:
 
     def _connectors(self) -> list[Connector]:
         rows = self._conn.execute(
-            "SELECT body, enabled, file_body, deleted FROM connectors ORDER BY rowid"
+            "SELECT body, enabled, file_body, deleted, paused_jobs FROM connectors ORDER BY rowid"
         ).fetchall()
         return [
-            Connector(ExchangeConfig.model_validate_json(body), bool(on), file_body, bool(gone))
-            for body, on, file_body, gone in rows
+            Connector(
+                ExchangeConfig.model_validate_json(body),
+                bool(on),
+                file_body,
+                bool(gone),
+                tuple(json.loads(paused)),
+            )
+            for body, on, file_body, gone, paused in rows
         ]
 
     async def connectors(self) -> list[Connector]:
@@ -175,18 +192,25 @@ class SqliteCatalog:
 
     def _save_connectors(self, connectors: list[Connector]) -> None:
         rows = [
-            (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted))
+            (
+                c.id,
+                config_body(c.config),
+                int(c.enabled),
+                c.file_body,
+                int(c.deleted),
+                json.dumps(list(c.paused_jobs)),
+            )
             for c in connectors
         ]
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             # An upsert keeps the row (and so the listing order) of a known connector.
             self._conn.executemany(
-                "INSERT INTO connectors (id, body, enabled, file_body, deleted)"
-                " VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO connectors (id, body, enabled, file_body, deleted, paused_jobs)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET body=excluded.body, enabled=excluded.enabled,"
-                " deleted=excluded.deleted,"
-                " file_body=excluded.file_body",
+                " deleted=excluded.deleted, file_body=excluded.file_body,"
+                " paused_jobs=excluded.paused_jobs",
                 rows,
             )
 

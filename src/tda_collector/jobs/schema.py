@@ -113,9 +113,15 @@ RETURNS VOID LANGUAGE sql AS $$
 $$"""
 
 
+# Record fields that later migrations add to the jobs table (version 1 must stay as shipped).
+_LATER_JOB_FIELDS = frozenset({"runs"})
 _JOBS_TABLE = (
     "CREATE TABLE IF NOT EXISTS jobs (\n    {columns},\n    PRIMARY KEY ({key})\n)".format(
-        columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
+        columns=",\n    ".join(
+            f"{f.name} {_SQL_TYPES[str(f.type)]}"
+            for f in fields(JobRecord)
+            if f.name not in _LATER_JOB_FIELDS
+        ),
         key=", ".join(JOB_KEY),
     )
 )
@@ -185,6 +191,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE commit_intents ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
             "CREATE INDEX IF NOT EXISTS commit_intents_stream ON commit_intents (stream)",
         ),
+    ),
+    Migration(
+        5,
+        "a live job's runs, counted across restarts",
+        ("ALTER TABLE jobs ADD COLUMN runs BIGINT NOT NULL DEFAULT 0",),
     ),
 )
 

@@ -31,8 +31,11 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
 def daemon_url(admin: AdminConfig) -> str | None:
-    """Where the daemon's admin API answers on this machine (a wildcard address is reached
-    through loopback); None when the admin server is disabled."""
+    """Where the daemon's admin API answers: `admin.daemon_url` when set (another container,
+    another host), else the admin address on this machine (a wildcard address is reached
+    through loopback); None when neither names one (the admin server is disabled)."""
+    if admin.daemon_url is not None:
+        return admin.daemon_url
     if admin.port == 0:
         return None
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
@@ -185,13 +188,11 @@ class Handover:
 
 
 async def hand_over(
-    admin: AdminConfig, token: str | None, request: RunRequest, events: EventLog
+    url: str, token: str | None, request: RunRequest, events: EventLog
 ) -> int | None:
-    """Run the history request through the daemon at the admin address; None when no daemon
-    answers there (the caller then reports the held store)."""
-    url = daemon_url(admin)
-    if url is None:
-        return None
+    """Run the history request through the daemon at `url` (see `daemon_url`), sending
+    `token` as the bearer token; None when no collector answers there (the caller then
+    reports the held store)."""
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         handover = Handover(url, token, events, session)
