@@ -51,6 +51,14 @@ def test_history_reaches_a_daemon_named_by_daemon_url_and_sends_the_token(
     try:
         daemon.wait_until(lambda: daemon.named("live_started"), what="the daemon")
         assert send(port, "GET", "/jobs")[0] == 401  # the token is needed indeed
+        wrong = {"TDA_ADMIN_TOKEN": "not-" + TOKEN}
+        code, _, output = run_history(capsys, history_config, wrong, "--symbol=ETH/USDT")
+        assert code == 2
+        assert output.strip().splitlines()[-1] == (
+            f"tda-collector: error: the daemon at http://127.0.0.2:{port} refused the jobs"
+            " list (403): the bearer token is wrong"
+        )
+        assert TOKEN not in output
         environ = {"TDA_ADMIN_TOKEN": TOKEN}
         code, events, output = run_history(capsys, history_config, environ, "--symbol=ETH/USDT")
         assert code == 0, events[-3:]

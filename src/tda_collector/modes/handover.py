@@ -59,6 +59,11 @@ def selected(jobs: list[dict[str, Any]], request: RunRequest) -> list[dict[str, 
     return [job for job in jobs if job["mode"] == "live" and wanted(job)]
 
 
+def error_of(answer: Any) -> str:
+    """The one line of an API error answer (`{"error": ...}`), else the answer itself."""
+    return str(answer.get("error") if isinstance(answer, dict) else answer)
+
+
 def summary_of(jobs: list[dict[str, Any]], candles_per_s: float | None) -> Summary:
     """The followed backfills as a history run's progress (what its events and bar show)."""
     counts = Counter({status: 0 for status in STATUSES})
@@ -103,8 +108,10 @@ class Handover:
     async def run(self, request: RunRequest) -> int:
         assert request.start_ms is not None and request.end_ms is not None
         status, listing = await self._call("GET", "/jobs?mode=live")
-        if status != 200:
-            raise UsageError(f"the daemon at {self._url} refused the jobs list: {listing}")
+        if status != 200:  # e.g. a missing or wrong token: 401, 403
+            raise UsageError(
+                f"the daemon at {self._url} refused the jobs list ({status}): {error_of(listing)}"
+            )
         jobs = selected(listing["jobs"], request)
         if not jobs:
             raise UsageError(f"the daemon at {self._url} has no live job the command selects")
@@ -114,8 +121,7 @@ class Handover:
             body = {"start": request.start_ms, "end": request.end_ms}
             status, answer = await self._call("POST", f"/jobs/{job['id']}/backfill", body)
             if status != 202:
-                error = answer.get("error") if isinstance(answer, dict) else answer
-                raise UsageError(f"backfill of {job['id']} refused ({status}): {error}")
+                raise UsageError(f"backfill of {job['id']} refused ({status}): {error_of(answer)}")
             history.append(answer["job"]["id"])
         self._events.info(
             "history_handed_over",
