@@ -27,7 +27,7 @@ START_MS = NOW_MS - NOW_MS % MIN - 1441 * MIN - YEAR_OF_MINUTES * MIN
 END_MS = START_MS + YEAR_OF_MINUTES * MIN
 # The month is read more than once before the year: with one read first, the growth measured
 # over it varied from run to run (DuckDB 4-20 MiB, BigQuery 5-26 MiB; the reads run on
-# several worker threads, each with its own allocator arena), with three 2-19 and 0-2.
+# several worker threads, each with its own allocator arena), with three 2-19 and 0-14.
 WARM_UP_READS = 3
 
 
