@@ -253,6 +253,9 @@ def test_compose_environment_is_a_valid_collector_config(compose: dict[str, Any]
     assert config.logging.loki.url == "http://loki:3100/loki/api/v1/push"
     assert load_yaml(ROOT / "deploy" / "loki" / "loki.yaml")["server"]["http_listen_port"] == 3100
     assert (config.admin.host, config.storage.duckdb.path) == ("0.0.0.0", "/data/ohlcv.duckdb")
+    # A one-off `compose run --mode=history` reaches the daemon by its service name.
+    assert "collector" in compose["services"]
+    assert config.admin.daemon_url == f"http://collector:{config.admin.port}"
 
 
 def test_the_fleet_profile_shares_postgres_state_and_keeps_the_password_out(

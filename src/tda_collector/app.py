@@ -47,7 +47,7 @@ from .jobs.registry import JobRegistry
 from .jobs.state import StateStore, build_state
 from .models import JobKey
 from .modes.daemon_backfill import ServiceParts
-from .modes.handover import hand_over
+from .modes.handover import daemon_url, hand_over
 from .modes.history import HistorySettings, run_history
 from .modes.indicator_stage import IndicatorStage, indicator_columns
 from .modes.live import LiveSettings
@@ -397,11 +397,12 @@ async def _ensure_or_hand_over(
         await store.ensure()
         return None
     except StoreFault as exc:
-        if not held_by_another_process(exc):
+        url = daemon_url(config.admin)
+        if url is None or not held_by_another_process(exc):
             raise
-        handed = await hand_over(config.admin, admin_token, request, events)
+        handed = await hand_over(url, admin_token, request, events)
         if handed is None:
-            raise
+            raise StoreFault(f"{exc}; and no collector answers at {url}") from exc
         return handed
 
 

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from .errors import UsageError
 from .indicators import IndicatorSpec
@@ -280,6 +281,35 @@ class AdminConfig(_Section):
         description="Environment variable holding the bearer token that the admin API's "
         "changes (POST, PUT, DELETE) need when host is not loopback (unset: refused there).",
     )
+    daemon_url: str | None = Field(
+        None,
+        description="Where `--mode=history` finds the running daemon to hand its range to, "
+        "e.g. http://collector:8080 from another container; default: host and port above "
+        "(a wildcard host reached through loopback).",
+    )
+
+    @field_validator("daemon_url")
+    @classmethod
+    def _daemon_url(cls, value: str | None) -> str | None:
+        """An http(s) base URL with a host and nothing after the path: no credentials (the
+        token goes in a header), no query, no fragment. Stored without a trailing slash."""
+        if value is None:
+            return None
+        try:
+            url = URL(value)
+            port = url.port  # a malformed port raises here
+        except ValueError:
+            url, port = URL(), None
+        if (
+            url.scheme not in ("http", "https")
+            or not url.host
+            or port is None
+            or url.user is not None
+            or url.query_string
+            or url.fragment
+        ):
+            raise ValueError("must be an http:// or https:// URL such as http://collector:8080")
+        return str(url).rstrip("/")
 
 
 class RetryConfig(_Section):

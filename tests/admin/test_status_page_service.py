@@ -4,6 +4,8 @@ it finish, disable a connector, delete a job; all through the page's own control
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -17,9 +19,10 @@ BTC, ETH = "binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live"
 HISTORY = "binance:BTC-USDT:1m:history"
 
 
-@pytest.fixture
-def daemon(exchange_rig):
-    rig = exchange_rig([SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")])
+@contextmanager
+def page_daemon(rig, host: str = "127.0.0.1") -> Iterator[Collector]:
+    """A live daemon collecting BTC/USDT 1m, its admin server on `host`; stopped (exit 0) at
+    the end."""
     port = free_port()
     config = rig.config(
         ["BTC/USDT"],
@@ -27,7 +30,7 @@ def daemon(exchange_rig):
         update_interval_seconds=1,
         live_settle_seconds=0,
         page_limit=500,
-        admin={"host": "127.0.0.1", "port": port},
+        admin={"host": host, "port": port},
     )
     running = Collector(config, port, "--mode=live")
     try:
@@ -36,6 +39,12 @@ def daemon(exchange_rig):
         assert running.stop() == 0
     finally:
         running.kill()
+
+
+@pytest.fixture
+def daemon(exchange_rig):
+    with page_daemon(exchange_rig([SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")])) as running:
+        yield running
 
 
 def cell(job_id: str, index: int) -> str:
@@ -93,7 +102,7 @@ async def test_the_page_adds_a_job_backfills_disables_and_deletes(chromium, daem
                 "button[data-action=delete]').click()"
             )
             await page.wait_for(f"document.querySelector('tr[data-id=\"{ETH}\"]') === null")
-            streamed = await page.evaluate("stream !== null && polling === null")
+            streamed = await page.evaluate("following !== null && polling === null")
             await page.close()
     finally:
         browser.close()

@@ -3,6 +3,7 @@ instances); the file-vs-API rule."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -61,7 +62,7 @@ def open_catalog(request, tmp_path):
 
 async def test_connectors_and_definitions_survive_a_reopen(open_catalog):
     catalog, close = await open_catalog()
-    okx = Connector(block("okx", "ETH/USDT"), enabled=False)
+    okx = Connector(block("okx", "ETH/USDT"), enabled=False, paused_jobs=("okx:ETH-USDT:1m:live",))
     gone = Connector(block("kraken", "BTC/USD"), True, None, deleted=True)
     await catalog.save_connectors([Connector(block(), True, config_body(block())), okx, gone])
     cron = Schedule(mode="cron", cron="*/5 * * * *")
@@ -70,6 +71,7 @@ async def test_connectors_and_definitions_survive_a_reopen(open_catalog):
     await close()
 
     again, close = await open_catalog()
+    assert [c.paused_jobs for c in await again.connectors()] == [(), okx.paused_jobs, ()]
     assert [(c.id, c.enabled, c.config, c.deleted) for c in await again.connectors()] == [
         ("binance", True, block(), False),
         ("okx", False, block("okx", "ETH/USDT"), False),
@@ -149,3 +151,25 @@ def test_a_deleted_connector_stays_deleted_until_its_file_block_is_edited():
     assert reconcile([tombstone], [filed]) == [tombstone]
     edited = block("binance", "ETH/USDT")
     assert reconcile([tombstone], [edited]) == [Connector(edited, True, config_body(edited))]
+
+
+async def test_what_disabling_paused_is_kept_and_an_older_state_file_gains_the_column(tmp_path):
+    path = tmp_path / "state.sqlite"
+    with sqlite3.connect(path) as old:  # the connectors table as first shipped
+        old.execute(
+            "CREATE TABLE connectors (id TEXT PRIMARY KEY, body TEXT NOT NULL,"
+            " enabled INTEGER NOT NULL, file_body TEXT, deleted INTEGER NOT NULL DEFAULT 0)"
+        )
+        body = config_body(block())
+        old.execute("INSERT INTO connectors VALUES ('binance', ?, 0, NULL, 0)", (body,))
+    old.close()
+    catalog = SqliteCatalog(str(path))
+    await catalog.open()
+    assert await catalog.connectors() == [Connector(block(), enabled=False)]
+    paused = ("binance:BTC-USDT:1m:live", "binance:ETH-USDT:1m:live")
+    await catalog.save_connectors([Connector(block(), enabled=False, paused_jobs=paused)])
+    await catalog.close()
+    again = SqliteCatalog(str(path))
+    await again.open()
+    assert [c.paused_jobs for c in await again.connectors()] == [paused]
+    await again.close()

@@ -92,7 +92,7 @@ async def test_writes_apply_in_call_order(make_state):
 
 async def test_jobs_runs_and_indicator_series_round_trip_and_survive_a_reopen(make_state):
     state = await make_state()
-    live = JobRecord.of(KEY, "live", cursor_ms=7 * MIN, last_error="boom", rows=5)
+    live = JobRecord.of(KEY, "live", cursor_ms=7 * MIN, last_error="boom", rows=5, runs=4)
     done = JobRecord.of(OTHER, "history", status=COMPLETED, start_ms=0, end_ms=MIN)
     await state.save_jobs([live, done])
     await state.save_jobs([replace(live, rows=6)])

@@ -33,6 +33,14 @@ def test_the_daemon_is_reached_at_the_admin_address_wildcards_through_loopback()
     assert daemon_url(AdminConfig(port=0)) is None
 
 
+def test_a_named_daemon_url_wins_over_the_admin_address():
+    named = AdminConfig(host="0.0.0.0", daemon_url="http://collector:8080/")
+    assert daemon_url(named) == "http://collector:8080"
+    assert daemon_url(AdminConfig(port=0, daemon_url="https://c.example/tda")) == (
+        "https://c.example/tda"
+    )
+
+
 def test_followed_backfills_read_as_a_history_runs_progress():
     jobs = [
         job("BTC/USDT", mode="history", status="COMPLETED", rows=1440, covered=1.0),

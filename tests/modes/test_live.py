@@ -83,7 +83,7 @@ async def test_runs_of_a_job_never_overlap_or_pile_up(tmp_path):
     h = Harness(tmp_path, [SymbolSpec("BTC/USDT")], latency_s=150)  # slower than the interval
     live = await h.run_for(20 * 60, [key("BTC/USDT")])
     assert h.source.max_in_flight_per_job == 1
-    runs = live.registry.jobs["binance:BTC-USDT:1m:live"].runs
+    runs = live.registry.jobs["binance:BTC-USDT:1m:live"].record.runs
     assert 6 <= runs <= 20 * 60 / 150 + 1
 
 

@@ -92,9 +92,13 @@ class Browser:
 
 
 class Page:
+    """A tab over DevTools. `events` keeps the notifications (e.g. `Network.requestWillBeSent`
+    once `Network.enable` was sent) that arrived while a command waited for its answer."""
+
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
         self._ids = itertools.count(1)
+        self.events: list[dict[str, Any]] = []
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         message_id = next(self._ids)
@@ -105,6 +109,8 @@ class Page:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
+            if "method" in message:
+                self.events.append(message)
 
     async def evaluate(self, expression: str) -> Any:
         result = await self.send(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import duckdb
+from google.cloud import bigquery
 from store_support import quiet_events
 
 from tda_collector.config import IndicatorsConfig
@@ -52,4 +53,28 @@ def seed_minutes(path: str, key: JobKey, start_ms: int, count: int) -> float:
         (total,) = con.execute(
             f"SELECT sum(close) FROM {TABLE_NAME} WHERE symbol = ?", [key.symbol]
         ).fetchone()
+    return float(total)
+
+
+def seed_minutes_bigquery(
+    client: bigquery.Client, table_id: str, start_ms: int, count: int
+) -> float:
+    """The same candles as `seed_minutes` (series binance BTC/USDT 1m) in an ensured BigQuery
+    table (`project.dataset.table`, the emulator's), by one INSERT; returns the sum of
+    `close` read back through the `_latest` view."""
+    table = client.get_table(table_id)
+    indicators = ", ".join(
+        f"COS(i / 77.0) + {n} AS {f.name}" for n, f in enumerate(table.schema[11:])
+    )
+    wave = "SIN(i / 500.0) * 10"
+    client.query(
+        f"""INSERT INTO `{table_id}`
+SELECT TIMESTAMP_MILLIS({start_ms} + i * 60000), 'binance', 'BTC/USDT', '1m',
+       100 + {wave}, 111 + {wave}, 89 + {wave}, 100.5 + {wave}, MOD(i, 97) + 0.25,
+       TIMESTAMP_MILLIS({start_ms}), TRUE, {indicators}
+FROM UNNEST(GENERATE_ARRAY(0, {count} - 1)) AS i"""
+    ).result()
+    [(total,)] = client.query(
+        f"SELECT SUM(close) FROM `{table_id}_latest` WHERE symbol = 'BTC/USDT'"
+    ).result()
     return float(total)

@@ -69,7 +69,7 @@ def record_json(job: Job) -> dict[str, object]:
 
 def describe_job(job: Job, owner: str) -> dict[str, object]:
     """The job as the API shows it: its record, with times as ISO too, its schedule (live), its
-    runs so far (live: runs started by this process; history: pages stored) and its `owner`,
+    runs so far (live: runs started, across restarts; history: pages stored) and its `owner`,
     the instance running it."""
     record = job.record
     live = record.mode == "live"
@@ -78,7 +78,7 @@ def describe_job(job: Job, owner: str) -> dict[str, object]:
         "schedule": (job.schedule or EACH_CLOSE.to_json()) if live else None,
         "last_run": iso_ms(record.last_run_ms),
         "next_run": iso_ms(record.next_run_ms),
-        "runs_total": job.runs if live else record.pages,
+        "runs_total": record.runs if live else record.pages,
         "owner": owner,
     }
 

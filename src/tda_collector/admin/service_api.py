@@ -30,7 +30,7 @@ from ..config import ExchangeConfig, format_validation_error
 from ..jobs.catalog import Connector
 from ..jobs.model import Job
 from ..jobs.registry import JobRegistry
-from ..jobs.schedule import EACH_CLOSE, Schedule
+from ..jobs.schedule import Schedule
 from ..models import JobKey
 from ..modes.service import LiveService, Refused
 from ..timeframes import iso_utc
@@ -47,7 +47,8 @@ class NewJob(BaseModel):
     exchange: str = Field(min_length=1, max_length=64)
     symbol: str = Field(min_length=1, max_length=100)
     timeframe: str = Field(min_length=1, max_length=8)
-    schedule: Schedule = EACH_CLOSE
+    # None: each close for a new job; a job that exists keeps its schedule.
+    schedule: Schedule | None = None
 
 
 class BackfillRange(BaseModel):

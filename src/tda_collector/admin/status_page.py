@@ -1,11 +1,15 @@
 """The status page served at `GET /`: one HTML file, no build step, no outside resources.
 
-Progress and jobs are pushed once a second by `GET /progress/stream` (server-sent events); when
-the stream fails (an old proxy, a token the browser cannot send on a stream), the page polls
-`/progress` and `/jobs` every second instead. It renders with DOM calls (never innerHTML), so
-names from an exchange cannot inject markup. When a request is refused for want of a bearer
-token (admin bound off loopback), the page asks for the token once and keeps it for the browser
-tab (sessionStorage).
+Progress and jobs are pushed once a second by `GET /progress/stream` (server-sent events),
+read with `fetch()` and a stream reader rather than `EventSource`: EventSource cannot send an
+`Authorization` header, and off loopback the stream needs the bearer token like every other
+request; a token in the URL instead would land in access logs, proxies and the browser's
+history, and a cookie would open the API to cross-site requests. When the stream fails (an old
+proxy that buffers it), the page polls `/progress` and `/jobs` every second instead. It renders
+with DOM calls (never innerHTML), so names from an exchange cannot inject markup. When a request
+is refused for want of a bearer token (admin bound off loopback), the page asks for the token
+once, however many requests were refused at the same time, and keeps it for the browser tab
+(sessionStorage).
 
 In live mode (`GET /connectors` answers) it also manages: connectors enabled and disabled, jobs
 added (with a schedule) and deleted, backfills started from dates; and it shows each job's
@@ -110,21 +114,26 @@ function withToken(init) {
   return init;
 }
 // Off loopback every request needs the admin token: asked for once, kept for the tab; a
-// wrong one is asked for again, and a declined prompt is not repeated.
+// wrong one is asked for again, and a declined prompt is not repeated. Requests refused while
+// the prompt showed (prompt() blocks the page) go again with the token it gave.
 let declined = false;
-async function send(method, path, body) {
-  const init = withToken({method, headers: {}});
+async function send(method, path, body, signal) {
+  const init = withToken({method, headers: {}, signal});
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
   const r = await fetch(path, init);
-  const held = init.headers.Authorization !== undefined;
-  if ((r.status === 401 || (r.status === 403 && held)) && !declined) {
-    sessionStorage.removeItem("tda-token");
-    const t = prompt("Admin token");
-    if (t) { sessionStorage.setItem("tda-token", t); return send(method, path, body); }
-    declined = true;
+  const sent = init.headers.Authorization;
+  if (r.status === 401 || (r.status === 403 && sent !== undefined)) {
+    const kept = sessionStorage.getItem("tda-token");
+    if (kept && "Bearer " + kept !== sent) return send(method, path, body, signal);
+    if (!declined) {
+      sessionStorage.removeItem("tda-token");
+      const t = prompt("Admin token");
+      if (t) { sessionStorage.setItem("tda-token", t); return send(method, path, body, signal); }
+      declined = true;
+    }
   }
   return r;
 }
@@ -257,20 +266,40 @@ async function refreshConnectors() {
   $("service").hidden = !service;
   if (service) renderConnectors(await r.json());
 }
-let stream = null, polling = null;
-function follow() {  // pushed once a second; polled when the stream fails
-  if (stream) stream.close();
+function renderEvent(block) {  // one server-sent event: its data lines are one JSON body
+  const data = block.split("\\n").filter((l) => l.startsWith("data:"))
+    .map((l) => l.slice(5).trimStart()).join("\\n");
+  if (!data) return;
+  const body = JSON.parse(data);
+  renderProgress(body.progress);
+  renderJobs(body.jobs);
+}
+let following = null, polling = null;
+// Pushed once a second, the token in a header; polled when the stream fails.
+async function follow() {
+  if (following) following.abort();
   if (polling) return;
-  stream = new EventSource("/progress/stream?" + jobParams());
-  stream.onmessage = (m) => {
-    const body = JSON.parse(m.data);
-    renderProgress(body.progress);
-    renderJobs(body.jobs);
-  };
-  stream.onerror = () => {
-    stream.close(); stream = null;
+  const ctrl = following = new AbortController();
+  try {
+    const r = await send("GET", "/progress/stream?" + jobParams(), undefined, ctrl.signal);
+    if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) throw new Error("the stream ended");
+      buffer += value;  // the server separates events with LF only
+      let cut;
+      while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
+        renderEvent(buffer.slice(0, cut));
+        buffer = buffer.slice(cut + 2);
+      }
+    }
+  } catch (e) {
+    if (ctrl.signal.aborted) return;  // a newer follow() (the filter changed) took over
+    following = null;
     polling = setInterval(refresh, 1000);
-  };
+  }
 }
 function instant(value) { return value ? value + "T00:00:00Z" : undefined; }
 $("add-job").onsubmit = (e) => {

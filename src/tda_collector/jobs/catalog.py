@@ -12,8 +12,10 @@ it was applied; an unchanged file block leaves the connector as the API last set
 of the file takes effect at the next start, and an API change survives restarts until the file's
 block for that connector is edited. Connectors the API created stay when the file does not name
 them; `enabled` lives only here (the file has no such key), so a disabled connector stays
-disabled across restarts. A deleted connector is kept as a tombstone (`deleted`) with the file
-block it was deleted under: the same file block does not bring it back, an edited one does.
+disabled across restarts, and so does which of its jobs disabling paused (`paused_jobs`:
+enabling resumes those only, never one a user had paused). A deleted connector is kept as a
+tombstone (`deleted`) with the file block it was deleted under: the same file block does not
+bring it back, an edited one does.
 
 Where it lives: `SqliteCatalog` in the SQLite state file (its own connection and worker thread,
 so blocking SQLite calls never run on the event loop); `postgres_catalog.PostgresCatalog` in the
@@ -32,9 +34,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from ..config import ExchangeConfig
 from ..models import JobKey
-from .ledger import open_sqlite
+from .ledger import migrate_sqlite, open_sqlite
 from .schedule import EACH_CLOSE, Schedule
-from .schema import CATALOG_TABLES
 
 DefinitionKind = Literal["added", "dismissed"]
 ADDED: DefinitionKind = "added"
@@ -51,12 +52,14 @@ def config_body(config: ExchangeConfig) -> str:
 @dataclass(frozen=True)
 class Connector:
     """One exchange's connector. `file_body` is the config file's block for it as last applied
-    (None: the API created it); `deleted`: a tombstone, shown nowhere."""
+    (None: the API created it); `deleted`: a tombstone, shown nowhere; `paused_jobs`: the ids
+    of the jobs that disabling it paused, which enabling resumes."""
 
     config: ExchangeConfig
     enabled: bool = True
     file_body: str | None = None
     deleted: bool = False
+    paused_jobs: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -118,18 +121,21 @@ class Catalog(Protocol):
 
 
 # Rows of the catalog's tables (`schema.CATALOG_TABLES`), as both backends read and write them.
-CONNECTOR_COLUMNS = "id, body, enabled, file_body, deleted"
+CONNECTOR_COLUMNS = "id, body, enabled, file_body, deleted, paused_jobs"
 DEFINITION_COLUMNS = "exchange, symbol, timeframe, kind, schedule"
 
 
-def connector_row(c: Connector) -> tuple[str, str, int, str | None, int]:
-    return (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted))
+def connector_row(c: Connector) -> tuple[str, str, int, str | None, int, str]:
+    """A connector as a `connectors` row (`CONNECTOR_COLUMNS`)."""
+    paused = json.dumps(list(c.paused_jobs))
+    return (c.id, config_body(c.config), int(c.enabled), c.file_body, int(c.deleted), paused)
 
 
 def connector_of(row: tuple[Any, ...]) -> Connector:
-    """A `connectors` row read as (body, enabled, file_body, deleted)."""
-    body, on, file_body, gone = row
-    return Connector(ExchangeConfig.model_validate_json(body), bool(on), file_body, bool(gone))
+    """A `connectors` row read as (body, enabled, file_body, deleted, paused_jobs)."""
+    body, on, file_body, gone, paused = row
+    config = ExchangeConfig.model_validate_json(body)
+    return Connector(config, bool(on), file_body, bool(gone), tuple(json.loads(paused)))
 
 
 def definition_row(d: JobDefinition) -> tuple[str, str, str, str, str]:
@@ -163,8 +169,7 @@ class SqliteCatalog:
 
     def _open(self) -> None:
         self._db = open_sqlite(self._path)
-        for table in CATALOG_TABLES:
-            self._db.execute(table)
+        migrate_sqlite(self._db)  # the state's schema: the catalog's tables are in it
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -180,7 +185,7 @@ class SqliteCatalog:
 
     def _connectors(self) -> list[Connector]:
         rows = self._conn.execute(
-            "SELECT body, enabled, file_body, deleted FROM connectors ORDER BY rowid"
+            "SELECT body, enabled, file_body, deleted, paused_jobs FROM connectors ORDER BY rowid"
         ).fetchall()
         return [connector_of(row) for row in rows]
 
@@ -193,11 +198,10 @@ class SqliteCatalog:
             self._conn.execute("BEGIN IMMEDIATE")
             # An upsert keeps the row (and so the listing order) of a known connector.
             self._conn.executemany(
-                "INSERT INTO connectors (id, body, enabled, file_body, deleted)"
-                " VALUES (?, ?, ?, ?, ?)"
+                f"INSERT INTO connectors ({CONNECTOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET body=excluded.body, enabled=excluded.enabled,"
-                " deleted=excluded.deleted,"
-                " file_body=excluded.file_body",
+                " deleted=excluded.deleted, file_body=excluded.file_body,"
+                " paused_jobs=excluded.paused_jobs",
                 rows,
             )
 

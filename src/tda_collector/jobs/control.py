@@ -61,6 +61,7 @@ def restore(record: JobRecord, saved: JobRecord, keep_status: Iterable[str]) -> 
         status=saved.status if saved.status in set(keep_status) else record.status,
         rows=saved.rows,
         pages=saved.pages,
+        runs=saved.runs,
         last_error=saved.last_error,
         last_run_ms=saved.last_run_ms,
         next_run_ms=saved.next_run_ms,

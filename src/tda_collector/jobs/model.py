@@ -86,6 +86,7 @@ class JobRecord:
     cursor_ms: int | None = None
     rows: int = 0
     pages: int = 0
+    runs: int = 0  # live: runs started, over every process that ran the job
     last_error: str | None = None
     last_run_ms: int | None = None
     next_run_ms: int | None = None
@@ -120,9 +121,12 @@ class JobRecord:
 
     def to_json(self) -> dict[str, object]:
         """The jobs API's job object: `id`, then every field in declaration order, except that
-        `covered_ms` is shown as `covered`, the fraction (6 decimals)."""
+        `covered_ms` is shown as `covered`, the fraction (6 decimals), and `runs` is left to the
+        service's `runs_total` (see `admin.jobs_api.describe_job`)."""
         body: dict[str, object] = {"id": self.id}
         for f in fields(self):
+            if f.name == "runs":
+                continue
             if f.name == "covered_ms":
                 covered = self.covered
                 body["covered"] = None if covered is None else round(covered, 6)
@@ -140,7 +144,6 @@ class Job:
     record: JobRecord
     active: bool = False  # a worker or live task is running it right now
     queued: bool = False  # waiting in a worker pool's queue
-    runs: int = 0  # live runs started by this process
     task: asyncio.Future[object] | None = None  # cancelled by a cancel command
     requeue: Callable[[Job], None] | None = None  # how a resumed, idle job gets a worker again
     schedule: dict[str, str] | None = None  # a live job's schedule, as the jobs API shows it

@@ -22,9 +22,9 @@ from .catalog import (
 from .postgres_state import Conn, PostgresState
 
 _UPSERT_CONNECTOR = (
-    f"INSERT INTO connectors ({CONNECTOR_COLUMNS}) VALUES (%s, %s, %s, %s, %s)"
+    f"INSERT INTO connectors ({CONNECTOR_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO UPDATE SET body=excluded.body, enabled=excluded.enabled,"
-    " file_body=excluded.file_body, deleted=excluded.deleted"
+    " file_body=excluded.file_body, deleted=excluded.deleted, paused_jobs=excluded.paused_jobs"
 )
 _INSERT_DEFINITION = (
     f"INSERT INTO job_definitions ({DEFINITION_COLUMNS}) VALUES (%s, %s, %s, %s, %s)"
@@ -46,7 +46,9 @@ class PostgresCatalog:
 
     async def connectors(self) -> list[Connector]:
         rows = await self._state.rows(
-            "SELECT body, enabled, file_body, deleted FROM connectors ORDER BY position", ()
+            "SELECT body, enabled, file_body, deleted, paused_jobs FROM connectors"
+            " ORDER BY position",
+            (),
         )
         return [connector_of(row) for row in rows]
 

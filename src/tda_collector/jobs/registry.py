@@ -246,9 +246,9 @@ class JobRegistry:
         self._changed(job, metrics=False, **changes)
 
     def run_started(self, job: Job, at_ms: int) -> None:
-        """A live run of the job starts at `at_ms`: count it and show it as its last run."""
-        job.runs += 1
-        self.note(job, last_run_ms=at_ms)
+        """A live run of the job starts at `at_ms`: count it (the count is saved with the
+        job's row, so it goes on across restarts) and show it as its last run."""
+        self.note(job, runs=job.record.runs + 1, last_run_ms=at_ms)
 
     # -- persistence
     async def flush(self) -> None:

@@ -113,9 +113,15 @@ RETURNS VOID LANGUAGE sql AS $$
 $$"""
 
 
+# Record fields that later migrations add to the jobs table (version 1 must stay as shipped).
+_LATER_JOB_FIELDS = frozenset({"runs"})
 _JOBS_TABLE = (
     "CREATE TABLE IF NOT EXISTS jobs (\n    {columns},\n    PRIMARY KEY ({key})\n)".format(
-        columns=",\n    ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}" for f in fields(JobRecord)),
+        columns=",\n    ".join(
+            f"{f.name} {_SQL_TYPES[str(f.type)]}"
+            for f in fields(JobRecord)
+            if f.name not in _LATER_JOB_FIELDS
+        ),
         key=", ".join(JOB_KEY),
     )
 )
@@ -200,15 +206,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS commit_intents_stream ON commit_intents (stream)",
         ),
     ),
-    # `IF NOT EXISTS`: SQLite state files already hold the catalog's tables (it made them).
     Migration(
         5,
+        "a live job's runs, counted across restarts",
+        ("ALTER TABLE jobs ADD COLUMN runs BIGINT NOT NULL DEFAULT 0",),
+    ),
+    # `IF NOT EXISTS`: SQLite state files may hold the catalog's tables already (it made them
+    # itself before they were part of the schema).
+    Migration(
+        6,
         "connectors and job definitions",
         CATALOG_TABLES,
         (
             "ALTER TABLE connectors ADD COLUMN position BIGSERIAL",
             "ALTER TABLE job_definitions ADD COLUMN position BIGSERIAL",
         ),
+    ),
+    Migration(
+        7,
+        "which jobs disabling a connector paused",
+        ("ALTER TABLE connectors ADD COLUMN paused_jobs TEXT NOT NULL DEFAULT '[]'",),
     ),
 )
 

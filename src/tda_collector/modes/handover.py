@@ -31,8 +31,11 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
 def daemon_url(admin: AdminConfig) -> str | None:
-    """Where the daemon's admin API answers on this machine (a wildcard address is reached
-    through loopback); None when the admin server is disabled."""
+    """Where the daemon's admin API answers: `admin.daemon_url` when set (another container,
+    another host), else the admin address on this machine (a wildcard address is reached
+    through loopback); None when neither names one (the admin server is disabled)."""
+    if admin.daemon_url is not None:
+        return admin.daemon_url
     if admin.port == 0:
         return None
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
@@ -54,6 +57,11 @@ def selected(jobs: list[dict[str, Any]], request: RunRequest) -> list[dict[str, 
         )
 
     return [job for job in jobs if job["mode"] == "live" and wanted(job)]
+
+
+def error_of(answer: Any) -> str:
+    """The one line of an API error answer (`{"error": ...}`), else the answer itself."""
+    return str(answer.get("error") if isinstance(answer, dict) else answer)
 
 
 def summary_of(jobs: list[dict[str, Any]], candles_per_s: float | None) -> Summary:
@@ -100,8 +108,10 @@ class Handover:
     async def run(self, request: RunRequest) -> int:
         assert request.start_ms is not None and request.end_ms is not None
         status, listing = await self._call("GET", "/jobs?mode=live")
-        if status != 200:
-            raise UsageError(f"the daemon at {self._url} refused the jobs list: {listing}")
+        if status != 200:  # e.g. a missing or wrong token: 401, 403
+            raise UsageError(
+                f"the daemon at {self._url} refused the jobs list ({status}): {error_of(listing)}"
+            )
         jobs = selected(listing["jobs"], request)
         if not jobs:
             raise UsageError(f"the daemon at {self._url} has no live job the command selects")
@@ -111,8 +121,7 @@ class Handover:
             body = {"start": request.start_ms, "end": request.end_ms}
             status, answer = await self._call("POST", f"/jobs/{job['id']}/backfill", body)
             if status != 202:
-                error = answer.get("error") if isinstance(answer, dict) else answer
-                raise UsageError(f"backfill of {job['id']} refused ({status}): {error}")
+                raise UsageError(f"backfill of {job['id']} refused ({status}): {error_of(answer)}")
             history.append(answer["job"]["id"])
         self._events.info(
             "history_handed_over",
@@ -185,13 +194,11 @@ class Handover:
 
 
 async def hand_over(
-    admin: AdminConfig, token: str | None, request: RunRequest, events: EventLog
+    url: str, token: str | None, request: RunRequest, events: EventLog
 ) -> int | None:
-    """Run the history request through the daemon at the admin address; None when no daemon
-    answers there (the caller then reports the held store)."""
-    url = daemon_url(admin)
-    if url is None:
-        return None
+    """Run the history request through the daemon at `url` (see `daemon_url`), sending
+    `token` as the bearer token; None when no collector answers there (the caller then
+    reports the held store)."""
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         handover = Handover(url, token, events, session)

@@ -8,9 +8,12 @@ symbols x timeframes it declares, less the ones `DELETE /jobs/{id}` dismissed, p
 - a new job attaches like any new live series (its first run fetches `live_initial_candles`
   or catches up from the newest stored candle); a deleted job's task is cancelled and the job
   forgotten, its stored candles stay;
-- disabling a connector pauses its jobs (no request of theirs leaves: the fetcher's gate), and
-  enabling resumes them: the first run after it pages through the hole, as after downtime; a
-  connector never opened in this process (disabled at start, or new) is opened on enable;
+- disabling a connector pauses its running jobs (no request of theirs leaves: the fetcher's
+  gate), and enabling resumes those (not one a user had paused; the catalog keeps which, across
+  restarts): the first run after it pages through the hole, as after downtime; a connector
+  never opened in this process (disabled at start, or new) is opened on enable;
+- `POST /jobs` with a new schedule for a series that has a job reschedules it in place (its
+  record carried over); the job is then the API's, like an added one;
 - a PUT with a changed block opens the connector anew with it (nothing changes if that fails),
   then moves the jobs over, carrying their records: jobs the new block no longer declares stop
   (a disabled connector is closed instead, and opened with the new block when enabled);
@@ -202,6 +205,8 @@ class LiveService:
             if refusal is not None:
                 raise Refused(400, refusal)
             connector = Connector(config, known.enabled if known else True, None)
+            if known is not None:  # still disabled: enabling resumes what disabling paused
+                connector = replace(connector, paused_jobs=known.paused_jobs)
             previous = known or self._tombstones.get(config.id)
             if previous is not None:  # the file's block it was last applied with
                 connector = replace(connector, file_body=previous.file_body)
@@ -245,8 +250,10 @@ class LiveService:
         runtime = await self._open_checked(config)
         records = await self.connections.close(config.id)
         conn = self.connections.add(runtime)
-        # A PUT declares anew: what it declares again is no longer dismissed.
-        undismissed = [k for k in runtime.keys if k in self.definitions]
+        # A PUT declares anew: what it declares again is no longer dismissed (an added job's
+        # definition, holding its schedule, stays).
+        dismissed = {k for k, d in self.definitions.items() if d.kind == DISMISSED}
+        undismissed = [k for k in runtime.keys if k in dismissed]
         await self._p.catalog.drop_definitions(undismissed)
         for key in undismissed:
             del self.definitions[key]
@@ -274,8 +281,12 @@ class LiveService:
             conn = self.opened.get(exchange)
             if enabled and conn is None:
                 await self._reopen(connector.config)
-            self._pause_or_resume(exchange, enabled)
-            connector = replace(connector, enabled=enabled)
+            if enabled:
+                self._resume(exchange, set(connector.paused_jobs))
+                connector = replace(connector, enabled=True, paused_jobs=())
+            else:  # disabling twice keeps what the first one paused
+                paused = [*connector.paused_jobs, *self._pause(exchange)]
+                connector = replace(connector, enabled=False, paused_jobs=tuple(paused))
             await self._p.catalog.save_connectors([connector])
             self.connectors[exchange] = connector
             self._p.events.info(
@@ -285,15 +296,24 @@ class LiveService:
             )
             return connector
 
-    def _pause_or_resume(self, exchange: str, enabled: bool) -> None:
-        """Disabling pauses every running job of the connector (so none of its requests
-        leaves); enabling resumes every paused one, which then catches up at once."""
+    def _pause(self, exchange: str) -> list[str]:
+        """Pause every open, unpaused job of the connector (so none of its requests leaves);
+        returns their ids."""
+        registry = self._p.registry
+        paused = []
+        for job in registry.select(exchange=exchange):
+            if job.status in OPEN and job.status != PAUSED:
+                registry.command(job, "pause")
+                paused.append(job.id)
+        return paused
+
+    def _resume(self, exchange: str, ids: set[str]) -> None:
+        """Resume the connector's paused jobs among `ids` (what disabling paused); they catch
+        up at once. A job a user paused stays paused."""
         registry = self._p.registry
         for job in registry.select(exchange=exchange):
-            if enabled and job.status == PAUSED:
+            if job.status == PAUSED and job.id in ids:
                 registry.command(job, "resume")
-            elif not enabled and job.status in OPEN and job.status != PAUSED:
-                registry.command(job, "pause")
 
     def refuses_resume(self, job: Job) -> str | None:
         """Why a job may not be resumed by hand: its connector is disabled."""
@@ -318,8 +338,10 @@ class LiveService:
         return conn
 
     # -- jobs
-    async def add_job(self, key: JobKey, schedule: Schedule) -> tuple[bool, Job]:
-        """A live job of the series; (created, job). One that exists is left as it is."""
+    async def add_job(self, key: JobKey, schedule: Schedule | None) -> tuple[bool, Job]:
+        """A live job of the series on `schedule` (None: each close for a new job, unchanged
+        for one that exists); (created, job). One that exists gets a different schedule in
+        place; otherwise it is left as it is."""
         async with self._change():
             conn = self._enabled(key.exchange)
             source = conn.runtime.source
@@ -329,12 +351,26 @@ class LiveService:
             except UsageError as exc:
                 raise Refused(400, str(exc)) from None
             if key in conn.jobs:
+                if schedule is not None and schedule != self._schedule_of(key):
+                    await self._reschedule(conn, key, schedule)
                 return False, self._live_job(key)
-            definition = JobDefinition(key, ADDED, schedule)
+            definition = JobDefinition(key, ADDED, schedule or EACH_CLOSE)
             await self._p.catalog.save_definition(definition)
             self.definitions[key] = definition
             self.connections.start_jobs(conn, [key], await self._cursors([key]))
             return True, self._live_job(key)
+
+    async def _reschedule(self, conn: Connection, key: JobKey, schedule: Schedule) -> None:
+        """Restart the job's task on `schedule`, its record carried over (paused stays
+        paused); the new schedule is kept as the API's definition of the job."""
+        definition = JobDefinition(key, ADDED, schedule)
+        await self._p.catalog.save_definition(definition)
+        self.definitions[key] = definition
+        paused = self._live_job(key).status == PAUSED
+        [stopped] = await self.connections.stop_jobs(conn, [key], log=False)
+        status = PAUSED if paused else PENDING
+        self._p.registry.add(Job(replace(stopped.record, status=status, next_run_ms=None)))
+        self.connections.start_jobs(conn, [key], {})
 
     def _live_job(self, key: JobKey) -> Job:
         job = self._p.registry.find(key, "live")
