@@ -149,19 +149,27 @@ async def test_write_api_positions_and_commit_intents_round_trip(make_state):
     await state.close()
 
 
-async def test_an_instance_settles_only_its_own_commit_intents(postgres_server):
-    """Another instance's pending stream may be committing right now: never settle it."""
+async def test_an_instance_settles_its_own_and_gone_instances_commit_intents_never_a_live_one(
+    postgres_server,
+):
+    """Another instance's pending stream may be committing right now: never settle it while
+    that instance has a heartbeat; once it is gone (a killed instance restarts under a new
+    default `instance_id`), whichever instance starts next settles its intents."""
     url, events = fresh_database(), recording_events()[0]
-    mine, theirs = (PostgresState(url, events, instance=i) for i in ("a", "b"))
-    await asyncio.gather(mine.open(), theirs.open())
-    intent = CommitIntent("p-b", {KEY: [(0, MIN)]})
-    await theirs.save_commit_intent(intent)
+    mine, theirs, gone = (PostgresState(url, events, instance=i) for i in ("a", "b", "c"))
+    await asyncio.gather(mine.open(), theirs.open(), gone.open())
+    await PostgresFleet(theirs).renew("b", "history", 0, 15.0)  # "b" is alive; "c" never was
+    live, orphaned = CommitIntent("p-b", {KEY: [(0, MIN)]}), CommitIntent("p-c", {OTHER: [(0, 1)]})
+    await theirs.save_commit_intent(live)
+    await gone.save_commit_intent(orphaned)
+    assert await mine.commit_intents() == [orphaned]
+    await mine.settle_commit("p-c", committed=True)
+    assert await mine.coverage(OTHER) == [(0, 1)]
     assert await mine.commit_intents() == []
-    await mine.settle_commit("p-b", committed=False)  # a stray call leaves it alone too
-    assert await theirs.commit_intents() == [intent]
+    assert await theirs.commit_intents() == [live]
     await theirs.settle_commit("p-b", committed=True)
     assert await mine.coverage(KEY) == [(0, MIN)]
-    await asyncio.gather(mine.close(), theirs.close())
+    await asyncio.gather(mine.close(), theirs.close(), gone.close())
 
 
 def test_a_state_file_of_the_write_api_before_versioning_keeps_its_streams(tmp_path):

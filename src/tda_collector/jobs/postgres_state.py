@@ -44,6 +44,7 @@ from .schema import (
     SELECT_ONE_SERIES,
     SELECT_SERIES,
     SELECT_STREAM,
+    SELECT_STREAM_INTENTS,
     UPSERT_JOB,
     UPSERT_RUN,
     UPSERT_SERIES,
@@ -72,12 +73,24 @@ _PERMANENT_PHRASES = (
     "no password supplied",
 )
 _MIGRATION_LOCK = 0x7DA_0001  # one instance migrates at a time
+# An instance without a heartbeat for this long is gone: its commit intents are settled by
+# whichever instance starts next. Heartbeats come every third of a lease (15 s by default).
+ORPHANED_AFTER_S = 120.0
 _WHERE_SERIES = "exchange=%s AND symbol=%s AND timeframe=%s"
 
 
 def pg(sql: str) -> str:
     """`schema.py`'s portable SQL with Postgres placeholders."""
     return sql.replace("?", "%s")
+
+
+_SELECT_SETTLEABLE = pg(
+    SELECT_INTENTS.replace(
+        "WHERE owner = ?",
+        "WHERE (owner = ? OR owner NOT IN (SELECT instance_id FROM instances"
+        " WHERE heartbeat_ms >= ((extract(epoch FROM clock_timestamp()) - ?) * 1000)::BIGINT))",
+    )
+)
 
 
 def _series(key: JobKey) -> tuple[str, str, str]:
@@ -316,21 +329,20 @@ class PostgresState:
         await self._write(work)
 
     async def commit_intents(self) -> list[CommitIntent]:
-        return intents_by_stream(await self.rows(pg(SELECT_INTENTS), (self._instance,)))
+        """This instance's unsettled intents, and those of instances gone: no heartbeat for
+        `ORPHANED_AFTER_S` (the default `instance_id` changes at every start, so a killed
+        instance's intents would otherwise wait forever, and a commit whose ledger update died
+        with it would be fetched and written again)."""
+        rows = await self.rows(_SELECT_SETTLEABLE, (self._instance, ORPHANED_AFTER_S))
+        return intents_by_stream(rows)
 
     async def settle_commit(self, stream: str, committed: bool) -> None:
         async def work(conn: Conn) -> None:
             async with conn.transaction():
-                cur = await conn.execute(
-                    pg(SELECT_INTENTS.replace(" ORDER BY", " AND stream = ? ORDER BY")),
-                    (self._instance, stream),
-                )
+                cur = await conn.execute(pg(SELECT_STREAM_INTENTS), (stream,))
                 for intent in intents_by_stream(await cur.fetchall()) if committed else []:
                     for key, spans in intent.spans.items():
                         await _merge_coverage(conn, key, spans)
-                await conn.execute(
-                    "DELETE FROM commit_intents WHERE stream = %s AND owner = %s",
-                    (stream, self._instance),
-                )
+                await conn.execute("DELETE FROM commit_intents WHERE stream = %s", (stream,))
 
         await self._write(work)

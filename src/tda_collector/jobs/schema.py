@@ -56,14 +56,16 @@ UPSERT_STREAM = upsert(
 INTENT_COLUMNS = ("stream", "exchange", "symbol", "timeframe", "start_ms", "end_ms")
 SELECT_STREAM = "SELECT stream, next_offset, in_doubt_rows FROM write_streams WHERE owner = ?"
 # An intent's `owner` is the instance that recorded it ('' for the one process of a SQLite
-# file): an instance settles only its own, never another's commit in flight.
+# file): an instance settles its own, and those of instances gone (see `postgres_state`), never
+# the commit in flight of an instance alive.
 INSERT_INTENT = (
     f"INSERT INTO commit_intents ({', '.join(INTENT_COLUMNS)}, owner) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-SELECT_INTENTS = (
-    f"SELECT {', '.join(INTENT_COLUMNS)} FROM commit_intents WHERE owner = ?"
-    " ORDER BY stream, exchange, symbol, timeframe, start_ms"
-)
+_INTENT_ORDER = " ORDER BY stream, exchange, symbol, timeframe, start_ms"
+SELECT_INTENTS = f"SELECT {', '.join(INTENT_COLUMNS)} FROM commit_intents WHERE owner = ?"
+SELECT_INTENTS += _INTENT_ORDER
+SELECT_STREAM_INTENTS = f"SELECT {', '.join(INTENT_COLUMNS)} FROM commit_intents WHERE stream = ?"
+SELECT_STREAM_INTENTS += _INTENT_ORDER
 
 
 @dataclass(frozen=True)
