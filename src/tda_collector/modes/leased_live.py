@@ -87,6 +87,7 @@ class LiveLeases:
             mine = [held for held in self._held if held in wanted]
             for held in mine[share:]:
                 await self._let_go(connections, conn, held)
+            taken = []  # claimed first, all of them, then started (a start reads the state)
             for _ in range(share - len(mine)):
                 free = [j for j, job in wanted.items() if j not in self._held and _free(job)]
                 since = time.monotonic()
@@ -95,7 +96,9 @@ class LiveLeases:
                     break
                 keeper.held(claimed, since)
                 self._held[claimed] = wanted[claimed].key
-                await self._take(connections, conn, wanted[claimed])
+                taken.append(wanted[claimed])
+            for job in taken:
+                await self._take(connections, conn, job)
 
     async def _tidy(self, connections: Connections, held: str, key: JobKey) -> None:
         """A held job whose connector or job is gone, or that was cancelled here: let go. One
@@ -120,12 +123,20 @@ class LiveLeases:
         await self._keeper.store.release_job(LIVE_RUN, held, self._keeper.owner)
 
     async def _take(self, connections: Connections, conn: Connection, job: LiveJob) -> None:
-        """Run a job whose lease is ours from where the ledger stands, whoever stored there."""
+        """Run a job whose lease is ours from where the ledger stands, whoever stored there,
+        its indicator series reconciled first."""
         covered = await self._state.coverage(job.key)
         if covered:
             job.proven_to_ms = max(job.proven_to_ms or covered[-1][1], covered[-1][1])
-        if self._indicators is not None and await self._indicators.reconcile(job.key):
-            await self._indicators.repair(conn.live.writer.write_as_is, [job.key])
+        if self._indicators is not None:
+            if await self._indicators.reconcile(job.key):
+                await self._indicators.repair(conn.live.writer.write_as_is, [job.key])
+            # Go on after the newest candle the series' indicators have seen, which is stored:
+            # a dead holder's last page may be stored but not in the ledger, and fetching it
+            # again would land before that candle and leave the series' indicators undone.
+            seen = (await self._state.load_indicator_series(job.key)).get(job.key)
+            if seen is not None and seen.last_ms is not None:
+                job.cursor_ms = max(job.cursor_ms or seen.last_ms, seen.last_ms)
         if connections.opened.get(job.key.exchange) is conn and conn.jobs.get(job.key) is job:
             connections.launch(conn, job, conn.live.now_ms())
         # else: deleted or moved meanwhile (a change through the API); the next look lets go
