@@ -267,3 +267,56 @@ def test_a_backfill_asked_of_two_daemons_runs_on_one_at_a_time_each_page_fetched
         if start_ms <= r["timestamp_ms"] < end_ms
     ]
     assert got == expected_candles(spec, "1m", start_ms, end_ms, NOW_MS)
+
+
+def test_a_change_through_one_instance_s_api_is_followed_by_the_others(
+    exchange_rig, bigquery_emulator, postgres_server, tmp_path
+):
+    """One catalog for the fleet: a job added, rescheduled and deleted, and a connector
+    disabled and enabled, through one daemon's API, and the other daemon runs the same."""
+    rig = exchange_rig([SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")], latency_s=0.01)
+    state_url, storage = fresh_database(), storage_settings("bigquery", tmp_path)
+    follow_s = 2.0  # a third of the lease: how often each daemon reads the catalog
+    daemons = []
+    try:
+        for i in range(2):
+            workdir, port = tmp_path / f"daemon{i}", free_port()
+            workdir.mkdir()
+            config = rig.config(
+                ["BTC/USDT"],
+                workdir=workdir,
+                rps=100,
+                live_initial_candles=30,
+                state_url=state_url,
+                instance_id=f"daemon-{i}",
+                lease_seconds=3 * follow_s,
+                admin={"host": "127.0.0.1", "port": port},
+                storage=storage,
+            )
+            daemons.append(Collector(config, port, "--mode=live"))
+        first, second = daemons
+        for daemon in daemons:
+            daemon.wait_until(lambda d=daemon: d.named("live_started"), 60, "live")
+        eth, btc = "binance:ETH-USDT:1m:live", "binance:BTC-USDT:1m:live"
+        body = {"exchange": "binance", "symbol": "ETH/USDT", "timeframe": "1m"}
+        assert send(first.port, "POST", "/jobs", body)[0] == 201
+        second.wait_until(lambda: second.api("GET", f"/jobs/{eth}")[0] == 200, 20, "ETH there")
+        # Its lease goes to one of them; whichever holds it stores its candles.
+        first.wait_until(
+            lambda: max(d.job(eth)["rows"] for d in daemons) >= 30, 30, "ETH collected"
+        )
+        cron = {"mode": "cron", "cron": "*/5 * * * *"}
+        assert send(second.port, "POST", "/jobs", {**body, "schedule": cron})[0] == 200
+        first.wait_until(lambda: first.job(eth)["schedule"] == cron, 20, "rescheduled")
+        assert send(second.port, "DELETE", f"/jobs/{eth}")[0] == 200
+        first.wait_until(lambda: first.api("GET", f"/jobs/{eth}")[0] == 404, 20, "ETH gone")
+        assert send(first.port, "POST", "/connectors/binance/disable")[0] == 200
+        second.wait_until(lambda: second.job(btc)["status"] == "PAUSED", 20, "paused there")
+        assert send(first.port, "POST", "/connectors/binance/enable")[0] == 200
+        second.wait_until(lambda: second.job(btc)["status"] != "PAUSED", 20, "resumed there")
+        followed = [c for e in second.named("catalog_followed") for c in e["changes"]]
+        assert "binance:ETH/USDT:1m added" in followed and "binance disabled" in followed
+    finally:
+        codes = [daemon.stop() for daemon in daemons]
+    assert codes == [0, 0]
+    assert rig.fake.counters["429"] == rig.fake.counters["418"] == 0

@@ -52,6 +52,10 @@ class LiveLeases:
         self._offered: set[str] = set()  # job ids known to have a lease row
         self._wake = asyncio.Event()
 
+    @property
+    def lease_s(self) -> float:
+        return self._keeper.lease_s
+
     def wake(self) -> None:
         """Look at the share now (jobs were declared)."""
         self._wake.set()

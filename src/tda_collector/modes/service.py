@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from ..config import ExchangeConfig
-from ..errors import UsageError
+from ..errors import StoreFault, UsageError
 from ..exchange.runtime import ExchangeRuntime
 from ..exchange.universe import check_symbols, check_timeframes
 from ..jobs.catalog import (
@@ -148,12 +148,14 @@ class LiveService:
         jobs = self.connections.job_count()
         self._p.events.info("live_started", f"{jobs} jobs going live", jobs=jobs)
         balancing = self._balance()
+        following = None if self._leases is None else asyncio.create_task(self._follow())
         try:
             await self.connections.failure()
         finally:
-            if balancing is not None:  # first: no job is launched while the others stop
-                balancing.cancel()
-                await asyncio.gather(balancing, return_exceptions=True)
+            for task in (following, balancing):  # first: no job is launched while others stop
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await self.connections.stop_everything(self._backfills.tasks)
         return 0
 
@@ -165,6 +167,26 @@ class LiveService:
         task = asyncio.create_task(self._leases.run(self.connections), name="live-leases")
         task.add_done_callback(self.connections.watch)
         return task
+
+    async def _follow(self) -> None:
+        """With shared state, until cancelled: what other instances' APIs changed in the
+        catalog, applied here every third of a lease (the database away: tried again then)."""
+        assert self._leases is not None
+        while True:
+            await asyncio.sleep(self._leases.lease_s / 3)
+            try:
+                changes = await self.follow_catalog()
+            except (StoreFault, Refused) as exc:
+                self._p.events.warning(
+                    "catalog_follow_failed", f"the shared catalog was not read: {exc}"
+                )
+                continue
+            if changes:
+                self._p.events.info(
+                    "catalog_followed",
+                    f"changes made through another instance: {', '.join(changes)}",
+                    changes=changes,
+                )
 
     async def close(self) -> None:
         await asyncio.gather(
@@ -366,11 +388,64 @@ class LiveService:
         definition = JobDefinition(key, ADDED, schedule)
         await self._p.catalog.save_definition(definition)
         self.definitions[key] = definition
+        await self._restart(conn, key)
+
+    async def _restart(self, conn: Connection, key: JobKey) -> None:
+        """The job's task anew on its schedule now, its record carried over."""
         paused = self._live_job(key).status == PAUSED
         [stopped] = await self.connections.stop_jobs(conn, [key], log=False)
         status = PAUSED if paused else PENDING
         self._p.registry.add(Job(replace(stopped.record, status=status, next_run_ms=None)))
         self.connections.start_jobs(conn, [key], {})
+
+    # -- what other instances changed (shared state)
+    async def follow_catalog(self) -> list[str]:
+        """Make this instance run what the shared catalog now says, as another instance's API
+        changed it: jobs added, deleted or rescheduled, connectors enabled or disabled (their
+        jobs paused or resumed here too). Read under the change lock, so that it never undoes
+        a change of this instance's own. Returns what changed. A connector created, changed or
+        deleted elsewhere takes effect here at the next start."""
+        changes: list[str] = []
+        async with self._change():
+            connectors = await self._p.catalog.connectors()
+            fresh = {d.key: d for d in await self._p.catalog.definitions()}
+            if fresh != self.definitions:
+                old, self.definitions = self.definitions, fresh
+                for conn in self.opened.values():
+                    changes += await self._follow_jobs(conn, old)
+            for connector in connectors:
+                known = self.connectors.get(connector.id)
+                if known is None or connector.deleted or connector.enabled == known.enabled:
+                    continue
+                if connector.enabled and connector.id not in self.opened:
+                    await self._reopen(connector.config)
+                if connector.enabled:
+                    self._resume(connector.id, set(known.paused_jobs))
+                else:
+                    self._pause(connector.id)
+                self.connectors[connector.id] = connector
+                changes.append(f"{connector.id} {'enabled' if connector.enabled else 'disabled'}")
+        return changes
+
+    async def _follow_jobs(self, conn: Connection, old: dict[JobKey, JobDefinition]) -> list[str]:
+        wanted = self.jobs_of(conn)
+        gone = [k for k in conn.jobs if k not in wanted]
+        new = [k for k in wanted if k not in conn.jobs]
+        moved = [
+            k
+            for k in wanted
+            if k in conn.jobs
+            and self._schedule_of(k) != (old[k].schedule if k in old else EACH_CLOSE)
+        ]
+        if gone:
+            await self.connections.stop_jobs(conn, gone)
+        if new:
+            self.connections.start_jobs(conn, new, await self._cursors(new))
+        for key in moved:
+            await self._restart(conn, key)
+        return [*(f"{k} added" for k in new), *(f"{k} deleted" for k in gone)] + [
+            f"{k} rescheduled" for k in moved
+        ]
 
     def _live_job(self, key: JobKey) -> Job:
         job = self._p.registry.find(key, "live")
