@@ -209,6 +209,38 @@ def test_live_jobs_run_on_one_instance_each_and_a_killed_one_s_resume_elsewhere(
     _assert_exact_and_caught_up(bigquery_emulator, dataset, last_cycle_s)
 
 
+def _start_daemons(
+    daemons: list[Collector],
+    rig,
+    tmp_path,
+    state_url: str,
+    storage: dict,
+    lease_s: float,
+    symbols: list[str] | None = None,
+    **settings,
+) -> None:
+    """Two live daemons on one state, each with its admin API, appended to `daemons` (which
+    the caller stops) and running once this returns."""
+    for i in range(2):
+        workdir, port = tmp_path / f"daemon{i}", free_port()
+        workdir.mkdir()
+        config = rig.config(
+            symbols,
+            workdir=workdir,
+            rps=100,
+            live_initial_candles=30,
+            state_url=state_url,
+            instance_id=f"daemon-{i}",
+            lease_seconds=lease_s,
+            admin={"host": "127.0.0.1", "port": port},
+            storage=storage,
+            **settings,
+        )
+        daemons.append(Collector(config, port, "--mode=live"))
+    for daemon in daemons:
+        daemon.wait_until(lambda d=daemon: d.named("live_started"), 60, "live")
+
+
 def test_a_backfill_asked_of_two_daemons_runs_on_one_at_a_time_each_page_fetched_once(
     exchange_rig, bigquery_emulator, postgres_server, tmp_path
 ):
@@ -219,25 +251,9 @@ def test_a_backfill_asked_of_two_daemons_runs_on_one_at_a_time_each_page_fetched
     state_url, storage = fresh_database(), storage_settings("bigquery", tmp_path)
     start_ms = NOW_MS - NOW_MS % DAY_MS - 2 * DAY_MS
     end_ms = start_ms + DAY_MS  # a day before the live jobs' candles
-    daemons = []
+    daemons: list[Collector] = []
     try:
-        for i in range(2):
-            workdir, port = tmp_path / f"daemon{i}", free_port()
-            workdir.mkdir()
-            config = rig.config(
-                workdir=workdir,
-                page_limit=200,
-                rps=100,
-                live_initial_candles=30,
-                state_url=state_url,
-                instance_id=f"daemon-{i}",
-                lease_seconds=LEASE_S,
-                admin={"host": "127.0.0.1", "port": port},
-                storage=storage,
-            )
-            daemons.append(Collector(config, port, "--mode=live"))
-        for daemon in daemons:
-            daemon.wait_until(lambda d=daemon: d.named("live_started"), 60, "live")
+        _start_daemons(daemons, rig, tmp_path, state_url, storage, LEASE_S, page_limit=200)
         body = {"start": start_ms, "end": end_ms}
         path = "/jobs/binance:BTC-USDT:1m:live/backfill"
         answers = [send(d.port, "POST", path, body) for d in daemons]
@@ -277,26 +293,10 @@ def test_a_change_through_one_instance_s_api_is_followed_by_the_others(
     rig = exchange_rig([SymbolSpec("BTC/USDT"), SymbolSpec("ETH/USDT")], latency_s=0.01)
     state_url, storage = fresh_database(), storage_settings("bigquery", tmp_path)
     follow_s = 2.0  # a third of the lease: how often each daemon reads the catalog
-    daemons = []
+    daemons: list[Collector] = []
     try:
-        for i in range(2):
-            workdir, port = tmp_path / f"daemon{i}", free_port()
-            workdir.mkdir()
-            config = rig.config(
-                ["BTC/USDT"],
-                workdir=workdir,
-                rps=100,
-                live_initial_candles=30,
-                state_url=state_url,
-                instance_id=f"daemon-{i}",
-                lease_seconds=3 * follow_s,
-                admin={"host": "127.0.0.1", "port": port},
-                storage=storage,
-            )
-            daemons.append(Collector(config, port, "--mode=live"))
+        _start_daemons(daemons, rig, tmp_path, state_url, storage, 3 * follow_s, ["BTC/USDT"])
         first, second = daemons
-        for daemon in daemons:
-            daemon.wait_until(lambda d=daemon: d.named("live_started"), 60, "live")
         eth, btc = "binance:ETH-USDT:1m:live", "binance:BTC-USDT:1m:live"
         body = {"exchange": "binance", "symbol": "ETH/USDT", "timeframe": "1m"}
         assert send(first.port, "POST", "/jobs", body)[0] == 201
