@@ -72,11 +72,22 @@ def _symbol_of(job: str) -> str:
     return job.split(":")[1].replace("-", "/")
 
 
+def _assert_indicators_of_one_computation(closed: list[dict], symbol: str) -> None:
+    """The stored indicators of a series' closed rows (oldest first) as one computation over
+    their closes in time order gives them."""
+    spec = IndicatorsConfig().spec()
+    reference, _ = compute(np.array([r["close"] for r in closed]), initial_state(spec), spec)
+    for name, values in reference.items():
+        stored = np.array([np.nan if r[name] is None else r[name] for r in closed])
+        assert np.array_equal(np.isnan(stored), np.isnan(values)), (symbol, name)
+        ok = ~np.isnan(values)
+        assert np.allclose(stored[ok], values[ok], rtol=1e-9, atol=1e-9), (symbol, name)
+
+
 def _assert_exact_and_caught_up(emulator: str, dataset: str, at_s: float) -> None:
     """Every closed candle of every series as the exchange has it, no hole from the first to
     one within two minutes of `at_s`, and the indicators as one computation over the series in
     time order gives them, although several instances stored and computed its parts."""
-    spec = IndicatorsConfig().spec()
     client = emulator_client(emulator)
     try:
         for symbol in SYMBOLS:
@@ -88,13 +99,7 @@ def _assert_exact_and_caught_up(emulator: str, dataset: str, at_s: float) -> Non
             for r in closed:
                 got = (r["timestamp_ms"], r["open"], r["high"], r["low"], r["close"], r["volume"])
                 assert got == candle(symbol, "1m", r["timestamp_ms"]), symbol
-            closes = np.array([r["close"] for r in closed])
-            reference, _ = compute(closes, initial_state(spec), spec)
-            for name, values in reference.items():
-                stored = np.array([np.nan if r[name] is None else r[name] for r in closed])
-                assert np.array_equal(np.isnan(stored), np.isnan(values)), (symbol, name)
-                ok = ~np.isnan(values)
-                assert np.allclose(stored[ok], values[ok], rtol=1e-9, atol=1e-9), (symbol, name)
+            _assert_indicators_of_one_computation(closed, symbol)
     finally:
         client.close()
 
@@ -241,33 +246,40 @@ def _start_daemons(
         daemon.wait_until(lambda d=daemon: d.named("live_started"), 60, "live")
 
 
-def test_a_backfill_asked_of_two_daemons_runs_on_one_at_a_time_each_page_fetched_once(
+def test_a_backfill_runs_on_the_instance_holding_the_live_job_each_page_fetched_once(
     exchange_rig, bigquery_emulator, postgres_server, tmp_path
 ):
-    """The daemons' backfills take their series' lease: asked of both at once, one fetches the
-    window while the other waits, then finds it stored and completes without a request."""
+    """A daemon's backfill recomputes its series' indicators, whose state the live job's
+    holder keeps: asked of the other daemon, it is refused with a 409 naming the holder (it
+    would leave the holder computing from a stale state); the holder runs it under the series'
+    backfill lease, each page fetched once, and its live job goes on from the repaired state."""
     spec = SymbolSpec("BTC/USDT")
     rig = exchange_rig([spec], latency_s=0.01)  # the frozen clock: a fixed set of closed candles
     state_url, storage = fresh_database(), storage_settings("bigquery", tmp_path)
     start_ms = NOW_MS - NOW_MS % DAY_MS - 2 * DAY_MS
     end_ms = start_ms + DAY_MS  # a day before the live jobs' candles
+    live = "binance:BTC-USDT:1m:live"
     daemons: list[Collector] = []
     try:
         _start_daemons(daemons, rig, tmp_path, state_url, storage, LEASE_S, page_limit=200)
+        _wait_until(lambda: live in _owners(state_url), 30, lambda: "the live lease")
+        holder = int(_owners(state_url)[live].rsplit("-", 1)[1])  # `daemon-<i>`
+        other = daemons[1 - holder]
         body = {"start": start_ms, "end": end_ms}
-        path = "/jobs/binance:BTC-USDT:1m:live/backfill"
-        answers = [send(d.port, "POST", path, body) for d in daemons]
-        assert [status for status, _ in answers] == [202, 202], answers
-        history = answers[0][1]["job"]["id"]
-        for daemon in daemons:
-            daemon.wait_until(
-                lambda d=daemon: d.job(history)["status"] == "COMPLETED", 90, "the backfill"
-            )
-        pages = sorted(d.job(history)["pages"] for d in daemons)
+        path = f"/jobs/{live}/backfill"
+        status, refused = send(other.port, "POST", path, body)
+        assert status == 409 and f"daemon-{holder}" in refused["error"], refused
+        status, answer = send(daemons[holder].port, "POST", path, body)
+        assert status == 202, answer
+        history = answer["job"]["id"]
+        daemons[holder].wait_until(
+            lambda: daemons[holder].job(history)["status"] == "COMPLETED", 90, "the backfill"
+        )
+        pages = daemons[holder].job(history)["pages"]
     finally:
         codes = [daemon.stop() for daemon in daemons]
     assert codes == [0, 0]
-    assert pages == [0, -(-DAY_MS // MIN // 200)], pages  # one did all the pages, one none
+    assert pages == -(-DAY_MS // MIN // 200), pages
     window = [r for r in rig.fake.klines_requests() if int(r.params["startTime"]) < end_ms]
     assert max(Counter(r.params["startTime"] for r in window).values()) == 1
     _assert_no_series_asked_twice_at_once(window)
@@ -283,6 +295,7 @@ def test_a_backfill_asked_of_two_daemons_runs_on_one_at_a_time_each_page_fetched
         if start_ms <= r["timestamp_ms"] < end_ms
     ]
     assert got == expected_candles(spec, "1m", start_ms, end_ms, NOW_MS)
+    _assert_indicators_of_one_computation([r for r in rows if r["is_closed"]], "BTC/USDT")
 
 
 def test_a_change_through_one_instance_s_api_is_followed_by_the_others(

@@ -150,6 +150,8 @@ class DaemonBackfills:
                 if outcome.status == PAUSED:  # or its lease lost: held again before going on
                     await job.wait_unpaused()
                 elif outcome.status == COMPLETED:
+                    if p.indicators is not None:  # COMPLETED: its rows final, indicators too
+                        await p.indicators.repair(writer.write_as_is, [job.key])
                     registry.apply(job, "complete")
                 else:
                     registry.apply(job, "fail", error=outcome.error or "failed")

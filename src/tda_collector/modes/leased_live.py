@@ -56,6 +56,11 @@ class LiveLeases:
     def lease_s(self) -> float:
         return self._keeper.lease_s
 
+    async def held_elsewhere(self, key: JobKey) -> str | None:
+        """The other instance that holds the series' live lease now, if one does."""
+        owner = (await self._keeper.store.owners(LIVE_RUN)).get(job_id(key, "live"))
+        return owner if owner is not None and owner != self._keeper.owner else None
+
     def wake(self) -> None:
         """Look at the share now (jobs were declared)."""
         self._wake.set()

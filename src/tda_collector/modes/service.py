@@ -483,6 +483,11 @@ class LiveService:
             earlier = registry.find(key, "history")
             if earlier is not None and earlier.status in OPEN:
                 raise Refused(409, f"{earlier.id} is still {earlier.status}")
+            holder = None if self._leases is None else await self._leases.held_elsewhere(key)
+            if holder is not None:  # its indicator state is there: the repair must reach it
+                raise Refused(
+                    409, f"{key}'s live job runs on instance {holder}: ask that instance's API"
+                )
             source = conn.runtime.source
             grid = source.capabilities.grid(key.timeframe)
             start, end = history_window(start_ms, end_ms, grid, source.now_ms())
