@@ -213,9 +213,7 @@ def fleet_rig(exchange_rig, bigquery_emulator, postgres_server, tmp_path):
 def test_three_instances_share_one_budget_and_split_the_jobs(fleet_rig, bigquery_emulator):
     rig, configs, dataset = fleet_rig
     port = free_port()
-    # "Every page once" holds while no lease lapses: leases long enough that a renewal late
-    # by seconds on a loaded machine keeps them (at 3 s one run in ~15 fetched a chunk twice).
-    fleet = Fleet(configs(3, port, lease_s=20.0))
+    fleet = Fleet(configs(3, port))
     seen = _watch_admin(f"http://127.0.0.1:{port}", fleet)
     assert fleet.wait() == [0, 0, 0], [
         [e for e in fleet.events(i) if e["level"] == "ERROR"][-3:] for i in range(3)

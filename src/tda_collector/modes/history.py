@@ -94,14 +94,19 @@ async def _discard_orphan_ledgers(
     """A ledger whose store has lost the rows it recorded (file deleted, new dataset) would
     skip data forever; forget it so the range is fetched again. A series whose saved jobs
     stored no rows is left alone: its ledger holds proven holes (a range before a listing,
-    a maintenance gap), and forgetting them would ask for them again on every run."""
-    newest = await store.newest(keys, closed_only=False)
+    a maintenance gap), and forgetting them would ask for them again on every run.
+
+    The state is read before the store: the ledger moves only after its rows are durable, so
+    the store then shows every row the ledger read had recorded, even while other instances
+    are storing pages (the other order took a page stored between the two reads for lost)."""
     stored_rows: dict[JobKey, int] = {}
     for mode in ("history", "live"):
         for record in await state.load_jobs(mode):
             stored_rows[record.key] = stored_rows.get(record.key, 0) + record.rows
-    for key in keys:
-        if key not in newest and stored_rows.get(key, 0) > 0 and await state.coverage(key):
+    covered = [k for k in keys if stored_rows.get(k, 0) > 0 and await state.coverage(k)]
+    newest = await store.newest(covered, closed_only=False) if covered else {}
+    for key in covered:
+        if key not in newest:
             events.warning(
                 "state_reset",
                 f"{key}: the ledger covers ranges but the store has no rows; refetching",
